@@ -1,0 +1,3 @@
+"""evomerge: evolutionary model merging with lineage."""
+
+__version__ = "0.1.0"
