@@ -1,0 +1,364 @@
+"""The evaluation engine: pre-tokenised prompts, batched greedy generation / log-likelihood, scores.
+
+The `Evaluator` holds only things derived from the *tokenizer and tasks* (token ids, sort orders).
+Nothing derived from model weights is kept, because the search overwrites the model's weights in
+place between calls; caching results is the job of `ResultCache`, keyed by a model fingerprint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from evomerge.evaluate.decoding import Generated, continuation_logprobs, greedy_generate
+from evomerge.evaluate.scorers import GenerativeScorer, LoglikScorer, choice_index, truncate_at_stop
+from evomerge.evaluate.task import Task, check_split
+
+if TYPE_CHECKING:
+    from evomerge.evaluate.cache import ResultCache
+
+
+@dataclass
+class TaskScore:
+    """One task's result on one split: mean score, its standard error and per-example values.
+
+    `values[i]` is the value of example `indices[i]` (1.0/0.0 for accuracy scorers, negative mean NLL
+    per token for `perplexity`); `outputs[i]` is the stop-truncated generation ("" for log-likelihood).
+    """
+
+    task: str
+    score: float
+    stderr: float
+    n: int
+    values: list[float]
+    indices: list[int]
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def correct(self) -> list[float]:
+        """Per-example values (the name used by the architecture contract)."""
+        return self.values
+
+    @property
+    def tokens(self) -> int:
+        """Prompt plus generated tokens processed for this task."""
+        return self.prompt_tokens + self.generated_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (non-finite stderr becomes None)."""
+        data = asdict(self)
+        if not math.isfinite(data["stderr"]):
+            data["stderr"] = None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskScore:
+        """Inverse of `to_dict`."""
+        values = dict(data)
+        values["stderr"] = math.nan if values.get("stderr") is None else values["stderr"]
+        return cls(**values)
+
+
+@dataclass
+class EvalReport:
+    """Scores of every evaluated task on one split, by task name."""
+
+    split: str
+    scores: dict[str, TaskScore]
+    seconds: float
+
+    def __getitem__(self, task: str) -> TaskScore:
+        return self.scores[task]
+
+    def mean(self) -> float:
+        """Unweighted mean of the task scores (a simple multi-task fitness)."""
+        return sum(s.score for s in self.scores.values()) / len(self.scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "split": self.split,
+            "seconds": self.seconds,
+            "tasks": {name: score.to_dict() for name, score in self.scores.items()},
+        }
+
+
+def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean: sqrt(p(1-p)/n) for 0/1 values, s/sqrt(n) (ddof=1) otherwise.
+
+    With one non-binary value the standard error is undefined and returned as NaN.
+    """
+    n = len(values)
+    mean = sum(values) / n
+    if all(v in (0.0, 1.0) for v in values):
+        return mean, math.sqrt(mean * (1.0 - mean) / n)
+    if n < 2:
+        return mean, math.nan
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on CUDA (the speed/accuracy sweet spot for evaluation), float32 elsewhere."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """Token ids of one task's split, computed once per Evaluator."""
+
+    task: Task
+    prompt_ids: list[list[int]]
+    # For log-likelihood tasks: per example, the (context, continuation) id pairs to score.
+    requests: list[list[tuple[list[int], list[int]]]]
+
+
+class Evaluator:
+    """Evaluate models on tasks with pre-tokenised prompts and batched, KV-cached greedy decoding."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        tasks: Sequence[Task],
+        split: str = "search",
+        *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        names = [task.name for task in tasks]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique; repeated: {duplicates}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.tokenizer = tokenizer
+        self.split = check_split(split)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self._pad_id = _pad_id(tokenizer)
+        self._eos_ids = _eos_ids(tokenizer)
+        self._prepared = {task.name: self._prepare(task) for task in tasks}
+
+    @property
+    def tasks(self) -> list[Task]:
+        """The tasks, in the order given."""
+        return [prepared.task for prepared in self._prepared.values()]
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def _pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # Encode the whole string and split at the context length, so the continuation's tokens are
+        # those the model would see (BPE merges across the boundary are respected when possible).
+        ctx = self._encode(context)
+        whole = self._encode(context + continuation)
+        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+            cont = whole[len(ctx) :]
+        else:
+            cont = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not ctx:  # the first continuation token needs a left neighbour to be predicted from
+            ctx = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self._pad_id]
+        return ctx, cont
+
+    def _prepare(self, task: Task) -> _Prepared:
+        prompts = task.prompts(self.split)
+        scorer = task.scorer
+        requests: list[list[tuple[list[int], list[int]]]] = []
+        if isinstance(scorer, LoglikScorer):
+            for prompt, row in zip(prompts, task.examples(self.split), strict=True):
+                if scorer.mode == "choice":
+                    conts = [str(choice) for choice in row[scorer.choices_field or ""]]
+                else:
+                    conts = [str(row[task.spec.answer_field])]
+                requests.append([self._pair(prompt, cont) for cont in conts])
+            return _Prepared(task, [], requests)
+        return _Prepared(task, [self._encode(prompt) for prompt in prompts], [])
+
+    def _place(self, model: PreTrainedModel) -> PreTrainedModel:
+        """Move/cast the model in place only when it is not already on our device/dtype."""
+        param = next(model.parameters())
+        if param.device != self.device or (self.dtype is not None and param.dtype != self.dtype):
+            model.to(device=self.device, dtype=self.dtype)
+        return model.eval()
+
+    def evaluate(
+        self,
+        model: PreTrainedModel,
+        *,
+        indices: Mapping[str, Sequence[int]] | None = None,
+        limit: int | None = None,
+        cache: ResultCache | None = None,
+        model_fingerprint: str | None = None,
+    ) -> EvalReport:
+        """Score `model` on every task: all examples, the first `limit`, or the given `indices` per task.
+
+        With a `cache` (and the model's `model_fingerprint`) tasks already scored are not recomputed.
+        """
+        if indices is not None and limit is not None:
+            raise ValueError("pass either indices or limit, not both")
+        if cache is not None and model_fingerprint is None:
+            raise ValueError("a result cache needs the model_fingerprint")
+        started = time.perf_counter()
+        model = self._place(model)
+        scores = {}
+        for name, prepared in self._prepared.items():
+            chosen = self._select(prepared, indices, limit)
+            fingerprint = prepared.task.fingerprint()
+            cached = cache.get(model_fingerprint, fingerprint, self.split, chosen) if cache else None
+            if cached is None:
+                cached = self._score_task(model, prepared, chosen)
+                if cache is not None:
+                    cache.put(model_fingerprint, fingerprint, self.split, chosen, cached)
+            scores[name] = cached
+        return EvalReport(self.split, scores, time.perf_counter() - started)
+
+    def _select(
+        self, prepared: _Prepared, indices: Mapping[str, Sequence[int]] | None, limit: int | None
+    ) -> list[int]:
+        size = len(prepared.task.examples(self.split))
+        if indices is not None and prepared.task.name in indices:
+            chosen = [int(i) for i in indices[prepared.task.name]]
+            bad = [i for i in chosen if not 0 <= i < size]
+            if bad:
+                raise ValueError(f"task {prepared.task.name!r}: indices {bad[:3]} outside 0..{size - 1}")
+            if not chosen:
+                raise ValueError(f"task {prepared.task.name!r}: empty index list")
+            return chosen
+        return list(range(size if limit is None else min(limit, size)))
+
+    def _score_task(self, model: PreTrainedModel, prepared: _Prepared, chosen: list[int]) -> TaskScore:
+        started = time.perf_counter()
+        task = prepared.task
+        if isinstance(task.scorer, GenerativeScorer):
+            values, outputs, prompt_tokens, generated = self._generate_and_score(model, prepared, chosen)
+        else:
+            values, prompt_tokens = self._loglik_values(model, prepared, chosen)
+            outputs, generated = [], 0
+        score, stderr = mean_and_stderr(values)
+        return TaskScore(
+            task=task.name,
+            score=score,
+            stderr=stderr,
+            n=len(values),
+            values=values,
+            indices=chosen,
+            prompt_tokens=prompt_tokens,
+            generated_tokens=generated,
+            seconds=time.perf_counter() - started,
+            outputs=outputs,
+        )
+
+    def _batches(self, chosen: list[int], lengths: Sequence[int]) -> list[list[int]]:
+        # Longest first: similar lengths share a batch (little padding), and an out-of-memory batch
+        # shows up on the first step rather than at the end.
+        order = sorted(chosen, key=lambda i: -lengths[i])
+        return [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+
+    def generate(self, model: PreTrainedModel, task: str, chosen: Sequence[int]) -> dict[int, Generated]:
+        """Raw greedy token ids (EOS excluded, ending at the first stop string hit) per chosen example."""
+        prepared = self._prepared[task]
+        spec = prepared.task.spec.generation
+        stops = [s for s in spec.stop if s]
+        window = max((len(s) for s in stops), default=0) + 2
+
+        def stop_hit(tail: list[int]) -> bool:
+            text = self.tokenizer.decode(tail, skip_special_tokens=True)
+            return any(s in text for s in stops)
+
+        model = self._place(model)
+        lengths = [len(ids) for ids in prepared.prompt_ids]
+        eos_ids = sorted(set(self._eos_ids) | set(_model_eos_ids(model)))
+        results: dict[int, Generated] = {}
+        for batch in self._batches(list(chosen), lengths):
+            outs = greedy_generate(
+                model,
+                [prepared.prompt_ids[i] for i in batch],
+                max_new_tokens=spec.max_new_tokens,
+                eos_ids=eos_ids,
+                pad_id=self._pad_id,
+                stop_hit=stop_hit if stops else None,
+                stop_window=window,
+            )
+            results.update(zip(batch, outs, strict=True))
+        return results
+
+    def _generate_and_score(
+        self, model: PreTrainedModel, prepared: _Prepared, chosen: list[int]
+    ) -> tuple[list[float], list[str], int, int]:
+        task = prepared.task
+        stops = task.spec.generation.stop
+        produced = self.generate(model, task.name, chosen)
+        answers = task.answers(self.split)
+        values, outputs = [], []
+        for i in chosen:
+            text = truncate_at_stop(self.tokenizer.decode(produced[i].ids, skip_special_tokens=True), stops)
+            outputs.append(text)
+            values.append(task.scorer.score(text, answers[i], charset=task.charset))
+        prompt_tokens = sum(len(prepared.prompt_ids[i]) for i in chosen)
+        # Count every token the model produced, the final EOS included (throughput accounting).
+        generated = sum(len(produced[i].ids) + (produced[i].stopped_by == "eos") for i in chosen)
+        return values, outputs, prompt_tokens, generated
+
+    def _loglik_values(self, model: PreTrainedModel, prepared: _Prepared, chosen: list[int]) -> tuple[list[float], int]:
+        flat = [(i, j) for i in chosen for j in range(len(prepared.requests[i]))]
+        lengths = {key: sum(map(len, prepared.requests[key[0]][key[1]])) for key in flat}
+        flat.sort(key=lambda key: -lengths[key])
+        logprob: dict[tuple[int, int], float] = {}
+        for start in range(0, len(flat), self.batch_size):
+            keys = flat[start : start + self.batch_size]
+            pairs = [prepared.requests[i][j] for i, j in keys]
+            logprob.update(zip(keys, continuation_logprobs(model, pairs, pad_id=self._pad_id), strict=True))
+        task, scorer = prepared.task, prepared.task.scorer
+        assert isinstance(scorer, LoglikScorer)
+        rows = task.examples(self.split)
+        values = []
+        for i in chosen:
+            requests = prepared.requests[i]
+            if scorer.mode == "perplexity":
+                values.append(logprob[(i, 0)] / len(requests[0][1]))
+                continue
+            choices = rows[i][scorer.choices_field or ""]
+            totals = [logprob[(i, j)] for j in range(len(requests))]
+            if scorer.length_normalize:
+                totals = [t / max(len(str(c)), 1) for t, c in zip(totals, choices, strict=True)]
+            best = max(range(len(totals)), key=totals.__getitem__)
+            values.append(1.0 if best == choice_index(choices, rows[i][task.spec.answer_field]) else 0.0)
+        return values, sum(lengths.values())
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    # Pads are masked out, so any id works when the tokenizer has none; EOS is the usual stand-in.
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _model_eos_ids(model: PreTrainedModel) -> list[int]:
+    # `generate` stops on the generation config's EOS ids (Llama 3 has several); so must we.
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(e) for e in eos] if isinstance(eos, list) else [int(eos)]
+
+
+__all__ = ["EvalReport", "Evaluator", "TaskScore", "default_dtype", "mean_and_stderr"]

@@ -1,0 +1,49 @@
+"""Loading a causal LM and its tokenizer for evaluation: local files, safetensors, no remote code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from evomerge.errors import ModelError
+from evomerge.evaluate.engine import default_dtype
+
+
+def load_causal_lm(
+    ref: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    allow_pickle: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load `ref` (a local Hugging Face directory) with transformers, never running remote code.
+
+    Only safetensors weights are read unless `allow_pickle` (pickled `.bin` files can execute code).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(ref)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model {path} is not a local model directory with a config.json")
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
+    if not has_safetensors and not allow_pickle:
+        raise ModelError(f"model {path} has no safetensors weights; pass --allow-pickle to load pickled weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=has_safetensors,
+            dtype=dtype or default_dtype(device),
+        )
+    except (OSError, ValueError, KeyError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ModelError(f"model {path} cannot be loaded with transformers ({reason})") from None
+    return model.to(device).eval(), tokenizer
+
+
+__all__ = ["load_causal_lm"]

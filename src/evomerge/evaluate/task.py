@@ -1,0 +1,449 @@
+"""Declarative evaluation tasks: the YAML schema, data loading, split checks and prompt rendering.
+
+A task file is data, not code (the lm-evaluation-harness lesson). `load_task(path)` validates it and
+its data completely up front, so a bad file fails in one sentence before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import os
+import random
+import re
+import string
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+
+from evomerge.errors import TaskError
+from evomerge.evaluate.scorers import (
+    GenerativeScorer,
+    LoglikScorer,
+    Scorer,
+    choice_index,
+    get_scorer_spec,
+    scorer_names,
+)
+
+SPLITS: tuple[str, str] = ("search", "test")
+Split = Literal["search", "test"]
+Row = dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitFiles(_Strict):
+    """One data file per split (paths relative to the task file)."""
+
+    search: str
+    test: str
+
+
+class SplitColumn(_Strict):
+    """One data file whose `split_field` column names each row's split."""
+
+    path: str
+    split_field: str
+    search_value: str = "search"
+    test_value: str = "test"
+
+
+class CachedDataset(_Strict):
+    """A `datasets` dataset, used only if it is already in the local cache (never downloaded)."""
+
+    dataset: str
+    config: str | None = None
+    search_split: str = "train"
+    test_split: str = "test"
+
+
+def _data_kind(value: Any) -> str:
+    """Pick the data layout by its distinguishing key, so errors talk about the layout meant."""
+    keys = value.keys() if isinstance(value, Mapping) else vars(value).keys()
+    if "dataset" in keys:
+        return "dataset"
+    if "path" in keys or "split_field" in keys:
+        return "split_field"
+    return "files"
+
+
+DataSpec = Annotated[
+    Annotated[SplitFiles, Tag("files")]
+    | Annotated[SplitColumn, Tag("split_field")]
+    | Annotated[CachedDataset, Tag("dataset")],
+    Discriminator(_data_kind),
+]
+
+
+class GenerationSpec(_Strict):
+    """Greedy decoding limits: at most `max_new_tokens`, stopping early at EOS or any stop string."""
+
+    max_new_tokens: int = Field(16, ge=1)
+    stop: list[str] = Field(default_factory=list)
+
+
+class TaskSpec(_Strict):
+    """The validated content of a task YAML file (see docs/ARCHITECTURE.md for the schema)."""
+
+    name: str = Field(min_length=1)
+    data: DataSpec
+    prompt: str
+    answer_field: str
+    fewshot: int = Field(0, ge=0)
+    fewshot_separator: str = "\n"
+    scorer: str
+    scorer_args: dict[str, Any] = Field(default_factory=dict)
+    answer_charset: str | None = None
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+
+
+# Where each nested model sits, to suggest the nearest valid key for an unknown one.
+_MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
+    (): TaskSpec,
+    ("data",): SplitFiles,
+    ("data", "files"): SplitFiles,
+    ("data", "split_field"): SplitColumn,
+    ("data", "dataset"): CachedDataset,
+    ("generation",): GenerationSpec,
+}
+_TAGS = {"files", "split_field", "dataset"}
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}" if close else f"; valid keys are {', '.join(options)}"
+
+
+def _validation_sentence(path: Path, error: ValidationError) -> str:
+    """One sentence for the first pydantic error: which field, what is wrong, what to write instead."""
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first["loc"])
+    # Drop the discriminator tag pydantic inserts after "data" (it is our internal name, not a key).
+    shown = tuple(part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "data" and part in _TAGS))
+    field = ".".join(shown) or "<root>"
+    if first["type"] == "extra_forbidden":
+        model = _MODELS_AT.get(loc[:-1], TaskSpec)
+        return f"task file {path}: unknown key {field!r}{_suggest(loc[-1], list(model.model_fields))}"
+    if first["type"] == "missing":
+        return f"task file {path}: missing required field {field!r}"
+    return f"task file {path}: field {field!r} is invalid ({first['msg']}, got {first.get('input')!r})"
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskError(f"task file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise TaskError(f"task file {path} cannot be read ({error})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise TaskError(f"task file {path} is not valid YAML{where}") from None
+
+
+def _read_rows(path: Path, task_file: Path) -> list[Row]:
+    """Rows of a local JSONL / JSON / CSV / Parquet file, chosen by extension."""
+    if not path.is_file():
+        raise TaskError(f"task file {task_file}: data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise TaskError(f"data file {path}: line {number} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise TaskError(f"data file {path}: line {number} is not a JSON object")
+            rows.append(row)
+        return rows
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as handle:
+            return [dict(row) for row in csv.DictReader(handle)]
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError:
+            raise TaskError(f"data file {path} is Parquet; install evomerge[parquet] to read it") from None
+        try:
+            return parquet.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
+            raise TaskError(f"data file {path} is not a readable Parquet file ({error})") from None
+    raise TaskError(f"task file {task_file}: data file {path} must be .jsonl, .csv or .parquet")
+
+
+def _load_cached_dataset(spec: CachedDataset, task_file: Path) -> tuple[dict[str, list[Row]], str]:
+    """Load a `datasets` dataset strictly offline; return the rows per split and a content fingerprint."""
+    # Offline before the first import: `datasets` reads these flags when it is imported.
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import datasets
+    except ImportError:
+        raise TaskError(f"task file {task_file}: data.dataset needs the `datasets` package installed") from None
+    if hasattr(datasets.config, "HF_HUB_OFFLINE"):
+        datasets.config.HF_HUB_OFFLINE = True
+    splits: dict[str, list[Row]] = {}
+    digest = hashlib.sha256()
+    for split, name in (("search", spec.search_split), ("test", spec.test_split)):
+        try:
+            loaded = datasets.load_dataset(spec.dataset, spec.config, split=name)
+        except Exception as error:  # datasets raises many types; all mean "not usable offline"
+            reason = " ".join(str(error).split())[:200]
+            raise TaskError(
+                f"task file {task_file}: dataset {spec.dataset!r} split {name!r} is not available in the "
+                f"local cache (downloads are disabled; HF_DATASETS_OFFLINE=1): {reason}"
+            ) from None
+        splits[split] = [dict(row) for row in loaded]
+        digest.update(f"{split}:{getattr(loaded, '_fingerprint', '')}".encode())
+    return splits, digest.hexdigest()
+
+
+def _prompt_fields(prompt: str, task_file: Path) -> list[str]:
+    """Top-level field names used by the prompt template (e.g. "{q[0]}" uses "q")."""
+    try:
+        parsed = list(string.Formatter().parse(prompt))
+    except ValueError as error:
+        raise TaskError(f"task file {task_file}: field 'prompt' is not a valid format string ({error})") from None
+    fields = []
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if name == "" or name.isdigit():
+            raise TaskError(f"task file {task_file}: field 'prompt' must use named fields like {{question}}")
+        root = re.split(r"[.\[]", name, maxsplit=1)[0]
+        if root not in fields:
+            fields.append(root)
+    return fields
+
+
+def _row_key(row: Row, fields: Sequence[str]) -> str:
+    """Content hash of the prompt-relevant fields of a row (what makes two examples 'the same')."""
+    payload = json.dumps([row.get(field) for field in fields], sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class Task:
+    """A validated task: its spec, its rows per split, its scorer and a stable fingerprint."""
+
+    def __init__(self, spec: TaskSpec, path: Path, splits: dict[str, list[Row]], data_fingerprint: str) -> None:
+        self.spec = spec
+        self.path = path
+        self._splits = splits
+        self._data_fingerprint = data_fingerprint
+        self.scorer: Scorer = _build_scorer(spec, path)
+        self.charset: re.Pattern[str] | None = _compile_charset(spec, path)
+        self._fields = _prompt_fields(spec.prompt, path)
+        self._validate_rows()
+
+    @property
+    def name(self) -> str:
+        """The task's unique name."""
+        return self.spec.name
+
+    @property
+    def is_generative(self) -> bool:
+        """True for generation-based scorers, False for log-likelihood scorers."""
+        return isinstance(self.scorer, GenerativeScorer)
+
+    def examples(self, split: str) -> list[Row]:
+        """The rows of `split` ("search" or "test"), in file order."""
+        return self._splits[check_split(split)]
+
+    def answers(self, split: str) -> list[Any]:
+        """The reference answers of `split`, in example order."""
+        return [row[self.spec.answer_field] for row in self.examples(split)]
+
+    def prompts(self, split: str) -> list[str]:
+        """The rendered prompts of `split`, few-shot examples (from the search split only) prepended."""
+        return [self.render(split, index) for index in range(len(self.examples(split)))]
+
+    def render(self, split: str, index: int) -> str:
+        """Prompt of example `index` of `split` with `fewshot` solved search examples before it.
+
+        Shots are a seeded sample of the search split (seed = task name, split, index), so prompts are
+        stable across runs, differ between examples, and a search example never sees itself.
+        """
+        row = self.examples(split)[index]
+        shots = self._fewshot_indices(split, index)
+        pool = self._splits["search"]
+        parts = [self._format(pool[i]) + str(pool[i][self.spec.answer_field]) for i in shots]
+        return self.spec.fewshot_separator.join([*parts, self._format(row)])
+
+    def _fewshot_indices(self, split: str, index: int) -> list[int]:
+        k = self.spec.fewshot
+        if k == 0:
+            return []
+        size = len(self._splits["search"])
+        exclude = index if split == "search" else None
+        candidates = size - (exclude is not None)
+        rng = random.Random(f"{self.name}/{split}/{index}")
+        picked = rng.sample(range(candidates), k)
+        return [i + 1 if exclude is not None and i >= exclude else i for i in picked]
+
+    def _format(self, row: Row) -> str:
+        return self.spec.prompt.format(**row)
+
+    @cached_property
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(self.path.read_bytes())
+        digest.update(self._data_fingerprint.encode())
+        return digest.hexdigest()
+
+    def fingerprint(self) -> str:
+        """sha256 of the task file bytes and the data bytes: identity for lineage and the result cache."""
+        return self._fingerprint
+
+    def _validate_rows(self) -> None:
+        spec, path = self.spec, self.path
+        for split in SPLITS:
+            rows = self._splits[split]
+            if not rows:
+                raise TaskError(f"task file {path}: the {split} split has no examples")
+            for number, row in enumerate(rows, start=1):
+                missing = [f for f in (spec.answer_field, *self._fields) if f not in row]
+                if missing:
+                    raise TaskError(
+                        f"task file {path}: {split} example {number} has no field {missing[0]!r} "
+                        f"(fields: {', '.join(map(str, row))})"
+                    )
+                if isinstance(self.scorer, LoglikScorer) and self.scorer.mode == "choice":
+                    _check_choices(row, self.scorer.choices_field or "", spec.answer_field, path, split, number)
+        if spec.fewshot > len(self._splits["search"]) - 1:
+            raise TaskError(
+                f"task file {path}: fewshot={spec.fewshot} needs more than {len(self._splits['search'])} "
+                "search examples (shots come from the search split only)"
+            )
+        self._check_disjoint()
+        for split in SPLITS:
+            try:
+                self._format(self._splits[split][0])
+            except (KeyError, IndexError, AttributeError, ValueError) as error:
+                raise TaskError(f"task file {path}: field 'prompt' cannot be rendered ({error!r})") from None
+
+    def _check_disjoint(self) -> None:
+        fields = self._fields or [self.spec.answer_field]
+        search = {_row_key(row, fields): row for row in self._splits["search"]}
+        overlap = [row for row in self._splits["test"] if _row_key(row, fields) in search]
+        if overlap:
+            example = {field: overlap[0].get(field) for field in fields}
+            raise TaskError(
+                f"task file {self.path}: search and test splits overlap in {len(overlap)} example(s) "
+                f"by prompt fields {fields}, e.g. {example}"
+            )
+
+
+def _check_choices(row: Row, field: str, answer_field: str, path: Path, split: str, number: int) -> None:
+    """A choice example needs a non-empty list of choices and an answer naming one of them."""
+    choices = row.get(field)
+    if not isinstance(choices, list) or not choices:
+        raise TaskError(f"task file {path}: {split} example {number} field {field!r} must be a non-empty list")
+    if choice_index(choices, row[answer_field]) is None:
+        raise TaskError(
+            f"task file {path}: {split} example {number} answer {row[answer_field]!r} is neither an index "
+            f"into nor the text of one of its {field!r}"
+        )
+
+
+def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
+    try:
+        scorer_spec = get_scorer_spec(spec.scorer)
+    except KeyError:
+        raise TaskError(
+            f"task file {path}: unknown scorer {spec.scorer!r}{_suggest(spec.scorer, scorer_names())}"
+        ) from None
+    try:
+        args = scorer_spec.args_model.model_validate(spec.scorer_args)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            hint = _suggest(key, list(scorer_spec.args_model.model_fields))
+            raise TaskError(f"task file {path}: unknown key 'scorer_args.{key}' for scorer {spec.scorer!r}{hint}") from None
+        raise TaskError(f"task file {path}: field 'scorer_args.{key}' is invalid ({first['msg']})") from None
+    try:
+        return scorer_spec.build(args)
+    except re.error as error:
+        raise TaskError(f"task file {path}: field 'scorer_args.pattern' is not a valid regex ({error})") from None
+
+
+def _compile_charset(spec: TaskSpec, path: Path) -> re.Pattern[str] | None:
+    if spec.answer_charset is None:
+        return None
+    try:
+        return re.compile(spec.answer_charset)
+    except re.error as error:
+        raise TaskError(f"task file {path}: field 'answer_charset' is not a valid regex ({error})") from None
+
+
+def check_split(split: str) -> str:
+    """Return `split` if it is "search" or "test"; otherwise raise TaskError."""
+    if split not in SPLITS:
+        raise TaskError(f"split must be 'search' or 'test', got {split!r}")
+    return split
+
+
+def _load_data(spec: TaskSpec, path: Path) -> tuple[dict[str, list[Row]], str]:
+    """Rows per split and a fingerprint of the data's bytes."""
+    base = path.parent
+    data = spec.data
+    if isinstance(data, CachedDataset):
+        return _load_cached_dataset(data, path)
+    if isinstance(data, SplitFiles):
+        files = {"search": base / data.search, "test": base / data.test}
+        splits = {split: _read_rows(file, path) for split, file in files.items()}
+        digest = hashlib.sha256(b"".join(file.read_bytes() for file in files.values()))
+        return splits, digest.hexdigest()
+    file = base / data.path
+    rows = _read_rows(file, path)
+    splits = {"search": [], "test": []}
+    wanted = {data.search_value: "search", data.test_value: "test"}
+    for number, row in enumerate(rows, start=1):
+        if data.split_field not in row:
+            raise TaskError(f"data file {file}: row {number} has no split field {data.split_field!r}")
+        split = wanted.get(str(row[data.split_field]))
+        if split is not None:
+            splits[split].append(row)
+    return splits, hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def load_task(path: str | os.PathLike[str]) -> Task:
+    """Load and fully validate a task YAML file and its data; every problem raises `TaskError`."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if not isinstance(raw, dict):
+        raise TaskError(f"task file {path} must be a YAML mapping of keys like name, data, prompt")
+    try:
+        spec = TaskSpec.model_validate(raw)
+    except ValidationError as error:
+        raise TaskError(_validation_sentence(path, error)) from None
+    splits, data_fingerprint = _load_data(spec, path)
+    return Task(spec, path, splits, data_fingerprint)
+
+
+__all__ = [
+    "CachedDataset",
+    "GenerationSpec",
+    "SPLITS",
+    "SplitColumn",
+    "SplitFiles",
+    "Task",
+    "TaskSpec",
+    "check_split",
+    "load_task",
+]
