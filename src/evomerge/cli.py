@@ -36,6 +36,42 @@ def report_error(error: EvomergeError) -> int:
 # One block per command; keep them thin (parse, call the library, print).
 
 
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="Local model directory (Hugging Face layout)."),
+    task: list[str] = typer.Option(..., "--task", help="Task YAML file; repeat for several tasks."),
+    split: str = typer.Option("search", "--split", help="search or test."),
+    json_out: str | None = typer.Option(None, "--json", help="Also write the scores as JSON here."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N examples per task."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin weights."),
+) -> None:
+    """Evaluate a model on task files and print score ± stderr per task."""
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    from evomerge.evaluate import Evaluator, check_split, load_causal_lm, load_task
+
+    # Validate everything the user typed before the (slow) model load, so mistakes fail fast.
+    tasks = [load_task(path) for path in task]
+    check_split(split)
+    lm, tokenizer = load_causal_lm(model, device=device, allow_pickle=allow_pickle)
+    evaluator = Evaluator(tokenizer, tasks, split, device=device, batch_size=batch_size)
+    report = evaluator.evaluate(lm, limit=limit)
+    table = Table(title=f"{model} on the {split} split")
+    for column in ("task", "n", "score ± stderr", "tokens (prompt+gen)", "seconds"):
+        table.add_column(column, justify="left" if column == "task" else "right")
+    for name, score in report.scores.items():
+        tokens = f"{score.prompt_tokens}+{score.generated_tokens}"
+        table.add_row(name, str(score.n), f"{score.score:.4f} ± {score.stderr:.4f}", tokens, f"{score.seconds:.2f}")
+    console.print(table)
+    if json_out is not None:
+        Path(json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
 def run() -> None:
     """Console-script entry point: user errors exit 2 with one sentence, never a traceback."""
     try:

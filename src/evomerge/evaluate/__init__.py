@@ -15,7 +15,7 @@ from evomerge.evaluate.scorers import (
     scorer_names,
     truncate_at_stop,
 )
-from evomerge.evaluate.task import SPLITS, Task, TaskSpec, load_task
+from evomerge.evaluate.task import SPLITS, Task, TaskSpec, check_split, load_task
 
 __all__ = [
     "SPLITS",
@@ -30,6 +30,7 @@ __all__ = [
     "TaskSpec",
     "cache_key",
     "charset_ok",
+    "check_split",
     "default_dtype",
     "evaluate_lm_eval",
     "get_scorer_spec",
