@@ -1,0 +1,245 @@
+"""PEFT LoRA adapters as task vectors, and as "base + delta" checkpoint views.
+
+A LoRA adapter trained on a base model *is* a task vector in factored form: for an adapted linear layer
+`W' = W + s * B @ A` with `s = alpha / r` (or `alpha / sqrt(r)` with rsLoRA). Reading adapters this way
+lets every task-arithmetic operator use them without first writing a merged full-size model to disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import ModelError
+from evomerge.models.checkpoint import (
+    ADAPTER_CONFIG,
+    TOKENIZER_FILES,
+    Checkpoint,
+    PickleSource,
+    TensorSource,
+    open_safetensors_file,
+)
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Saved key suffix -> (factor, suffix of the base tensor it updates). `.default` adapter names are
+# stripped by PEFT on save, so they do not appear here.
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<factor>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)$"
+)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its factor tensors' adapter keys and the scale applied to `B @ A`."""
+
+    module: str  # the module's name in the base model, e.g. "model.layers.0.self_attn.q_proj"
+    a_key: str
+    b_key: str
+    bias_key: str | None
+    embedding: bool
+    scale: float
+
+
+class LoraTaskVectors(Mapping[str, torch.Tensor]):
+    """Lazy mapping: base tensor name -> float32 delta (`W_merged - W_base`), computed on access.
+
+    Linear layers: `delta = s * B @ A` (transposed when `fan_in_fan_out`, i.e. GPT-2's Conv1D layout);
+    LoRA biases: `delta = s * b_B`; embeddings: `delta = s * (B @ A).T` (PEFT stores embedding factors as
+    A: [r, num_embeddings], B: [dim, r]); `modules_to_save` tensors: `saved - base`.
+    """
+
+    def __init__(self, adapter_dir: Path, base: Checkpoint, adapter: Checkpoint, config: dict) -> None:
+        self.adapter_dir = adapter_dir
+        self.config = config
+        self._base = base
+        self._adapter = adapter
+        self._fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        self._deltas: dict[str, tuple[str, LoraModule | str]] = {}
+        self._index(adapter.tensor_names())
+
+    def _index(self, keys: list[str]) -> None:
+        """Map every adapter key to the base tensor it changes; raise `ModelError` on anything unknown."""
+        modules: dict[str, dict[str, str]] = {}
+        for key in keys:
+            if not key.startswith(PEFT_PREFIX):
+                raise ModelError(
+                    f"{self.adapter_dir}: adapter tensor {key!r} does not start with {PEFT_PREFIX!r}."
+                )
+            match = _LORA_KEY.match(key[len(PEFT_PREFIX) :])
+            if match:
+                modules.setdefault(match["module"], {})[match["factor"]] = key
+            else:  # a full tensor from `modules_to_save`
+                self._add(key[len(PEFT_PREFIX) :], ("full", key))
+        for module, factors in sorted(modules.items()):
+            lora = self._module(module, factors)
+            self._add(f"{module}.weight", ("lora", lora))
+            if lora.bias_key:
+                self._add(f"{module}.bias", ("bias", lora))
+
+    def _add(self, name: str, entry: tuple[str, LoraModule | str]) -> None:
+        if name not in self._base:
+            raise ModelError(
+                f"{self.adapter_dir}: adapter changes tensor {name!r}, which base {self._base.path} lacks."
+            )
+        self._deltas[name] = entry
+
+    def _module(self, module: str, factors: dict[str, str]) -> LoraModule:
+        embedding = "lora_embedding_A" in factors
+        a_name, b_name = (
+            ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        )
+        if a_name not in factors or b_name not in factors:
+            raise ModelError(f"{self.adapter_dir}: module {module!r} lacks one of its LoRA factors A and B.")
+        a_shape = self._adapter.shape(factors[a_name])
+        if len(a_shape) != 2:
+            raise ModelError(
+                f"{self.adapter_dir}: module {module!r} has a {len(a_shape)}-D LoRA factor; only linear "
+                "and embedding LoRA layers are supported."
+            )
+        rank = a_shape[0]
+        alpha = float(
+            _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
+        )
+        scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
+        return LoraModule(
+            module, factors[a_name], factors[b_name], factors.get("lora_B.bias"), embedding, scale
+        )
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        kind, entry = self._deltas[name]
+        if kind == "full":
+            return self._adapter.get(entry, dtype=torch.float32) - self._base.get(name, dtype=torch.float32)
+        assert isinstance(entry, LoraModule)
+        if kind == "bias":
+            return entry.scale * self._adapter.get(entry.bias_key, dtype=torch.float32)
+        product = self._adapter.get(entry.b_key, dtype=torch.float32) @ self._adapter.get(
+            entry.a_key, dtype=torch.float32
+        )
+        if entry.embedding or self._fan_in_fan_out:
+            product = product.T
+        delta = entry.scale * product
+        if tuple(delta.shape) != self._base.shape(name):
+            raise ModelError(
+                f"{self.adapter_dir}: LoRA delta for {name!r} has shape {tuple(delta.shape)} but the base tensor "
+                f"has {self._base.shape(name)}."
+            )
+        return delta
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._deltas))
+
+    def __len__(self) -> int:
+        return len(self._deltas)
+
+
+def _pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
+    """PEFT's per-module override rule: the first pattern key matching a dotted suffix of the module name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """Read and check `adapter_config.json`: a plain LoRA adapter (DoRA and other PEFT types refused)."""
+    file = adapter_dir / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelError(f"Cannot read adapter config {file}: {error}.") from error
+    if not isinstance(config, dict):
+        raise ModelError(f"{file} must hold a JSON object.")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ModelError(
+            f"{file} describes a {config['peft_type']} adapter; only LoRA adapters are supported."
+        )
+    if config.get("use_dora"):
+        raise ModelError(
+            f"{file} describes a DoRA adapter, whose update is not a fixed delta; it is not supported."
+        )
+    return config
+
+
+def load_lora_task_vectors(
+    adapter_dir: str | Path, base: Checkpoint, *, allow_pickle: bool = False
+) -> LoraTaskVectors:
+    """Read a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) as lazy task vectors
+    keyed by base tensor names. Raises `ModelError` if a factor is missing or a target is absent in `base`."""
+    directory = Path(adapter_dir)
+    config = read_adapter_config(directory)
+    source = _open_adapter_weights(directory, allow_pickle=allow_pickle)
+    adapter = Checkpoint(directory, config, source)
+    return LoraTaskVectors(directory, base, adapter, config)
+
+
+def _open_adapter_weights(directory: Path, *, allow_pickle: bool) -> TensorSource:
+    """Adapter weights have their own file names but the same safety rules as full checkpoints."""
+    safetensors_file, pickle_file = (directory / name for name in ADAPTER_WEIGHTS)
+    if safetensors_file.is_file():
+        return open_safetensors_file(safetensors_file)
+    if not pickle_file.is_file():
+        raise ModelError(f"{directory} has no adapter weights: expected {ADAPTER_WEIGHTS[0]}.")
+    if not allow_pickle:
+        raise ModelError(f"{pickle_file} is a pickle checkpoint; pass --allow-pickle to load it.")
+    return PickleSource([pickle_file])
+
+
+class LoraViewSource:
+    """Tensor source for "base + LoRA delta": the base's names, shapes and dtypes, merged on `load`."""
+
+    def __init__(self, base: Checkpoint, deltas: LoraTaskVectors) -> None:
+        self._base = base
+        self._deltas = deltas
+
+    def infos(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {name: (self._base.dtype(name), self._base.shape(name)) for name in self._base.tensor_names()}
+
+    def load(self, name: str) -> torch.Tensor:
+        tensor = self._base.get(name)
+        if name not in self._deltas:
+            return tensor
+        # Add in float32 so a bf16 base does not lose the (small) delta to rounding twice.
+        return (tensor.to(torch.float32) + self._deltas[name]).to(tensor.dtype)
+
+    def fingerprint_parts(self) -> list[bytes]:
+        parts = [self._base.file_fingerprint().encode()]
+        for name in (ADAPTER_CONFIG, *ADAPTER_WEIGHTS):
+            file = self._deltas.adapter_dir / name
+            if file.is_file():
+                parts.append(f"{name}:{file.stat().st_size}:{file.stat().st_mtime_ns}".encode())
+        return parts
+
+
+def open_lora_view(
+    adapter_dir: Path,
+    base: Checkpoint | str | Path | None,
+    *,
+    allow_pickle: bool,
+    allow_download: bool,
+) -> Checkpoint:
+    """`Checkpoint` of `base + delta` for a LoRA adapter; the base defaults to the adapter's
+    `base_model_name_or_path`. Config and (unless the adapter ships one) tokenizer come from the base."""
+    config = read_adapter_config(adapter_dir)
+    if base is None:
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise ModelError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass the base explicitly.")
+    if not isinstance(base, Checkpoint):
+        base = Checkpoint.open(base, allow_pickle=allow_pickle, allow_download=allow_download)
+    deltas = load_lora_task_vectors(adapter_dir, base, allow_pickle=allow_pickle)
+    has_tokenizer = any((adapter_dir / name).is_file() for name in TOKENIZER_FILES)
+    return Checkpoint(
+        adapter_dir,
+        dict(base.config),
+        LoraViewSource(base, deltas),
+        tokenizer_dir=adapter_dir if has_tokenizer else base.tokenizer_dir,
+        config_dir=base.config_dir,
+        adapter=adapter_dir,
+    )
