@@ -60,3 +60,52 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny `LlavaForConditionalGeneration` (2-layer CLIP tower + the `tiny_llama` text shape, same
+    char tokenizer), saved once; its language tower is named `language_model.model.layers.N...`."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = build_char_tokenizer(TEST_CHARACTERS)
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=8, patch_size=4, projection_dim=16,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=len(tokenizer) - 1)
+    torch.manual_seed(7)
+    out_dir = tmp_path_factory.mktemp("llava")
+    LlavaForConditionalGeneration(config).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_task_files(
+    directory: Path, search: list[dict], test: list[dict], name: str = "t", **spec_overrides
+) -> Path:
+    """Write `search`/`test` rows as JSONL and a task YAML (exact scorer unless overridden) next to them."""
+    import json
+
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, rows in (("search", search), ("test", test)):
+        (directory / f"{name}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = {
+        "name": name,
+        "data": {"search": f"{name}_search.jsonl", "test": f"{name}_test.jsonl"},
+        "prompt": "{question}=",
+        "answer_field": "answer",
+        "scorer": "exact",
+        "generation": {"max_new_tokens": 8, "stop": ["\n"]},
+        **spec_overrides,
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    return path

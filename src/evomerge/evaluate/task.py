@@ -123,9 +123,15 @@ def _suggest(word: str, options: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}" if close else f"; valid keys are {', '.join(options)}"
 
 
+def _first_error(error: ValidationError) -> dict[str, Any]:
+    """The most useful pydantic error: an unknown key first, since a misspelt key also causes a 'missing'."""
+    errors = error.errors()
+    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+
+
 def _validation_sentence(path: Path, error: ValidationError) -> str:
     """One sentence for the first pydantic error: which field, what is wrong, what to write instead."""
-    first = error.errors()[0]
+    first = _first_error(error)
     loc = tuple(str(part) for part in first["loc"])
     # Drop the discriminator tag pydantic inserts after "data" (it is our internal name, not a key).
     shown = tuple(part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "data" and part in _TAGS))
@@ -370,7 +376,7 @@ def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
     try:
         args = scorer_spec.args_model.model_validate(spec.scorer_args)
     except ValidationError as error:
-        first = error.errors()[0]
+        first = _first_error(error)
         key = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
             hint = _suggest(key, list(scorer_spec.args_model.model_fields))
