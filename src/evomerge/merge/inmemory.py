@@ -1,0 +1,125 @@
+"""In-memory merging for the search: parents resident once, each candidate written into a live model.
+
+The search merges thousands of candidates from the same parents with the same operator. Reading the
+parents and forming task vectors is done once here; a candidate then costs one kernel call per tensor
+and an in-place copy into the live module's parameters — no disk I/O, no new model objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from evomerge.errors import ConfigError
+from evomerge.merge.plan import TensorJob, apply_job, job_parameters, plan_jobs
+from evomerge.merge.planner import check_parents, open_parents
+from evomerge.merge.recipe import Recipe
+from evomerge.models import Checkpoint, CompatReport
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """A candidate recipe produced NaN or Inf weights (recorded as a failed candidate, not a user error)."""
+
+
+@dataclass
+class _Resident:
+    base: torch.Tensor | None
+    stacked: torch.Tensor  # task vectors for delta-space operators, raw weights otherwise
+
+
+class InMemoryMerger:
+    """Merge candidates of one recipe family (same method, base and parents) without touching disk."""
+
+    def __init__(self, template: Recipe, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        if template.slices is not None:
+            raise ConfigError("the in-memory merger takes `models` recipes; layer slices change the architecture")
+        self.template = template
+        self.spec = template.operator
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.checkpoints: dict[str, Checkpoint] = open_parents(template)
+        self.compat: CompatReport = check_parents(template, self.checkpoints)
+        self._resident: dict[str, _Resident] = {}
+        self._copied: set[str] = set()  # tensors copied verbatim; yielded as views of resident memory
+        for job in plan_jobs(template, self.spec, self.checkpoints):
+            self._resident[job.out_name] = self._load(job)
+            if job.copy:
+                self._copied.add(job.out_name)
+
+    def _load(self, job: TensorJob) -> _Resident:
+        def get(ref: str, name: str) -> torch.Tensor:
+            return self.checkpoints[ref].get(name, device=self.device, dtype=self.dtype)
+
+        stacked = torch.stack([get(src.ref, src.tensor) for src in job.inputs])
+        base = get(job.base.ref, job.base.tensor) if job.base is not None else None
+        if self.spec.space == "delta" and not job.copy and base is not None:
+            stacked -= base  # task vectors, formed once for all candidates
+        return _Resident(base, stacked)
+
+    @property
+    def donor(self) -> Checkpoint:
+        """The parent whose config and tokenizer a merged model uses."""
+        return self.checkpoints[self.template.donor_ref()]
+
+    def resident_bytes(self) -> int:
+        """Device memory held by the resident parents."""
+        total = 0
+        for resident in self._resident.values():
+            total += resident.stacked.numel() * resident.stacked.element_size()
+            if resident.base is not None:
+                total += resident.base.numel() * resident.base.element_size()
+        return total
+
+    def _check_family(self, recipe: Recipe) -> None:
+        same = (
+            recipe.method == self.template.method
+            and recipe.base_model == self.template.base_model
+            and [m.model for m in recipe.models] == [m.model for m in self.template.models]
+            and recipe.submodule == self.template.submodule
+        )
+        if not same:
+            raise ConfigError("a candidate recipe must use the merger's method, base model and parents")
+
+    def tensors(self, recipe: Recipe, *, check_finite: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(name, merged tensor)` for a candidate recipe, on the merger's device."""
+        self._check_family(recipe)
+        for job in plan_jobs(recipe, self.spec, self.checkpoints):
+            resident = self._resident[job.out_name]
+            if job.copy:
+                yield job.out_name, resident.stacked[0]
+                continue
+            delta_space = self.spec.space == "delta"
+            merged = apply_job(
+                self.spec,
+                resident.base,
+                resident.stacked,
+                job_parameters(self.spec, job),
+                seed=recipe.seed,
+                out_name=job.out_name,
+                deltas=resident.stacked if delta_space else None,
+            )
+            if check_finite and not torch.isfinite(merged).all():
+                raise NonFiniteWeightsError(f"the merge produced non-finite values in tensor {job.out_name}")
+            yield job.out_name, merged
+
+    def state_dict(self, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """The merged weights of a candidate as a new state dict."""
+        return {name: tensor.clone() if name in self._copied else tensor for name, tensor in self.tensors(recipe)}
+
+    def merge_into(self, module: nn.Module, recipe: Recipe) -> None:
+        """Overwrite a live module's parameters with the candidate's merged weights, in place.
+
+        Tensors are written as they are computed, so only one merged tensor is alive at a time (a 7B
+        model has no room for a second copy on the device); a candidate that fails part-way (non-finite
+        weights) leaves the module partly overwritten until the next candidate is merged into it.
+        """
+        targets: Mapping[str, torch.Tensor] = module.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, tensor in self.tensors(recipe):
+                target = targets.get(name)
+                if target is None:
+                    raise ConfigError(f"the live model has no parameter named {name}")
+                target.data.copy_(tensor)

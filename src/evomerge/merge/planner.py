@@ -1,0 +1,182 @@
+"""The streaming merge behind `evomerge merge`: one output tensor in memory at a time.
+
+Order of work: open every parent lazily (headers only) → check compatibility → plan every tensor and
+resolve every parameter (so a bad recipe fails before the first tensor is read) → merge tensor by tensor
+into a `CheckpointWriter`, which only renames its temporary directory into place once complete.
+Reading the next job's tensors overlaps with merging the current one (one thread of read-ahead).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.merge.plan import Source, TensorJob, apply_job, job_parameters, output_num_layers, plan_jobs
+from evomerge.merge.recipe import Recipe
+from evomerge.merge.registry import OperatorSpec
+from evomerge.models import Checkpoint, CheckpointWriter, CompatReport, align_rows, check_compatible
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Files a merged checkpoint takes from its donor; weights and their index are written anew.
+DONOR_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge produced."""
+
+    out_dir: Path
+    num_tensors: int
+    seconds: float
+    compat: CompatReport
+
+
+def open_parents(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, Checkpoint]:
+    """Open every parent the recipe names (headers only), in the recipe's deterministic order."""
+    allow = allow_pickle or recipe.allow_pickle
+    return {ref: Checkpoint.open(ref, allow_pickle=allow) for ref in recipe.parent_refs()}
+
+
+def check_parents(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> CompatReport:
+    """Compatibility of the parents, before any tensor is merged (raises CompatibilityError).
+
+    Layer-stacking recipes may combine parents of different depths: their names cannot match, so
+    only parents of the reference's depth take part in the tensor-by-tensor check.
+    """
+    copy_rest = recipe.submodule.copy_rest_from if recipe.submodule else None
+    merged = [ckpt for ref, ckpt in checkpoints.items() if ref != copy_rest or ref == recipe.donor_ref()]
+    base = checkpoints.get(recipe.base_model) if recipe.base_model else None
+    if recipe.slices is not None:
+        depth = (base or merged[0]).num_layers
+        merged = [ckpt for ckpt in merged if ckpt.num_layers == depth]
+    tokenizer_source = checkpoints[recipe.donor_ref()] if recipe.tokenizer_source else None
+    prefix_map = None
+    if recipe.submodule is not None:
+        prefix_map = {recipe.submodule.prefix: recipe.submodule.parent_prefix}
+    return check_compatible(merged, base=base, tokenizer_source=tokenizer_source, prefix_map=prefix_map)
+
+
+def _load_inputs(
+    job: TensorJob, checkpoints: Mapping[str, Checkpoint], compat: CompatReport, device: str, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def load(source: Source) -> torch.Tensor:
+        tensor = checkpoints[source.ref].get(source.tensor, device=device, dtype=dtype)
+        for alignment in compat.row_alignments:
+            # Parents with another vocabulary size: rows follow the tokenizer donor (see check_compatible).
+            if alignment.tensor == job.out_name and alignment.model == checkpoints[source.ref].path:
+                donor = Checkpoint.open(compat.tokenizer_donor)
+                filler = donor.get(job.out_name, device=device, dtype=dtype)
+                return align_rows(tensor, alignment.target_rows, filler)
+        return tensor
+
+    stacked = torch.stack([load(source) for source in job.inputs])
+    base = load(job.base) if job.base is not None else None
+    return base, stacked
+
+
+def merged_tensors(
+    recipe: Recipe,
+    spec: OperatorSpec,
+    checkpoints: Mapping[str, Checkpoint],
+    jobs: list[TensorJob],
+    parameters: list[dict[str, Any]],
+    compat: CompatReport,
+    *,
+    device: str,
+    compute_dtype: torch.dtype,
+) -> Iterator[tuple[TensorJob, torch.Tensor]]:
+    """Yield `(job, merged tensor)` job by job, reading the next job's inputs while merging this one."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as reader:
+        pending: Future | None = None
+        for index, job in enumerate(jobs):
+            loaded = pending.result() if pending is not None else _load_inputs(job, checkpoints, compat, device, compute_dtype)
+            if index + 1 < len(jobs):
+                pending = reader.submit(_load_inputs, jobs[index + 1], checkpoints, compat, device, compute_dtype)
+            base, stacked = loaded
+            if job.copy:
+                yield job, stacked[0]
+                continue
+            yield job, apply_job(
+                spec, base, stacked, parameters[index], seed=recipe.seed, out_name=job.out_name
+            )
+
+
+def merged_config(recipe: Recipe, donor: Checkpoint, compat: CompatReport) -> dict[str, Any]:
+    """The donor's config, with the depth of a layer-stacked merge, the vocabulary and the output dtype."""
+    config = {**donor.config, **compat.config_updates}
+    depth = output_num_layers(recipe, donor)
+    if depth != donor.num_layers:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in config:
+                config[key] = depth
+        # Per-layer lists (e.g. Qwen2's / Gemma's layer_types) must follow the new depth.
+        for key, value in list(config.items()):
+            if isinstance(value, list) and len(value) == donor.num_layers and key.startswith("layer"):
+                config[key] = [value[i % len(value)] for i in range(depth)]
+    out_dtype = recipe.out_dtype or recipe.dtype
+    if out_dtype:
+        config["torch_dtype"] = out_dtype
+        config["dtype"] = out_dtype
+    return config
+
+
+def run_merge(
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    device: str = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    extra_files: Mapping[str, str] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+    on_plan: Callable[[int], None] | None = None,
+) -> MergeResult:
+    """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras)."""
+    started = time.perf_counter()
+    spec = recipe.operator
+    checkpoints = open_parents(recipe, allow_pickle=allow_pickle)
+    compat = check_parents(recipe, checkpoints)
+    jobs = plan_jobs(recipe, spec, checkpoints)
+    parameters = [job_parameters(spec, job) for job in jobs]
+    if on_plan is not None:
+        on_plan(len(jobs))
+    donor = checkpoints[recipe.donor_ref()]
+    out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
+    with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+        for job, tensor in merged_tensors(
+            recipe, spec, checkpoints, jobs, parameters, compat, device=device, compute_dtype=compute_dtype
+        ):
+            # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
+            first = job.inputs[0]
+            target = out_dtype or checkpoints[first.ref].dtype(first.tensor)
+            writer.add(job.out_name, tensor.to(dtype=target, device="cpu"))
+            if on_tensor is not None:
+                on_tensor(job.out_name)
+        writer.copy_files(donor.path, [name for name in DONOR_FILES if (donor.path / name).exists()])
+        writer.write_text("config.json", json.dumps(merged_config(recipe, donor, compat), indent=2, sort_keys=True))
+        writer.write_text("recipe.yaml", recipe.to_yaml())
+        mergekit_yaml = recipe.to_mergekit_yaml()
+        if mergekit_yaml is not None:
+            writer.write_text("mergekit_config.yml", mergekit_yaml)
+        for relpath, text in (extra_files or {}).items():
+            writer.write_text(relpath, text)
+    return MergeResult(Path(out_dir), len(jobs), time.perf_counter() - started, compat)
+

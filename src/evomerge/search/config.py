@@ -1,0 +1,203 @@
+"""The evolve config: parents, operator, genome, objectives, budget, optimizer — validated on load.
+
+Every check that needs no model weights happens here, before any model is loaded: unknown operator
+parameters, reversed bounds, objectives naming missing task files, a block size that does not divide
+the number of layers (checked once the depth is known, still before weights are read).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from evomerge.errors import ConfigError
+from evomerge.merge.recipe import Number
+from evomerge.merge.registry import get_operator
+from evomerge.validation import validation_sentence
+
+Granularity = Literal["global", "per_layer", "per_block", "per_kind", "per_layer_kind", "per_block_kind"]
+Optimizer = Literal["cmaes", "nsga2", "tpe", "gp", "random"]
+BLOCK_KINDS = ("embedding", "attention", "mlp", "norm", "head")
+
+
+class GeneSpec(BaseModel):
+    """One free operator parameter: its bounds and how finely it varies across the model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    bounds: tuple[float, float] | None = None
+    granularity: Granularity = "global"
+    block_size: PositiveInt | None = None
+    per_model: bool | None = None  # default: the operator's own declaration
+    init: float | None = None  # the CMA-ES mean; default: the middle of the bounds (paper: 0.5)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GeneSpec:
+        if self.bounds is not None:
+            low, high = self.bounds
+            if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+                raise ValueError(f"bounds [{low}, {high}] must be finite with low < high")
+            if self.init is not None and not low <= self.init <= high:
+                raise ValueError(f"init {self.init} lies outside bounds [{low}, {high}]")
+        if self.granularity in ("per_block", "per_block_kind") and self.block_size is None:
+            raise ValueError(f"granularity '{self.granularity}' needs a block_size")
+        if self.granularity not in ("per_block", "per_block_kind") and self.block_size is not None:
+            raise ValueError(f"block_size is only used with per_block granularities, not '{self.granularity}'")
+        return self
+
+
+class Objective(BaseModel):
+    """One task to optimise on its search split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    task: str
+    weight: float = 1.0
+    direction: Literal["maximize", "minimize"] = "maximize"
+    name: str | None = None
+
+
+class Budget(BaseModel):
+    """When the search stops: after `candidates` evaluations or `wall_seconds`, whichever comes first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    candidates: int = Field(100, ge=1, le=1_000_000)
+    wall_seconds: float | None = Field(None, gt=0, le=30 * 24 * 3600)
+    population: int | None = Field(None, ge=2, le=100_000)
+
+
+class Racing(BaseModel):
+    """Successive halving on the search split: score a slice first, continue only if still competitive."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True
+    first_fraction: float = Field(0.25, gt=0, lt=1)
+    confidence: float = Field(2.0, gt=0, description="z-score of the optimistic bound used to drop a candidate")
+    top_k: int | None = Field(None, ge=1, description="must still be able to enter this top; default: population")
+
+
+class DfsConfig(BaseModel):
+    """Data-flow-space search: layer paths through the sources (see `evomerge.flow`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[str] = Field(min_length=1)
+    repeats: PositiveInt = 3
+    max_path_length: PositiveInt | None = None
+    scale_bounds: tuple[float, float] = (0.5, 2.0)
+
+
+class EvolveConfig(BaseModel):
+    """A whole evolutionary merge: what to merge, what is free, what counts, and how long to look."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = "evolve"
+    base_model: str | None = None
+    parents: list[str] = Field(default_factory=list)
+    method: str = "dare_ties"
+    genome: dict[str, GeneSpec] = Field(default_factory=dict)
+    fixed: dict[str, Number | list[float]] = Field(default_factory=dict)
+    dfs: DfsConfig | None = None
+    objectives: list[Objective] = Field(min_length=1)
+    combine: Literal["weighted", "pareto"] = "weighted"
+    budget: Budget = Field(default_factory=Budget)
+    optimizer: Optimizer | None = None
+    sigma0: float = Field(1 / 6, gt=0, le=1, description="CMA-ES step size as a fraction of each gene's range")
+    racing: Racing = Field(default_factory=Racing)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    storage: str | None = None
+    batch_size: int = Field(128, ge=1, le=65_536)
+    intended_use: str = ""
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _shape(self) -> EvolveConfig:
+        if self.dfs is None and not self.parents:
+            raise ValueError("give `parents` (a parameter-space search) or `dfs` (a layer-path search)")
+        if self.dfs is None and not self.genome:
+            raise ValueError("`genome` must name at least one free operator parameter")
+        if self.combine == "pareto" and len(self.objectives) < 2:
+            raise ValueError("`combine: pareto` needs at least two objectives")
+        return self
+
+    @property
+    def resolved_optimizer(self) -> Optimizer:
+        """CMA-ES for one objective (or a weighted sum), NSGA-II for a Pareto search."""
+        if self.optimizer is not None:
+            return self.optimizer
+        return "nsga2" if self.combine == "pareto" else "cmaes"
+
+
+def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
+    if config.dfs is None:
+        spec = get_operator(config.method)
+        names = spec.param_names()
+        for field, entries in (("genome", config.genome), ("fixed", config.fixed)):
+            for name in entries:
+                if name not in names:
+                    hint = difflib.get_close_matches(name, names, n=1)
+                    suggestion = f"; did you mean '{hint[0]}'?" if hint else f" (its parameters: {', '.join(names)})"
+                    raise ConfigError(
+                        f"{source}: {field}.{name} is not a parameter of method '{config.method}'{suggestion}"
+                    )
+        for name, gene in config.genome.items():
+            param = spec.param(name)
+            if param.is_flag:
+                raise ConfigError(f"{source}: genome.{name} is a true/false switch; set it under `fixed`")
+            low, high = gene.bounds or param.search_bounds()
+            if low < param.low or high > param.high:
+                raise ConfigError(
+                    f"{source}: genome.{name}.bounds [{low:g}, {high:g}] exceed the parameter's valid range "
+                    f"[{param.low:g}, {param.high:g}]"
+                )
+            if gene.per_model and not param.per_model:
+                raise ConfigError(f"{source}: genome.{name} is a global parameter and cannot vary per model")
+    if config.optimizer == "nsga2" and config.combine != "pareto":
+        raise ConfigError(f"{source}: optimizer 'nsga2' needs `combine: pareto` and two or more objectives")
+    if config.optimizer == "cmaes" and config.combine == "pareto":
+        raise ConfigError(f"{source}: optimizer 'cmaes' optimises one objective; use 'nsga2' with `combine: pareto`")
+    for index, objective in enumerate(config.objectives):
+        path = resolve_path(objective.task, root)
+        if not Path(path).is_file():
+            raise ConfigError(f"{source}: objectives[{index}].task names {objective.task}, which does not exist")
+
+
+def resolve_path(ref: str, root: Path) -> str:
+    """A relative file or model path is taken relative to the config file's directory."""
+    candidate = Path(ref).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    relative = root / candidate
+    return str(relative) if relative.exists() or not candidate.exists() else str(candidate)
+
+
+def load_evolve_config(path: str | Path) -> tuple[EvolveConfig, Path]:
+    """Read and validate an evolve config; returns it with the directory relative paths start from."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"evolve config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"evolve config {path} cannot be read") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"evolve config {path} is not valid YAML{where}") from None
+    return parse_evolve_config(data, source=str(path), root=path.parent.resolve())
+
+
+def parse_evolve_config(data: object, *, source: str, root: Path) -> tuple[EvolveConfig, Path]:
+    """Validate an evolve config given as a mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: an evolve config must be a YAML mapping")
+    try:
+        config = EvolveConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(validation_sentence(error, source, EvolveConfig)) from None
+    _check_semantics(config, source, root)
+    return config, root
