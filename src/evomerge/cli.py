@@ -6,13 +6,14 @@ no traceback is shown for those.
 
 from __future__ import annotations
 
+import difflib
 import sys
-from typing import Any
+from pathlib import Path
 
 import typer
 from rich.console import Console
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 
 app = typer.Typer(
     name="evomerge",
@@ -23,6 +24,15 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
+    """Validate an option against its allowed values, suggesting the nearest one."""
+    if value in allowed:
+        return value
+    hint = difflib.get_close_matches(value, allowed, n=1)
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; choose one of {', '.join(allowed)}"
+    raise ConfigError(f"option {option} got '{value}'{suggestion}")
 
 
 def report_error(error: EvomergeError) -> int:
@@ -70,6 +80,52 @@ def eval_command(
     console.print(table)
     if json_out is not None:
         Path(json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+@app.command()
+def merge(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (evomerge's or mergekit's, auto-detected)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
+    device: str = typer.Option("cpu", help="Device to merge on: cpu, cuda, cuda:N."),
+    dtype: str | None = typer.Option(None, help="Output dtype (float32, float16, bfloat16); default: the parents'."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory once the merge succeeds."),
+    allow_pickle: bool = typer.Option(False, help="Allow loading pickle (.bin) checkpoints; they can run code."),
+) -> None:
+    """Merge checkpoints as a recipe says and write a Hugging Face checkpoint with its model card."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from evomerge.lineage.card import CardInfo, render_model_card
+    from evomerge.merge.planner import run_merge
+    from evomerge.merge.recipe import load_recipe
+
+    parsed = load_recipe(recipe)
+    if dtype is not None:
+        parsed = parsed.model_copy(update={"out_dtype": _choice(dtype, ("float32", "float16", "bfloat16"), "--dtype")})
+    card = render_model_card(
+        CardInfo(
+            name=parsed.name or out.name,
+            method=parsed.method,
+            parents=parsed.parent_refs(),
+            base_model=parsed.base_model,
+            recipe_yaml=parsed.to_yaml(),
+        )
+    )
+    with Progress(
+        TextColumn("[bold]merging[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as progress:
+        bar = progress.add_task("tensors", total=None)
+        result = run_merge(
+            parsed,
+            out,
+            device=device,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            extra_files={"README.md": card},
+            on_plan=lambda total: progress.update(bar, total=total),
+            on_tensor=lambda _name: progress.advance(bar),
+        )
+    console.print(f"merged {result.num_tensors} tensors into {result.out_dir} in {result.seconds:.1f} s")
 
 
 def run() -> None:
