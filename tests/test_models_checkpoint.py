@@ -15,10 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from conftest import TEST_CHARACTERS
 from evomerge.errors import ModelError
 from evomerge.models import Checkpoint
-
-from conftest import TEST_CHARACTERS
 
 
 def copy_model(source: Path, target: Path) -> Path:
@@ -137,7 +136,9 @@ def test_hub_id_resolves_from_a_local_hf_cache_without_network(tiny_llama, tmp_p
     assert checkpoint.path == snapshot
     assert checkpoint.content_hash() == Checkpoint.open(tiny_llama(0)).content_hash()
     assert Checkpoint.open("tiny-org/tiny-llama", revision=revision).path == snapshot
-    with pytest.raises(ModelError, match="'tiny-org/absent' is neither a local directory nor in the Hugging Face cache"):
+    with pytest.raises(
+        ModelError, match="'tiny-org/absent' is neither a local directory nor in the Hugging Face cache"
+    ):
         Checkpoint.open("tiny-org/absent")
 
 
@@ -218,14 +219,18 @@ def test_sharded_checkpoint_is_read_and_its_index_validated(tiny_llama, tmp_path
     with pytest.raises(ModelError, match="does not list tensor 'lm_head.weight'"):
         Checkpoint.open(path)
 
-    phantom = dict(index, weight_map={**index["weight_map"], "ghost.weight": "model-00001-of-00002.safetensors"})
+    phantom = dict(
+        index, weight_map={**index["weight_map"], "ghost.weight": "model-00001-of-00002.safetensors"}
+    )
     index_file.write_text(json.dumps(phantom))
     with pytest.raises(ModelError, match="lists tensor 'ghost.weight'"):
         Checkpoint.open(path)
 
     index_file.write_text(json.dumps(index))
     (path / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(ModelError, match="refers to shard 'model-00002-of-00002.safetensors', which does not exist"):
+    with pytest.raises(
+        ModelError, match="refers to shard 'model-00002-of-00002.safetensors', which does not exist"
+    ):
         Checkpoint.open(path)
 
 
