@@ -1,7 +1,7 @@
 """Data-flow-space merging: layer paths through several models, a KV-cache-correct path model, and
 export of a path as an ordinary checkpoint with its scales folded into the weights."""
 
-from evomerge.flow.export import export_path, fold_factors, folded_state_dict
+from evomerge.flow.export import export_path, fold_factors, folded_tensors
 from evomerge.flow.model import SUPPORTED_MODEL_TYPES, PathModel, check_path_sources, path_config
 from evomerge.flow.spec import (
     MAX_PATH_STEPS,
@@ -24,7 +24,7 @@ __all__ = [
     "check_path_sources",
     "export_path",
     "fold_factors",
-    "folded_state_dict",
+    "folded_tensors",
     "initial_genome",
     "path_config",
     "path_figure_data",

@@ -21,34 +21,19 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from evomerge.errors import ConfigError, ExportError, ModelError
 from evomerge.flow.model import PathModel, check_path_sources
 from evomerge.flow.spec import PathSpec
+from evomerge.models import CheckpointWriter
 
 #: Parameters whose output enters the residual stream directly: these carry the folded factor.
 FOLDED_PREFIXES = ("self_attn.o_proj.", "mlp.down_proj.")
-
-#: Non-weight files copied from source A (the tokenizer and generation defaults of the path's embeddings).
-DONOR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 #: Sidecar recording the exported path and its folding factors (for lineage and model cards).
 PATH_RECORD = "evomerge_path.json"
@@ -74,29 +59,21 @@ def fold_factors(scales: Sequence[float]) -> list[float]:
     return factors
 
 
-def folded_state_dict(model: PathModel) -> dict[str, torch.Tensor]:
-    """The exported checkpoint's tensors: model A's embeddings/norm/head and one folded layer per step.
-
-    Every tensor is a fresh contiguous CPU copy, so repeated layers do not share storage in the file.
-    """
-    factors = fold_factors(model.spec.scales)
-    tensors: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": model.embed_tokens.weight,
-        "model.norm.weight": model.norm.weight,
-    }
+def folded_tensors(model: PathModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """The exported checkpoint's tensors, one at a time: model A's embeddings, final norm and head (unless
+    tied), and one layer per path step with its residual-branch output projections folded."""
+    yield "model.embed_tokens.weight", model.embed_tokens.weight
+    yield "model.norm.weight", model.norm.weight
     if not model.config.tie_word_embeddings:
-        tensors["lm_head.weight"] = model.lm_head.weight
-    for step, factor in enumerate(factors):
+        yield "lm_head.weight", model.lm_head.weight
+    for step, factor in enumerate(fold_factors(model.spec.scales)):
         for suffix, tensor in model.step_layer(step).state_dict().items():
+            name = f"model.layers.{step}.{suffix}"
             if suffix.startswith(FOLDED_PREFIXES):
                 tensor = (tensor.to(torch.float64) * factor).to(tensor.dtype)
                 if not torch.isfinite(tensor).all():
-                    raise ExportError(
-                        f"folding factor {factor:.3g} overflows {tensor.dtype} in tensor "
-                        f"'model.layers.{step}.{suffix}' of the exported path."
-                    )
-            tensors[f"model.layers.{step}.{suffix}"] = tensor
-    return {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in tensors.items()}
+                    raise ExportError(f"folding factor {factor:.3g} overflows {tensor.dtype} in tensor '{name}'.")
+            yield name, tensor
 
 
 def _load_path_model(spec: PathSpec, sources: Sequence[Path]) -> PathModel:
@@ -115,39 +92,23 @@ def export_path(path: PathModel | PathSpec, sources: Sequence[str | Path], out_d
 
     `sources` are the source checkpoint directories, in the spec's order. Given a `PathSpec`, they are
     loaded; given a `PathModel` (whose source A may be an in-memory merge), its live tensors are written and
-    only source A's config, tokenizer and generation files are read. The scales are folded as described in
-    the module docstring. The directory appears atomically (written beside it, then renamed) and must not
-    already exist with content. Also writes `evomerge_path.json` (the spec and the folding factors).
+    only source A's tokenizer and generation files are read. The config is source A's with the path's depth
+    and per-layer `layer_types`. The scales are folded as described in the module docstring. Writing goes
+    through `evomerge.models.CheckpointWriter` (sharded, atomic; an existing non-empty `out_dir` is
+    refused). Also writes `evomerge_path.json`: the spec and the folding factors.
     """
-    out_dir = Path(out_dir)
     source_dirs = [Path(source) for source in sources]
     spec = path.spec if isinstance(path, PathModel) else path
     if len(source_dirs) != spec.num_sources:
         raise ConfigError(f"the path has {spec.num_sources} sources but {len(source_dirs)} source directories were given.")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ExportError(f"output directory {out_dir} already exists and is not empty.")
-    factors = fold_factors(spec.scales)  # refuse unfoldable scales before loading any weight
-    model = path if isinstance(path, PathModel) else _load_path_model(spec, source_dirs)
-    tensors = folded_state_dict(model)
-    config = model.config
-
-    # TODO(models): switch to `evomerge.models.CheckpointWriter` (sharding, streaming) once it lands; until
-    # then one safetensors file written in a sibling temp directory and renamed into place.
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir(parents=True)
-        save_file(tensors, staging / "model.safetensors", metadata={"format": "pt"})
-        config.save_pretrained(staging)
-        for name in DONOR_FILES:
-            if (source_dirs[0] / name).is_file():
-                shutil.copy2(source_dirs[0] / name, staging / name)
+    factors = fold_factors(spec.scales)  # refuse unfoldable scales before loading or writing anything
+    with CheckpointWriter(out_dir) as writer:
+        model = path if isinstance(path, PathModel) else _load_path_model(spec, source_dirs)
+        for name, tensor in folded_tensors(model):
+            writer.add(name, tensor)
+        writer.copy_files(source_dirs[0])
+        # Overwrites the donor's config.json: the depth and per-layer lists are the path's.
+        writer.write_text("config.json", model.config.to_json_string())
         record = {"path": spec.to_dict(), "fold_factors": factors}
-        (staging / PATH_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above); rename cannot replace a directory on every platform
-        staging.rename(out_dir)
-    except OSError as error:
-        raise ExportError(f"cannot write the exported path to {out_dir}: {error}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
+        writer.write_text(PATH_RECORD, json.dumps(record, indent=2) + "\n")
+    return writer.out_dir
