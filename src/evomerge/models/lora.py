@@ -52,7 +52,8 @@ class LoraTaskVectors(Mapping[str, torch.Tensor]):
 
     Linear layers: `delta = s * B @ A` (transposed when `fan_in_fan_out`, i.e. GPT-2's Conv1D layout);
     LoRA biases: `delta = s * b_B`; embeddings: `delta = s * (B @ A).T` (PEFT stores embedding factors as
-    A: [r, num_embeddings], B: [dim, r]); `modules_to_save` tensors: `saved - base`.
+    A: [r, num_embeddings], B: [dim, r]); saved full tensors (`modules_to_save`, PEFT's copy of an adapted
+    embedding): `saved - base`. Parts touching the same tensor are summed.
     """
 
     def __init__(self, adapter_dir: Path, base: Checkpoint, adapter: Checkpoint, config: dict) -> None:
@@ -61,7 +62,7 @@ class LoraTaskVectors(Mapping[str, torch.Tensor]):
         self._base = base
         self._adapter = adapter
         self._fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
-        self._deltas: dict[str, tuple[str, LoraModule | str]] = {}
+        self._parts: dict[str, list[tuple[str, LoraModule | str]]] = {}
         self._index(adapter.tensor_names())
 
     def _index(self, keys: list[str]) -> None:
@@ -75,20 +76,22 @@ class LoraTaskVectors(Mapping[str, torch.Tensor]):
             match = _LORA_KEY.match(key[len(PEFT_PREFIX) :])
             if match:
                 modules.setdefault(match["module"], {})[match["factor"]] = key
-            else:  # a full tensor from `modules_to_save`
-                self._add(key[len(PEFT_PREFIX) :], ("full", key))
+            else:
+                # A full tensor: `modules_to_save`, or the embedding PEFT saves as `<module>.base_layer.weight`
+                # when it adapts (and may have resized) an embedding.
+                self._add(key[len(PEFT_PREFIX) :].replace(".base_layer.", "."), ("full", key))
         for module, factors in sorted(modules.items()):
             lora = self._module(module, factors)
             self._add(f"{module}.weight", ("lora", lora))
             if lora.bias_key:
                 self._add(f"{module}.bias", ("bias", lora))
 
-    def _add(self, name: str, entry: tuple[str, LoraModule | str]) -> None:
+    def _add(self, name: str, part: tuple[str, LoraModule | str]) -> None:
         if name not in self._base:
             raise ModelError(
                 f"{self.adapter_dir}: adapter changes tensor {name!r}, which base {self._base.path} lacks."
             )
-        self._deltas[name] = entry
+        self._parts.setdefault(name, []).append(part)
 
     def _module(self, module: str, factors: dict[str, str]) -> LoraModule:
         embedding = "lora_embedding_A" in factors
@@ -113,30 +116,37 @@ class LoraTaskVectors(Mapping[str, torch.Tensor]):
         )
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        kind, entry = self._deltas[name]
-        if kind == "full":
-            return self._adapter.get(entry, dtype=torch.float32) - self._base.get(name, dtype=torch.float32)
-        assert isinstance(entry, LoraModule)
+        return sum(
+            (self._part_delta(name, kind, entry) for kind, entry in self._parts[name]), torch.zeros(())
+        )
+
+    def _part_delta(self, name: str, kind: str, entry: LoraModule | str) -> torch.Tensor:
+        if isinstance(entry, str):  # a full saved tensor replaces the base one
+            saved = self._adapter.get(entry, dtype=torch.float32)
+            if tuple(saved.shape) != self._base.shape(name):
+                raise ModelError(
+                    f"{self.adapter_dir}: saved tensor {entry!r} has shape {tuple(saved.shape)} but base tensor "
+                    f"{name!r} has {self._base.shape(name)}."
+                )
+            return saved - self._base.get(name, dtype=torch.float32)
         if kind == "bias":
             return entry.scale * self._adapter.get(entry.bias_key, dtype=torch.float32)
-        product = self._adapter.get(entry.b_key, dtype=torch.float32) @ self._adapter.get(
-            entry.a_key, dtype=torch.float32
-        )
+        b_factor = self._adapter.get(entry.b_key, dtype=torch.float32)
+        product = b_factor @ self._adapter.get(entry.a_key, dtype=torch.float32)
         if entry.embedding or self._fan_in_fan_out:
             product = product.T
-        delta = entry.scale * product
-        if tuple(delta.shape) != self._base.shape(name):
+        if tuple(product.shape) != self._base.shape(name):
             raise ModelError(
-                f"{self.adapter_dir}: LoRA delta for {name!r} has shape {tuple(delta.shape)} but the base tensor "
-                f"has {self._base.shape(name)}."
+                f"{self.adapter_dir}: LoRA delta for {name!r} has shape {tuple(product.shape)} but the base "
+                f"tensor has {self._base.shape(name)}."
             )
-        return delta
+        return entry.scale * product
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._deltas))
+        return iter(sorted(self._parts))
 
     def __len__(self) -> int:
-        return len(self._deltas)
+        return len(self._parts)
 
 
 def _pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
