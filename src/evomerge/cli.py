@@ -46,6 +46,105 @@ def report_error(error: EvomergeError) -> int:
 # One block per command; keep them thin (parse, call the library, print).
 
 
+class _SearchDisplay:
+    """Live view of a search: generation, best so far, candidates per minute, examples saved by racing."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), console=err_console, transient=False,
+        )
+        self.task = self.progress.add_task("search", total=None, info="")
+        self.best: float | None = None
+        self.count = 0
+        self.saved = 0
+        self.started = 0.0
+
+    def status(self, message: str) -> None:
+        self.progress.update(self.task, description=message)
+
+    def candidate(self, result) -> None:
+        import time
+
+        if self.count == 0:
+            self.started = time.monotonic()
+        self.count += 1
+        self.saved += result.examples_saved
+        if result.status == "complete" and result.fitness is not None:
+            self.best = result.fitness if self.best is None else max(self.best, result.fitness)
+        rate = 60 * self.count / max(time.monotonic() - self.started, 1e-9)
+        best = "-" if self.best is None else f"{self.best:.4f}"
+        info = f"gen {result.generation}  best {best}  {rate:.0f}/min  racing saved {self.saved} examples"
+        self.progress.update(self.task, description="candidates", advance=1, info=info)
+
+
+def _print_results(test_results: dict, title: str) -> None:
+    from rich.table import Table
+
+    tasks = sorted({task for result in test_results.values() for task in (result.get("test") or {})})
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("role")
+    for task in tasks:
+        table.add_column(f"{task} (test)", justify="right")
+    for name, result in test_results.items():
+        role = ", ".join(result.get("roles", [result["kind"]]))
+        cells = []
+        for task in tasks:
+            entry = (result.get("test") or {}).get(task)
+            cells.append("-" if entry is None else f"{entry['score']:.3f} ± {entry['stderr'] or 0:.3f}")
+        table.add_row(name, role, *cells)
+    console.print(table)
+
+
+@app.command()
+def evolve(
+    config: Path = typer.Argument(..., help="Evolve config YAML."),
+    run: Path = typer.Option(..., "--run", help="Run directory; an existing one is resumed."),
+) -> None:
+    """Search merge recipes with an evolutionary algorithm; resumable after any crash."""
+    from evomerge.search.evolve import evolve as run_evolve
+
+    display = _SearchDisplay()
+    with display.progress:
+        outcome = run_evolve(config, run, on_candidate=display.candidate, on_status=display.status)
+    _print_results(outcome.test_results, f"{outcome.candidates} candidates; champion = candidate {outcome.selection.champion}")
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="Run directory of an evolve."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory of the release packet."),
+    candidate: str = typer.Option("champion", help="A trial number, or 'champion'."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory once complete."),
+) -> None:
+    """Write a candidate as a release packet: weights, recipe, lineage, evaluation and model card."""
+    from evomerge.lineage.packet import export_candidate
+
+    path = export_candidate(run, candidate, out, overwrite=overwrite)
+    console.print(f"exported candidate {candidate} of {run} to {path}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the zoo, the run and the champion go."),
+    candidates: int = typer.Option(120, min=1, help="Evaluation budget of the search."),
+    seed: int = typer.Option(0, help="Seed of the zoo and the search."),
+) -> None:
+    """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
+    from evomerge.demo import run_demo
+
+    display = _SearchDisplay()
+    with display.progress:
+        outcome, summary = run_demo(
+            out, candidates=candidates, seed=seed, on_candidate=display.candidate, on_status=display.status
+        )
+    _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
+    console.print(f"summary: {out / 'summary.json'}   champion packet: {out / 'champion'}")
+
+
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help="Local model directory (Hugging Face layout)."),

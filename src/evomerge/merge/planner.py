@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,12 @@ def check_parents(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> Comp
 
 
 def _load_inputs(
-    job: TensorJob, checkpoints: Mapping[str, Checkpoint], compat: CompatReport, device: str, dtype: torch.dtype
+    job: TensorJob,
+    *,
+    checkpoints: Mapping[str, Checkpoint],
+    compat: CompatReport,
+    device: str | torch.device,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     def load(source: Source) -> torch.Tensor:
         tensor = checkpoints[source.ref].get(source.tensor, device=device, dtype=dtype)
@@ -91,31 +97,52 @@ def _load_inputs(
     return base, stacked
 
 
-def merged_tensors(
-    recipe: Recipe,
-    spec: OperatorSpec,
-    checkpoints: Mapping[str, Checkpoint],
-    jobs: list[TensorJob],
-    parameters: list[dict[str, Any]],
-    compat: CompatReport,
-    *,
-    device: str,
-    compute_dtype: torch.dtype,
-) -> Iterator[tuple[TensorJob, torch.Tensor]]:
-    """Yield `(job, merged tensor)` job by job, reading the next job's inputs while merging this one."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as reader:
-        pending: Future | None = None
-        for index, job in enumerate(jobs):
-            loaded = pending.result() if pending is not None else _load_inputs(job, checkpoints, compat, device, compute_dtype)
-            if index + 1 < len(jobs):
-                pending = reader.submit(_load_inputs, jobs[index + 1], checkpoints, compat, device, compute_dtype)
-            base, stacked = loaded
-            if job.copy:
-                yield job, stacked[0]
-                continue
-            yield job, apply_job(
-                spec, base, stacked, parameters[index], seed=recipe.seed, out_name=job.out_name
-            )
+class StreamingMerge:
+    """A planned merge whose tensors are produced one at a time by iterating over it.
+
+    Opening it reads headers only, checks compatibility and resolves every parameter; iterating yields
+    `(job, merged tensor)` while the next job's inputs are read on a second thread.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        device: str | torch.device = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
+    ):
+        self.recipe = recipe
+        self.spec: OperatorSpec = recipe.operator
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.checkpoints = open_parents(recipe, allow_pickle=allow_pickle)
+        self.compat = check_parents(recipe, self.checkpoints)
+        self.jobs = plan_jobs(recipe, self.spec, self.checkpoints)
+        self.parameters = [job_parameters(self.spec, job) for job in self.jobs]
+
+    @property
+    def donor(self) -> Checkpoint:
+        return self.checkpoints[self.recipe.donor_ref()]
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Iterator[tuple[TensorJob, torch.Tensor]]:
+        load = partial(_load_inputs, checkpoints=self.checkpoints, compat=self.compat, device=self.device,
+                       dtype=self.compute_dtype)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as reader:
+            pending: Future | None = None
+            for index, job in enumerate(self.jobs):
+                base, stacked = pending.result() if pending is not None else load(job)
+                if index + 1 < len(self.jobs):
+                    pending = reader.submit(load, self.jobs[index + 1])
+                if job.copy:
+                    yield job, stacked[0]
+                    continue
+                yield job, apply_job(
+                    self.spec, base, stacked, self.parameters[index], seed=self.recipe.seed, out_name=job.out_name
+                )
 
 
 def merged_config(recipe: Recipe, donor: Checkpoint, compat: CompatReport) -> dict[str, Any]:
@@ -151,22 +178,16 @@ def run_merge(
 ) -> MergeResult:
     """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras)."""
     started = time.perf_counter()
-    spec = recipe.operator
-    checkpoints = open_parents(recipe, allow_pickle=allow_pickle)
-    compat = check_parents(recipe, checkpoints)
-    jobs = plan_jobs(recipe, spec, checkpoints)
-    parameters = [job_parameters(spec, job) for job in jobs]
+    merge = StreamingMerge(recipe, device=device, compute_dtype=compute_dtype, allow_pickle=allow_pickle)
     if on_plan is not None:
-        on_plan(len(jobs))
-    donor = checkpoints[recipe.donor_ref()]
+        on_plan(len(merge))
+    donor, compat = merge.donor, merge.compat
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
     with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
-        for job, tensor in merged_tensors(
-            recipe, spec, checkpoints, jobs, parameters, compat, device=device, compute_dtype=compute_dtype
-        ):
+        for job, tensor in merge:
             # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
             first = job.inputs[0]
-            target = out_dtype or checkpoints[first.ref].dtype(first.tensor)
+            target = out_dtype or merge.checkpoints[first.ref].dtype(first.tensor)
             writer.add(job.out_name, tensor.to(dtype=target, device="cpu"))
             if on_tensor is not None:
                 on_tensor(job.out_name)
@@ -178,5 +199,5 @@ def run_merge(
             writer.write_text("mergekit_config.yml", mergekit_yaml)
         for relpath, text in (extra_files or {}).items():
             writer.write_text(relpath, text)
-    return MergeResult(Path(out_dir), len(jobs), time.perf_counter() - started, compat)
+    return MergeResult(Path(out_dir), len(merge), time.perf_counter() - started, compat)
 
