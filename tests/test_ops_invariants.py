@@ -64,7 +64,9 @@ def test_slerp_endpoints(shape, seed: int, t: float) -> None:
 
 @FAST
 @given(shape=shapes, seed=seeds, weight=st.floats(0.1, 3.0), normalize=st.booleans())
-def test_ties_density_one_single_model_applies_its_task_vector(shape, seed: int, weight: float, normalize: bool) -> None:
+def test_ties_density_one_single_model_applies_its_task_vector(
+    shape, seed: int, weight: float, normalize: bool
+) -> None:
     base, delta = random_tensor(shape, seed), random_tensor(shape, seed + 1)
     out = get_operator("ties").kernel(base, delta[None], weight=[weight], normalize=normalize)
     torch.testing.assert_close(out, base + (1.0 if normalize else weight) * delta, atol=1e-5, rtol=1e-5)

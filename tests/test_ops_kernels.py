@@ -14,7 +14,11 @@ from evomerge.merge.registry import get_operator
 def merge(name: str, base: torch.Tensor | None, models: list | torch.Tensor, seed: int = 0, **params):
     """Run operator `name` the way the planner does: deltas for delta-space ops, weights otherwise."""
     spec = get_operator(name)
-    stacked = torch.stack(models) if isinstance(models, list) and torch.is_tensor(models[0]) else torch.as_tensor(models)
+    stacked = (
+        torch.stack(models)
+        if isinstance(models, list) and torch.is_tensor(models[0])
+        else torch.as_tensor(models)
+    )
     generator = torch.Generator().manual_seed(seed)
     if spec.space == "delta":
         return spec.kernel(base, stacked - base, generator=generator, **params)
@@ -30,7 +34,9 @@ def test_task_arithmetic() -> None:
     base = torch.tensor([1.0, 2.0])
     models = [[2.0, 2.0], [1.0, 4.0]]  # deltas [1, 0] and [0, 2]
     # 0.5 * [1, 0] + 2 * [0, 2] = [0.5, 4]
-    torch.testing.assert_close(merge("task_arithmetic", base, models, weight=[0.5, 2.0]), torch.tensor([1.5, 6.0]))
+    torch.testing.assert_close(
+        merge("task_arithmetic", base, models, weight=[0.5, 2.0]), torch.tensor([1.5, 6.0])
+    )
     # normalised by 2.5 -> [0.2, 1.6]; lambda 2 -> [0.4, 3.2]
     out = merge("task_arithmetic", base, models, weight=[0.5, 2.0], normalize=True, **{"lambda": 2.0})
     torch.testing.assert_close(out, torch.tensor([1.4, 5.2]))
@@ -52,7 +58,9 @@ def test_ties_per_model_density_and_l1_rescale() -> None:
     # density [0.25, 0.75]: k = 1 -> [3, 0, 0, 0]; k = 3 -> [-2, -4, 1, 0]
     # rescale matches L1 norms: 6.5 / 3 for model 1, 7.1 / 7 for model 2.
     s1, s2 = 6.5 / 3, 7.1 / 7
-    out = merge("ties", BASE, TIES_MODELS, weight=[1.0, 1.0], density=[0.25, 0.75], rescale=True, normalize=False)
+    out = merge(
+        "ties", BASE, TIES_MODELS, weight=[1.0, 1.0], density=[0.25, 0.75], rescale=True, normalize=False
+    )
     # sums [3 s1 - 2 s2, -4 s2, s2, 0] -> signs [+, -, +, +]
     torch.testing.assert_close(out, BASE + torch.tensor([3 * s1, -4 * s2, s2, 0.0]))
 
@@ -62,11 +70,15 @@ def test_breadcrumbs_drops_outliers_and_small_entries() -> None:
     delta = torch.tensor([1.0, -2, 3, -4, 5, -6, 7, -8, 9, -10])
     # n = 10, density 0.5 -> 5 kept, gamma 0.1 -> top 1 dropped, bottom 10 - 5 - 1 = 4 dropped
     expected = torch.tensor([0.0, 0, 0, 0, 5, -6, 7, -8, 9, 0])
-    torch.testing.assert_close(merge("breadcrumbs", base, [delta], weight=[1.0], density=0.5, gamma=0.1), expected)
+    torch.testing.assert_close(
+        merge("breadcrumbs", base, [delta], weight=[1.0], density=0.5, gamma=0.1), expected
+    )
     # density 0.9, gamma 0.2: 9 kept; outlier removal shrinks to 1 so the target density holds
     expected = delta.clone()
     expected[-1] = 0
-    torch.testing.assert_close(merge("breadcrumbs", base, [delta], weight=[1.0], density=0.9, gamma=0.2), expected)
+    torch.testing.assert_close(
+        merge("breadcrumbs", base, [delta], weight=[1.0], density=0.9, gamma=0.2), expected
+    )
 
 
 def test_breadcrumbs_ties_elects_signs_after_masking() -> None:
@@ -111,7 +123,15 @@ def test_della_keep_probability_ramps_with_magnitude_rank() -> None:
     # 4000 identical rows with magnitudes 1..11: column j (rank j) kept with p = 0.5 - 0.2 + 0.4 j / 10
     rows, cols = 4000, 11
     delta = torch.arange(1, cols + 1, dtype=torch.float32).repeat(rows, 1)
-    out = merge("della_linear", torch.zeros(rows, cols), delta[None], weight=[1.0], density=0.5, epsilon=0.2, rescale=False)
+    out = merge(
+        "della_linear",
+        torch.zeros(rows, cols),
+        delta[None],
+        weight=[1.0],
+        density=0.5,
+        epsilon=0.2,
+        rescale=False,
+    )
     rate = (out != 0).float().mean(dim=0)
     expected = 0.3 + 0.04 * torch.arange(cols)
     # binomial std <= 0.008; 5 sigma
@@ -164,7 +184,9 @@ def test_slerp() -> None:
     # unnormalised tensors: the angle is still pi/2, the coefficients apply to [0, 2]
     torch.testing.assert_close(merge("slerp", base, [[0.0, 2.0]], t=0.5), torch.tensor([r, 2 * r]))
     # t = 1/3 of a right angle: [cos(pi/6), sin(pi/6)]
-    torch.testing.assert_close(merge("slerp", base, [[0.0, 1.0]], t=1 / 3), torch.tensor([math.sqrt(3) / 2, 0.5]))
+    torch.testing.assert_close(
+        merge("slerp", base, [[0.0, 1.0]], t=1 / 3), torch.tensor([math.sqrt(3) / 2, 0.5])
+    )
     # colinear pair -> plain lerp
     out = merge("slerp", torch.tensor([1.0, 1.0]), [[2.0, 2.0]], t=0.25)
     torch.testing.assert_close(out, torch.tensor([1.25, 1.25]))

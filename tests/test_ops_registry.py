@@ -52,7 +52,13 @@ def test_duplicate_registration_is_refused() -> None:
 
 def test_validate_fills_defaults_and_broadcasts_per_model_scalars() -> None:
     params = validate_params(get_operator("ties"), {"weight": 0.5}, num_models=3)
-    assert params == {"weight": [0.5] * 3, "density": [1.0] * 3, "normalize": True, "rescale": False, "lambda": 1.0}
+    assert params == {
+        "weight": [0.5] * 3,
+        "density": [1.0] * 3,
+        "normalize": True,
+        "rescale": False,
+        "lambda": 1.0,
+    }
 
 
 @pytest.mark.parametrize(

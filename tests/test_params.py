@@ -48,7 +48,8 @@ def test_unmatched_rules_fall_through_as_none() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["0.5", [{"filter": "mlp"}], [{"filter": "mlp", "value": {"x": 1}}], [{"value": 1, "filtr": "a"}]]
+    "value",
+    ["0.5", [{"filter": "mlp"}], [{"filter": "mlp", "value": {"x": 1}}], [{"value": 1, "filtr": "a"}]],
 )
 def test_malformed_values_raise_config_error_naming_the_tensor(value: object) -> None:
     with pytest.raises(ConfigError, match="up_proj"):

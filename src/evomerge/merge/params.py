@@ -67,7 +67,9 @@ def resolve_param(value: ParamValue, tensor_name: str, t: float) -> Scalar | Non
     if isinstance(value, Mapping):
         value = [value]
     if not isinstance(value, Sequence) or isinstance(value, str):
-        raise ConfigError(f"Parameter value {value!r} for tensor '{tensor_name}' is not a number, list or rule.")
+        raise ConfigError(
+            f"Parameter value {value!r} for tensor '{tensor_name}' is not a number, list or rule."
+        )
     if not value:
         return None
     if all(_is_scalar(v) for v in value):

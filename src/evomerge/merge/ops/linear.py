@@ -55,9 +55,13 @@ def linear(
 @operator(
     "slerp",
     space="weights",
-    params=(ParamSpec("t", None, low=0.0, high=1.0, doc="Position from the base (0) to the other model (1)."),),
+    params=(
+        ParamSpec("t", None, low=0.0, high=1.0, doc="Position from the base (0) to the other model (1)."),
+    ),
 )
-def slerp(tensors: Tensor, base: Tensor | None, *, generator: torch.Generator | None = None, t: float) -> Tensor:
+def slerp(
+    tensors: Tensor, base: Tensor | None, *, generator: torch.Generator | None = None, t: float
+) -> Tensor:
     """Spherical linear interpolation from ``v0 = base`` to ``v1 = tensors[0]`` over the whole tensor.
 
     ``cos(theta) = <v0, v1> / (|v0| |v1|)``; ``out = sin((1-t) theta)/sin(theta) v0 + sin(t theta)/sin(theta) v1``,
@@ -91,7 +95,11 @@ def slerp(tensors: Tensor, base: Tensor | None, *, generator: torch.Generator | 
     params=(ParamSpec("scale", 1.0, per_model=True, doc="Factor applied to the tensor (mergekit `scale`)."),),
 )
 def passthrough(
-    tensors: Tensor, base: Tensor | None, *, generator: torch.Generator | None = None, scale: list[float] | None = None
+    tensors: Tensor,
+    base: Tensor | None,
+    *,
+    generator: torch.Generator | None = None,
+    scale: list[float] | None = None,
 ) -> Tensor:
     """Copy the single input tensor, optionally scaled: ``theta = scale * theta_1``.
 

@@ -172,18 +172,22 @@ def drop_della(
             width.append(0.0)
             continue
         if d - e <= 0 or d + e >= 1:
-            raise ConfigError(f"DELLA needs 0 < density - epsilon and density + epsilon < 1; got {d} and {e}.")
+            raise ConfigError(
+                f"DELLA needs 0 < density - epsilon and density + epsilon < 1; got {d} and {e}."
+            )
         low.append(d - e)
         width.append(2 * e)
     dtype = work_dtype(rows)
     mag = _fresh_abs(rows)
     order = mag.argsort(dim=-1)
     # inverse permutation of the sort = ascending rank, without a second sort
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(cols, device=rows.device).expand_as(order))
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(cols, device=rows.device).expand_as(order)
+    )
     del order
     probs = mag.copy_(rank).div_(max(cols - 1, 1)) if cols > 1 else mag.fill_(0.5)
     del rank
-    as_col = dict(dtype=dtype, device=rows.device)
+    as_col = {"dtype": dtype, "device": rows.device}
     probs.mul_(torch.tensor(width, **as_col)[:, None, None]).add_(torch.tensor(low, **as_col)[:, None, None])
     kept = torch.bernoulli(probs, generator=generator).mul_(rows).view(deltas.shape)
     return l1_rescale_(kept, deltas) if rescale else kept

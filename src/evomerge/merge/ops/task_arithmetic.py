@@ -31,7 +31,9 @@ _DIVISOR_EPS = 1e-8
 WEIGHT = ParamSpec("weight", None, per_model=True, search=(0.0, 1.0), doc="Scale of each task vector.")
 DENSITY = ParamSpec("density", 1.0, per_model=True, low=0.0, high=1.0, doc="Fraction of entries kept.")
 LAMBDA = ParamSpec("lambda", 1.0, search=(0.0, 2.0), doc="Scale of the merged task vector.")
-GAMMA = ParamSpec("gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="Fraction of largest entries dropped.")
+GAMMA = ParamSpec(
+    "gamma", 0.01, per_model=True, low=0.0, high=1.0, doc="Fraction of largest entries dropped."
+)
 EPSILON = ParamSpec(
     "epsilon", 0.15, per_model=True, low=0.0, high=1.0, doc="Half-width of DELLA's keep-probability ramp."
 )
@@ -113,13 +115,17 @@ TASK_ARITHMETIC_PARAMS = (WEIGHT, *_flags(False, False), LAMBDA)
 
 
 @operator("task_arithmetic", space="delta", params=TASK_ARITHMETIC_PARAMS)
-def task_arithmetic(base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any) -> Tensor:
+def task_arithmetic(
+    base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any
+) -> Tensor:
     """Task arithmetic: ``theta = theta_base + lambda * sum_i w_i delta_i`` (/ ``sum_i w_i`` if normalize).
 
     Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023 (arXiv:2212.04089).
     ``rescale`` has no effect (nothing is sparsified); it is accepted for mergekit compatibility.
     """
-    return _run("task_arithmetic", TASK_ARITHMETIC_PARAMS, base, deltas, params, consensus=False, sparsify=None)
+    return _run(
+        "task_arithmetic", TASK_ARITHMETIC_PARAMS, base, deltas, params, consensus=False, sparsify=None
+    )
 
 
 TIES_PARAMS = (WEIGHT, DENSITY, *_flags(True, False), LAMBDA)
@@ -146,7 +152,9 @@ DARE_PARAMS = (WEIGHT, DENSITY, *_flags(False, True), LAMBDA)
 
 
 @operator("dare_linear", space="delta", params=DARE_PARAMS, is_random=True)
-def dare_linear(base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any) -> Tensor:
+def dare_linear(
+    base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any
+) -> Tensor:
     """DARE + task arithmetic: ``theta = theta_base + lambda * sum_i w_i (m_i * delta_i) / density_i``.
 
     ``m_i ~ Bernoulli(density_i)`` elementwise. Yu et al., "Language Models are Super Mario: Absorbing
@@ -159,7 +167,9 @@ def dare_linear(base: Tensor, deltas: Tensor, *, generator: torch.Generator | No
 
 
 @operator("dare_ties", space="delta", params=DARE_PARAMS, is_random=True)
-def dare_ties(base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any) -> Tensor:
+def dare_ties(
+    base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any
+) -> Tensor:
     """DARE drop-and-rescale followed by TIES sign election and disjoint mean (the Sakana PS operator).
 
     Yu et al., arXiv:2311.03099; sign election from Yadav et al., arXiv:2306.01708.
@@ -178,13 +188,17 @@ def _breadcrumbs(d: Tensor, p: dict[str, Any]) -> Tensor:
 
 
 @operator("breadcrumbs", space="delta", params=BREADCRUMBS_PARAMS)
-def breadcrumbs(base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any) -> Tensor:
+def breadcrumbs(
+    base: Tensor, deltas: Tensor, *, generator: torch.Generator | None = None, **params: Any
+) -> Tensor:
     """Model Breadcrumbs: drop the top-``gamma`` outliers and the smallest entries, then add.
 
     ``theta = theta_base + lambda * sum_i w_i mask_i * delta_i``. Davari & Belilovsky, "Model
     Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks", ECCV 2024 (arXiv:2312.06795).
     """
-    return _run("breadcrumbs", BREADCRUMBS_PARAMS, base, deltas, params, consensus=False, sparsify=_breadcrumbs)
+    return _run(
+        "breadcrumbs", BREADCRUMBS_PARAMS, base, deltas, params, consensus=False, sparsify=_breadcrumbs
+    )
 
 
 @operator("breadcrumbs_ties", space="delta", params=BREADCRUMBS_PARAMS)
