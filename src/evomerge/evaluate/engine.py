@@ -278,7 +278,8 @@ class Evaluator:
 
         model = self._place(model)
         lengths = [len(ids) for ids in prepared.prompt_ids]
-        eos_ids = sorted(set(self._eos_ids) | set(_model_eos_ids(model)))
+        # Like `generate`: the model's generation config decides; the tokenizer's EOS is the fallback.
+        eos_ids = _model_eos_ids(model) or self._eos_ids
         results: dict[int, Generated] = {}
         for batch in self._batches(list(chosen), lengths):
             outs = greedy_generate(
