@@ -142,6 +142,8 @@ class PathModel(nn.Module):
         self.norm = model_a.model.norm
         self.rotary_emb = model_a.model.rotary_emb
         self.lm_head = model_a.get_output_embeddings()
+        # Decoding loops read EOS ids from here (as `generate` does); the path speaks model A's tokens.
+        self.generation_config = getattr(model_a, "generation_config", None)
         # Each distinct (source, layer) is registered once; steps index into this list.
         distinct = list(dict.fromkeys(spec.steps))
         self.layers = nn.ModuleList(sources[s].model.layers[l] for s, l in distinct)
