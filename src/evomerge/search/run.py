@@ -265,6 +265,8 @@ class SearchRun:
         """Trials that count against the budget (interrupted ones were re-queued and do not)."""
         trials = self.study.get_trials(deepcopy=False)
         requeued = {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
+        # Trials a worker's heartbeat declared dead were re-queued by Optuna's retry callback.
+        requeued.update(n for t in trials for n in t.system_attrs.get("retry_history", ()))
         done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
         return [t for t in trials if t.state in done and t.number not in requeued]
 
@@ -381,9 +383,17 @@ class SearchRun:
                 self.on_candidate(result)
         return self.study
 
+    def ask(self) -> optuna.Trial:
+        """A new trial with every gene suggested (workers override this to start its heartbeat)."""
+        return self.study.ask(self.distributions)
+
+    def find_duplicate(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
+        """An earlier trial with the same genome, whose result this one copies instead of re-evaluating."""
+        return self.known_genomes().get(key)
+
     def step(self) -> CandidateResult:
         """Ask for one candidate, evaluate it (with racing) and tell the study."""
-        trial = self.study.ask(self.distributions)
+        trial = self.ask()
         generation = trial.number // self.popsize
         genes = {name: trial.params[name] for name in self.genome.names}
         key = genome_key(genes)
@@ -391,7 +401,7 @@ class SearchRun:
         trial.set_user_attr("generation", generation)
         trial.set_user_attr("genome_key", key)
         trial.set_user_attr("recipe", recipe.to_yaml())
-        duplicate = self.known_genomes().get(key)
+        duplicate = self.find_duplicate(trial, key)
         if duplicate is not None:
             return self._tell_duplicate(trial, generation, duplicate)
         try:
@@ -415,6 +425,12 @@ class SearchRun:
             trial.set_user_attr(name, original.user_attrs.get(name))
         trial.set_user_attr("status", "duplicate")
         trial.set_user_attr("duplicate_of", original.number)
+        if original.state == optuna.trial.TrialState.FAIL:  # e.g. a NaN recipe another worker already tried
+            trial.set_user_attr("failure", original.user_attrs.get("failure"))
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return CandidateResult(
+                trial.number, generation, "duplicate", None, (), {}, 0, 0, 0.0, 0.0, original.user_attrs.get("failure")
+            )
         self.study.tell(trial, original.values)
         return CandidateResult(
             trial.number, generation, "duplicate", original.user_attrs.get("fitness"), tuple(original.values),
