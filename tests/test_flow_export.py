@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_task_files
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -25,6 +24,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from conftest import write_task_files
 from evomerge.errors import ConfigError, ExportError
 from evomerge.evaluate import Evaluator, load_task
 from evomerge.flow import PathModel, PathSpec, export_path, fold_factors
@@ -87,11 +87,15 @@ def test_unit_scales_export_a_plain_deeper_model(source_dirs: list[Path], tmp_pa
     assert exported.config.num_hidden_layers == len(REPEATED_STEPS)
     # The exported layer 4 is source B's layer 3, untouched.
     source_b = load(source_dirs[1])
-    torch.testing.assert_close(exported.model.layers[4].mlp.down_proj.weight, source_b.model.layers[3].mlp.down_proj.weight)
+    torch.testing.assert_close(
+        exported.model.layers[4].mlp.down_proj.weight, source_b.model.layers[3].mlp.down_proj.weight
+    )
     path = PathModel([load(source_dirs[0]), source_b], spec).eval()
     assert max_logit_gap(path, exported) < 1e-5
     record = json.loads((out / "evomerge_path.json").read_text())
-    assert PathSpec.from_dict(record["path"]) == spec and record["fold_factors"] == [1.0] * len(REPEATED_STEPS)
+    assert PathSpec.from_dict(record["path"]) == spec and record["fold_factors"] == [1.0] * len(
+        REPEATED_STEPS
+    )
     assert (out / "tokenizer.json").read_text() == (source_dirs[0] / "tokenizer.json").read_text()
 
 
@@ -129,7 +133,9 @@ def test_evaluation_engine_decodes_a_path_like_its_export(source_dirs: list[Path
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_scales_fold_exactly_up_to_norm_epsilon(source_dirs: list[Path], tmp_path: Path, seed: int) -> None:
+def test_random_scales_fold_exactly_up_to_norm_epsilon(
+    source_dirs: list[Path], tmp_path: Path, seed: int
+) -> None:
     rng = random.Random(seed)
     spec = PathSpec((4, 4), REPEATED_STEPS, tuple(rng.uniform(0.5, 2.0) for _ in REPEATED_STEPS))
     path = PathModel([load(d) for d in source_dirs], spec).eval()
@@ -146,7 +152,9 @@ def test_random_scales_fold_exactly_up_to_norm_epsilon(source_dirs: list[Path], 
 def test_tied_embeddings_and_biases_fold(tiny_llama: Callable[..., Path], tmp_path: Path) -> None:
     # A Llama with tied embeddings and biases on every projection: o_proj/down_proj biases must scale too.
     config = AutoConfig.from_pretrained(tiny_llama(23))
-    config = LlamaConfig(**{**config.to_dict(), "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True})
+    config = LlamaConfig(
+        **{**config.to_dict(), "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}
+    )
     torch.manual_seed(23)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -183,8 +191,15 @@ def test_sandwich_norm_architecture_is_refused(tmp_path: Path) -> None:
     # Gemma 2 adds post-norms inside each block, which do not commute with a scale: no weights are needed
     # to refuse, only the config.
     gemma = tmp_path / "gemma2"
-    Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=8, vocab_size=48).save_pretrained(gemma)
+    Gemma2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=48,
+    ).save_pretrained(gemma)
     with pytest.raises(ConfigError, match="model_type 'gemma2'"):
         export_path(PathSpec((2,), ((0, 1), (0, 0)), (1.0, 2.0)), [gemma], tmp_path / "out")
 

@@ -52,7 +52,11 @@ def greedy_with_cache(model, ids, mask, new_tokens: int, cache) -> torch.Tensor:
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         pos = pos[:, -1:] + 1
         out = model(
-            input_ids=token, attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True
+            input_ids=token,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=out.past_key_values,
+            use_cache=True,
         )
     return torch.cat(generated, dim=1)
 
@@ -62,7 +66,9 @@ def greedy_without_cache(model, ids, mask, new_tokens: int) -> tuple[torch.Tenso
     """Re-run the whole sequence for every new token; also return each step's last-position logits."""
     generated, last_logits = [], []
     for _ in range(new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False
+        ).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         generated.append(token)
         last_logits.append(logits[:, -1])
@@ -115,7 +121,9 @@ def test_cached_logits_match_uncached_logits(sources: list[PreTrainedModel]) -> 
     tokens, full_logits = greedy_without_cache(path, ids, mask, 4)
     cache = DynamicCache(config=path.config)
     with torch.no_grad():
-        out = path(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True)
+        out = path(
+            ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True
+        )
         torch.testing.assert_close(out.logits[:, -1], full_logits[0], rtol=0, atol=1e-5)
         for step in range(1, 4):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -134,7 +142,9 @@ def test_scales_change_the_output(sources: list[PreTrainedModel]) -> None:
     unit = PathModel(sources, PathSpec((4, 4), REPEATED_STEPS, (1.0,) * 8))
     scaled = PathModel(sources, PathSpec((4, 4), REPEATED_STEPS, REPEATED_SCALES))
     with torch.no_grad():
-        difference = (unit(ids, attention_mask=mask).logits - scaled(ids, attention_mask=mask).logits).abs().max()
+        difference = (
+            (unit(ids, attention_mask=mask).logits - scaled(ids, attention_mask=mask).logits).abs().max()
+        )
     assert difference > 1e-3
 
 
@@ -147,8 +157,13 @@ def test_sources_of_different_hidden_size_are_refused(tiny_llama: Callable[..., 
 
 def test_unsupported_architecture_is_refused() -> None:
     config = Gemma2Config(
-        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
     )
     gemma = Gemma2ForCausalLM(config)
     with pytest.raises(ConfigError, match="model_type 'gemma2'"):

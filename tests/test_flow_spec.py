@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -72,10 +74,16 @@ def test_genome_longer_than_limit_is_refused() -> None:
     [
         ({"layers_per_source": (), "steps": ((0, 0),), "scales": (1.0,)}, "'layers_per_source'"),
         ({"layers_per_source": (2,), "steps": ((1, 0),), "scales": (1.0,)}, r"'steps\[0\]' names source 1"),
-        ({"layers_per_source": (2,), "steps": ((0, 0), (0, 2)), "scales": (1.0, 1.0)}, r"'steps\[1\]' names layer 2"),
+        (
+            {"layers_per_source": (2,), "steps": ((0, 0), (0, 2)), "scales": (1.0, 1.0)},
+            r"'steps\[1\]' names layer 2",
+        ),
         ({"layers_per_source": (2,), "steps": ((0, 0),), "scales": (1.0, 1.0)}, "'scales' has 2 values"),
         ({"layers_per_source": (2,), "steps": ((0, 0),), "scales": (float("nan"),)}, "not a finite"),
-        ({"layers_per_source": (2,), "steps": ((0, 0),), "scales": (1.0,), "source_names": ("a", "b")}, "2 names"),
+        (
+            {"layers_per_source": (2,), "steps": ((0, 0),), "scales": (1.0,), "source_names": ("a", "b")},
+            "2 names",
+        ),
         ({"layers_per_source": (2,), "steps": (), "scales": ()}, "empty"),
     ],
 )
@@ -117,4 +125,4 @@ def test_decoded_path_follows_the_on_slots_in_order(layers: list[int], repeats: 
     assert list(spec.steps) == [slots[t] for t in range(len(slots)) if indicator[t] > 0]
     offsets = np.cumsum([0, *layers[:-1]])
     globals_ = [num_layers] + [int(offsets[s]) + l for s, l in spec.steps]
-    assert list(spec.scales) == [scales[i, j] for i, j in zip(globals_[:-1], globals_[1:])]
+    assert list(spec.scales) == [scales[i, j] for i, j in itertools.pairwise(globals_)]

@@ -2,7 +2,13 @@
 export of a path as an ordinary checkpoint with its scales folded into the weights."""
 
 from evomerge.flow.export import export_path, fold_factors, folded_tensors
-from evomerge.flow.model import SUPPORTED_MODEL_TYPES, PathModel, check_path_sources, path_config
+from evomerge.flow.model import (
+    SHARED_CONFIG_FIELDS,
+    SUPPORTED_MODEL_TYPES,
+    PathModel,
+    check_path_sources,
+    path_config,
+)
 from evomerge.flow.spec import (
     MAX_PATH_STEPS,
     FigureStep,
@@ -16,6 +22,7 @@ from evomerge.flow.spec import (
 
 __all__ = [
     "MAX_PATH_STEPS",
+    "SHARED_CONFIG_FIELDS",
     "SUPPORTED_MODEL_TYPES",
     "FigureStep",
     "FlowGenome",

@@ -72,7 +72,9 @@ def folded_tensors(model: PathModel) -> Iterator[tuple[str, torch.Tensor]]:
             if suffix.startswith(FOLDED_PREFIXES):
                 tensor = (tensor.to(torch.float64) * factor).to(tensor.dtype)
                 if not torch.isfinite(tensor).all():
-                    raise ExportError(f"folding factor {factor:.3g} overflows {tensor.dtype} in tensor '{name}'.")
+                    raise ExportError(
+                        f"folding factor {factor:.3g} overflows {tensor.dtype} in tensor '{name}'."
+                    )
             yield name, tensor
 
 
@@ -100,7 +102,9 @@ def export_path(path: PathModel | PathSpec, sources: Sequence[str | Path], out_d
     source_dirs = [Path(source) for source in sources]
     spec = path.spec if isinstance(path, PathModel) else path
     if len(source_dirs) != spec.num_sources:
-        raise ConfigError(f"the path has {spec.num_sources} sources but {len(source_dirs)} source directories were given.")
+        raise ConfigError(
+            f"the path has {spec.num_sources} sources but {len(source_dirs)} source directories were given."
+        )
     factors = fold_factors(spec.scales)  # refuse unfoldable scales before loading or writing anything
     with CheckpointWriter(out_dir) as writer:
         model = path if isinstance(path, PathModel) else _load_path_model(spec, source_dirs)

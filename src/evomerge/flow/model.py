@@ -62,7 +62,9 @@ def check_path_sources(configs: Sequence[PretrainedConfig], spec: PathSpec) -> N
                 f"{', '.join(SUPPORTED_MODEL_TYPES)} (pre-norm blocks with scale-invariant RMSNorm)."
             )
         if config.is_heterogeneous:
-            raise ConfigError(f"source {index} has a heterogeneous per-layer config, which layer paths do not support.")
+            raise ConfigError(
+                f"source {index} has a heterogeneous per-layer config, which layer paths do not support."
+            )
         if config.num_hidden_layers != spec.layers_per_source[index]:
             raise ConfigError(
                 f"source {index} has {config.num_hidden_layers} layers but the path spec says "
@@ -75,8 +77,12 @@ def check_path_sources(configs: Sequence[PretrainedConfig], spec: PathSpec) -> N
             if mine == theirs:
                 continue
             if name == "hidden_size":
-                raise ConfigError(f"sources of different hidden size cannot share a path: {mine} (source 0) vs {theirs} (source {index}).")
-            raise ConfigError(f"sources 0 and {index} differ in config field '{name}' ({mine!r} vs {theirs!r}).")
+                raise ConfigError(
+                    f"sources of different hidden size cannot share a path: {mine} (source 0) vs {theirs} (source {index})."
+                )
+            raise ConfigError(
+                f"sources 0 and {index} differ in config field '{name}' ({mine!r} vs {theirs!r})."
+            )
 
 
 def step_layer_types(configs: Sequence[PretrainedConfig], spec: PathSpec) -> list[str]:
@@ -204,7 +210,9 @@ class PathModel(nn.Module):
         hidden_states = self.embed_tokens(input_ids)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(hidden_states.shape[1], device=hidden_states.device) + past_seen).unsqueeze(0)
+            position_ids = (
+                torch.arange(hidden_states.shape[1], device=hidden_states.device) + past_seen
+            ).unsqueeze(0)
         masks = self._masks(hidden_states, attention_mask, past_key_values, position_ids)
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for step, (scale, kind) in enumerate(zip(self.spec.scales, self._step_kinds)):

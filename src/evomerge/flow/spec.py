@@ -112,7 +112,9 @@ def _validate_spec(spec: PathSpec) -> None:
         )
     for k, (source, layer) in enumerate(spec.steps):
         if not 0 <= source < spec.num_sources:
-            raise ConfigError(f"path spec field 'steps[{k}]' names source {source}, not in 0..{spec.num_sources - 1}.")
+            raise ConfigError(
+                f"path spec field 'steps[{k}]' names source {source}, not in 0..{spec.num_sources - 1}."
+            )
         if not 0 <= layer < spec.layers_per_source[source]:
             raise ConfigError(
                 f"path spec field 'steps[{k}]' names layer {layer} of source {source}, "
