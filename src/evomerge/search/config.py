@@ -144,6 +144,12 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
                     raise ConfigError(
                         f"{source}: {field}.{name} is not a parameter of method '{config.method}'{suggestion}"
                     )
+        for param in spec.params:
+            if param.required and param.name not in config.genome and param.name not in config.fixed:
+                raise ConfigError(
+                    f"{source}: parameter '{param.name}' of method '{config.method}' is required; "
+                    "put it under `genome` or `fixed`"
+                )
         for name, gene in config.genome.items():
             param = spec.param(name)
             if param.is_flag:
