@@ -1,0 +1,113 @@
+"""lm-evaluation-harness adapter: standard benchmarks as objectives, on a model already in memory.
+
+Optional extra (`pip install 'evomerge[lmeval]'`); lm-eval is imported only when this runs. The
+result has the same `TaskScore` shape as our own tasks, so the search treats both alike.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from evomerge.errors import TaskError
+from evomerge.evaluate.engine import EvalReport, TaskScore, mean_and_stderr
+
+
+def _import_lm_eval() -> tuple[Any, Any, Any]:
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise TaskError("lm-eval tasks need the optional extra: pip install 'evomerge[lmeval]'") from None
+    return lm_eval, HFLM, TaskManager
+
+
+def _metric_value(sample: dict[str, Any], metric: str) -> float:
+    value = sample[metric]
+    # Corpus-level metrics (e.g. perplexity) keep a tuple per sample; the first item is the score.
+    if isinstance(value, list | tuple):
+        value = value[0]
+    return float(value)
+
+
+def _task_score(name: str, samples: list[dict[str, Any]], metric: str, higher_is_better: bool, seconds: float) -> TaskScore:
+    samples = sorted(samples, key=lambda s: s["doc_id"])
+    sign = 1.0 if higher_is_better else -1.0  # keep "higher is better" for every objective
+    values = [sign * _metric_value(s, metric) for s in samples]
+    score, stderr = mean_and_stderr(values)
+    return TaskScore(
+        task=name,
+        score=score,
+        stderr=stderr,
+        n=len(values),
+        values=values,
+        indices=[int(s["doc_id"]) for s in samples],
+        prompt_tokens=0,  # lm-eval does not report token counts
+        generated_tokens=0,
+        seconds=seconds,
+        outputs=[],
+    )
+
+
+def evaluate_lm_eval(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: Sequence[str],
+    *,
+    include_path: str | os.PathLike[str] | None = None,
+    include_defaults: bool = True,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    metric: str | None = None,
+) -> EvalReport:
+    """Run lm-eval `tasks` on the in-memory `model`; one `TaskScore` per task (values per document).
+
+    `include_path` adds local task YAMLs (data must be local too: nothing is downloaded here).
+    `metric` picks the per-document metric (default: the task's first); a lower-is-better metric
+    is negated so that every score is higher-is-better.
+    """
+    lm_eval, hflm_class, task_manager_class = _import_lm_eval()
+    manager = task_manager_class(
+        verbosity="ERROR",
+        include_path=None if include_path is None else str(include_path),
+        include_defaults=include_defaults,
+    )
+    known = set(manager.all_tasks)
+    for name in tasks:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}" if close else ""
+            raise TaskError(f"lm-eval task {name!r} is not known to lm-eval{hint}")
+    lm = hflm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    started = time.perf_counter()
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        task_manager=manager,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        log_samples=True,
+        bootstrap_iters=0,  # we compute the standard error from the per-document values ourselves
+        verbosity="ERROR",
+    )
+    seconds = time.perf_counter() - started
+    scores = {}
+    for name in tasks:
+        samples = results["samples"][name]
+        higher = results["higher_is_better"][name]
+        chosen = metric or next(iter(higher))
+        if chosen not in higher:
+            raise TaskError(f"lm-eval task {name!r} has no metric {chosen!r} (it has {', '.join(higher)})")
+        # Seconds are for the whole lm-eval run: it interleaves tasks, so a per-task split is not known.
+        scores[name] = _task_score(name, samples, chosen, bool(higher[chosen]), seconds)
+    return EvalReport("lm-eval", scores, seconds)
+
+
+__all__ = ["evaluate_lm_eval"]
