@@ -46,6 +46,24 @@ def report_error(error: EvomergeError) -> int:
 # One block per command; keep them thin (parse, call the library, print).
 
 
+@app.command()
+def worker(
+    target: str = typer.Argument(..., help="Run directory, or the study's database URL (postgresql://...)."),
+    study: str | None = typer.Option(None, "--study", help="Study name (default: the run's config name)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda:N; default: the config's device."),
+    max_candidates: int | None = typer.Option(None, "--max-candidates", min=1, help="Stop after N candidates here."),
+    index: int = typer.Option(0, "--index", min=0, help="Worker number (seeds this worker's sampler)."),
+    heartbeat: int = typer.Option(5, "--heartbeat", min=1, help="Seconds between this worker's heartbeats."),
+    grace: int = typer.Option(60, "--grace", min=1, help="Seconds without a heartbeat before a trial is re-queued."),
+) -> None:
+    """Join a search: hold the parents on one device and evaluate candidates until the budget is spent."""
+    from evomerge.search.worker import run_worker
+
+    done = run_worker(target, study=study, device=device, index=index, max_candidates=max_candidates,
+                      heartbeat_seconds=heartbeat, grace_seconds=grace)
+    console.print(f"worker {index} evaluated {done} candidates")
+
+
 class _SearchDisplay:
     """Live view of a search: generation, best so far, candidates per minute, examples saved by racing."""
 
@@ -103,13 +121,20 @@ def _print_results(test_results: dict, title: str) -> None:
 def evolve(
     config: Path = typer.Argument(..., help="Evolve config YAML."),
     run: Path = typer.Option(..., "--run", help="Run directory; an existing one is resumed."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Evaluate candidates in N worker processes."),
+    accept_changed_parents: bool = typer.Option(
+        False, "--accept-changed-parents", help="Resume even though a parent's files changed since the run began."
+    ),
 ) -> None:
     """Search merge recipes with an evolutionary algorithm; resumable after any crash."""
     from evomerge.search.evolve import evolve as run_evolve
 
     display = _SearchDisplay()
     with display.progress:
-        outcome = run_evolve(config, run, on_candidate=display.candidate, on_status=display.status)
+        outcome = run_evolve(
+            config, run, on_candidate=display.candidate, on_status=display.status, workers=workers,
+            accept_changed_parents=accept_changed_parents,
+        )
     _print_results(outcome.test_results, f"{outcome.candidates} candidates; champion = candidate {outcome.selection.champion}")
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.search.config import load_evolve_config
+from evomerge.search.integrity import check_parents, parent_refs
 from evomerge.search.results import Selection, evaluate_on_test, select
 from evomerge.search.run import CandidateResult, SearchRun, prepare_run_dir, write_run_file
+from evomerge.search.worker import run_with_workers
 
 
 @dataclass(frozen=True)
@@ -29,14 +31,22 @@ def evolve(
     *,
     on_candidate: Callable[[CandidateResult], None] | None = None,
     on_status: Callable[[str], None] | None = None,
+    workers: int = 1,
+    accept_changed_parents: bool = False,
 ) -> EvolveOutcome:
-    """Run the search described by `config_path` in `run_dir` (resuming it if it exists)."""
+    """Run the search described by `config_path` in `run_dir` (resuming it if it exists).
+
+    `workers > 1` evaluates candidates in that many `evomerge worker` processes sharing the study. A
+    resumed run whose parents changed on disk is refused unless `accept_changed_parents`.
+    """
     config_path = Path(config_path)
     config, root = load_evolve_config(config_path)
     run_dir = Path(run_dir)
     prepare_run_dir(config_path, config, run_dir)
+    check_parents(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
+                  accept_changed=accept_changed_parents)
     run = SearchRun(config, root, run_dir, on_candidate=on_candidate, on_status=on_status)
-    study = run.run()
+    study = run.run() if workers == 1 else run_with_workers(run, workers, on_status=on_status)
     if on_status is not None:
         on_status("scoring parents, baselines and the selected candidates on the test split")
     objectives = run.session.objectives

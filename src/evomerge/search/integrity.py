@@ -1,0 +1,71 @@
+"""Resume integrity: a run's parents must be the models its history was measured on.
+
+The first run records, per parent, a cheap file fingerprint and the model's identity (weights content
+hash, tokenizer fingerprint, config). On resume the fingerprint is compared first; only when it differs
+(files rewritten, touched, copied) is the identity recomputed, so an unchanged multi-gigabyte parent costs
+a few `stat` calls. A parent whose identity changed is refused: scores measured on the old weights would
+be silently mixed with scores on the new ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from evomerge.errors import ConfigError
+from evomerge.models import Checkpoint
+from evomerge.search.config import EvolveConfig, resolve_path
+
+PARENTS_FILE = "parents.json"
+
+
+class ChangedParentsError(ConfigError):
+    """A parent directory holds different weights, tokenizer or config than when the run started."""
+
+
+def parent_refs(config: EvolveConfig, root: Path) -> list[str]:
+    """Every model the search reads: base, parents and data-flow sources, resolved, without repeats."""
+    refs = ([config.base_model] if config.base_model else []) + list(config.parents)
+    if config.dfs is not None:
+        refs += list(config.dfs.sources)
+    return list(dict.fromkeys(resolve_path(ref, root) for ref in refs))
+
+
+def identity(checkpoint: Checkpoint) -> str:
+    """What a score depends on: the weights, the tokenizer's vocabulary and the model config."""
+    config = hashlib.sha256(json.dumps(checkpoint.config, sort_keys=True).encode()).hexdigest()
+    return f"{checkpoint.content_hash()}:{checkpoint.tokenizer_fingerprint()}:{config}"
+
+
+def check_parents(run_dir: Path, refs: Sequence[str], *, allow_pickle: bool = False, accept_changed: bool = False) -> list[str]:
+    """Record the parents on the first run; on resume refuse changed ones unless `accept_changed`.
+
+    Returns the refs whose identity changed (accepted ones are re-recorded, so the next resume compares
+    against the new models).
+    """
+    path = run_dir / PARENTS_FILE
+    stored: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.is_file() else {}
+    changed: list[str] = []
+    current: dict[str, dict[str, str]] = {}
+    for ref in refs:
+        old = stored.get(ref)
+        checkpoint = Checkpoint.open(ref, allow_pickle=allow_pickle)
+        fingerprint = checkpoint.file_fingerprint()
+        if old is not None and old["fingerprint"] == fingerprint:
+            current[ref] = old
+            continue
+        current[ref] = {"fingerprint": fingerprint, "identity": identity(checkpoint)}
+        if old is not None and old["identity"] != current[ref]["identity"]:
+            changed.append(ref)
+    if changed and not accept_changed:
+        raise ChangedParentsError(
+            f"parent {changed[0]} changed since run {run_dir} started (different weights, tokenizer or config); "
+            "its history was measured on the old model — pass --accept-changed-parents to continue anyway"
+        )
+    if current != stored:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        tmp.replace(path)
+    return changed
