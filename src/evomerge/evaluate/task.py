@@ -15,7 +15,6 @@ import random
 import re
 import string
 from collections.abc import Mapping, Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -144,15 +143,17 @@ def _validation_sentence(path: Path, error: ValidationError) -> str:
     return f"task file {path}: field {field!r} is invalid ({first['msg']}, got {first.get('input')!r})"
 
 
-def _read_yaml(path: Path) -> Any:
+def _read_yaml(path: Path) -> tuple[Any, bytes]:
+    """The parsed YAML and the file's bytes (read once, so the fingerprint is of what was parsed)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise TaskError(f"task file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as error:
         raise TaskError(f"task file {path} cannot be read ({error})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.safe_load(text), raw
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -246,11 +247,11 @@ def _row_key(row: Row, fields: Sequence[str]) -> str:
 class Task:
     """A validated task: its spec, its rows per split, its scorer and a stable fingerprint."""
 
-    def __init__(self, spec: TaskSpec, path: Path, splits: dict[str, list[Row]], data_fingerprint: str) -> None:
+    def __init__(self, spec: TaskSpec, path: Path, splits: dict[str, list[Row]], fingerprint: str) -> None:
         self.spec = spec
         self.path = path
         self._splits = splits
-        self._data_fingerprint = data_fingerprint
+        self._fingerprint = fingerprint
         self.scorer: Scorer = _build_scorer(spec, path)
         self.charset: re.Pattern[str] | None = _compile_charset(spec, path)
         self._fields = _prompt_fields(spec.prompt, path)
@@ -303,13 +304,6 @@ class Task:
 
     def _format(self, row: Row) -> str:
         return self.spec.prompt.format(**row)
-
-    @cached_property
-    def _fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(self.path.read_bytes())
-        digest.update(self._data_fingerprint.encode())
-        return digest.hexdigest()
 
     def fingerprint(self) -> str:
         """sha256 of the task file bytes and the data bytes: identity for lineage and the result cache."""
@@ -415,6 +409,8 @@ def _load_data(spec: TaskSpec, path: Path) -> tuple[dict[str, list[Row]], str]:
         splits = {split: _read_rows(file, path) for split, file in files.items()}
         digest = hashlib.sha256(b"".join(file.read_bytes() for file in files.values()))
         return splits, digest.hexdigest()
+    # One file with a split column: rows whose split value is neither search nor test (say
+    # "validation") are left out on purpose.
     file = base / data.path
     rows = _read_rows(file, path)
     splits = {"search": [], "test": []}
@@ -431,7 +427,7 @@ def _load_data(spec: TaskSpec, path: Path) -> tuple[dict[str, list[Row]], str]:
 def load_task(path: str | os.PathLike[str]) -> Task:
     """Load and fully validate a task YAML file and its data; every problem raises `TaskError`."""
     path = Path(path)
-    raw = _read_yaml(path)
+    raw, task_bytes = _read_yaml(path)
     if not isinstance(raw, dict):
         raise TaskError(f"task file {path} must be a YAML mapping of keys like name, data, prompt")
     try:
@@ -439,7 +435,8 @@ def load_task(path: str | os.PathLike[str]) -> Task:
     except ValidationError as error:
         raise TaskError(_validation_sentence(path, error)) from None
     splits, data_fingerprint = _load_data(spec, path)
-    return Task(spec, path, splits, data_fingerprint)
+    fingerprint = hashlib.sha256(task_bytes + data_fingerprint.encode()).hexdigest()
+    return Task(spec, path, splits, fingerprint)
 
 
 __all__ = [
