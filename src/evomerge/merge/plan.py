@@ -189,7 +189,10 @@ def job_parameters(spec: OperatorSpec, job: TensorJob) -> dict[str, Any]:
     """The kernel's keyword arguments for one job: per-model lists and global scalars, resolved at t.
 
     Precedence (mergekit's): per-source-in-slice > per-slice > per-model > global > operator default.
+    Copied tensors (outside a merged sub-module) take no parameters, so none can be missing there.
     """
+    if job.copy:
+        return {}
     resolved: dict[str, Any] = {}
     for param in spec.params:
         if param.per_model:
