@@ -62,6 +62,40 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return build
 
 
+def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors checkpoint directory (single file or sharded)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base (`tiny_llama(0)`) and two fine-tunes `ft1`, `ft2` = base + small seeded noise (realistic
+    task vectors: every tensor moves a little, norms included), same config and tokenizer."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tiny_llama(0)
+    family = {"base": base}
+    weights = read_tensors(base)
+    for index, scale in ((1, 0.05), (2, 0.08)):
+        out = tmp_path_factory.mktemp(f"ft{index}")
+        shutil.copytree(base, out, dirs_exist_ok=True)
+        generator = torch.Generator().manual_seed(100 + index)
+        tuned = {
+            name: (value + scale * (value.std() + 0.1) * torch.randn(value.shape, generator=generator)).contiguous()
+            for name, value in weights.items()
+        }
+        save_file(tuned, str(out / "model.safetensors"), metadata={"format": "pt"})
+        family[f"ft{index}"] = out
+    return family
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny `LlavaForConditionalGeneration` (2-layer CLIP tower + the `tiny_llama` text shape, same
@@ -84,6 +118,21 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
     LlavaForConditionalGeneration(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The default tiny zoo (seed 0), reused across runs from ``$EVOMERGE_CACHE`` or ``~/.cache/evomerge``.
+
+    A build takes minutes on 2 cores, so it is cached across sessions; `build_zoo` rebuilds it whenever
+    the zoo's source, preset, seed or torch/evomerge version changed, and locks against parallel builds.
+    """
+    import os
+
+    from evomerge.zoo import build_zoo
+
+    cache = Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge")
+    return build_zoo(cache / "zoo-tiny-seed0", size="tiny", seed=0)
 
 
 def write_task_files(
