@@ -46,6 +46,46 @@ def report_error(error: EvomergeError) -> int:
 # One block per command; keep them thin (parse, call the library, print).
 
 
+@app.command("lineage")
+def lineage_command(
+    target: Path = typer.Argument(..., help="An exported model (directory with lineage.json) or a run directory."),
+    format: str = typer.Option("text", "--format", help="text (tree), json or dot (Graphviz)."),
+) -> None:
+    """Show a model's ancestry across runs, back to the original checkpoints, with all its evidence."""
+    import json
+
+    from evomerge.lineage.dag import lineage, render_tree, to_dot
+
+    fmt = _choice(format, ("text", "json", "dot"), "--format")
+    graph = lineage(target)
+    if fmt == "json":
+        sys.stdout.write(json.dumps(graph.to_dict(), indent=2) + "\n")
+    elif fmt == "dot":
+        sys.stdout.write(to_dot(graph))
+    else:
+        console.print(render_tree(graph))
+
+
+@app.command("report")
+def report_command(
+    run: Path = typer.Argument(..., help="Run directory of an evolve (finished or still running)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write; default RUN/report.html."),
+    png_dir: Path | None = typer.Option(None, "--png-dir", help="Also write PNGs of the figures here (needs Chromium)."),
+    watch: float | None = typer.Option(None, "--watch", min=1, help="Rewrite every SECONDS until Ctrl-C; the page reloads."),
+) -> None:
+    """Write the evolution report: one self-contained HTML file that opens without a network."""
+    from evomerge.report.html import watch as watch_report
+    from evomerge.report.html import write_report
+
+    if watch is not None:
+        watch_report(run, out, watch, lambda result: console.print(f"report written to {result.path}"))
+        return
+    result = write_report(run, out, png_dir=png_dir)
+    console.print(f"report written to {result.path} ({len(result.sections)} sections)")
+    for png in result.pngs:
+        console.print(f"  {png}")
+
+
 @app.command()
 def worker(
     target: str = typer.Argument(..., help="Run directory, or the study's database URL (postgresql://...)."),
@@ -62,6 +102,23 @@ def worker(
     done = run_worker(target, study=study, device=device, index=index, max_candidates=max_candidates,
                       heartbeat_seconds=heartbeat, grace_seconds=grace)
     console.print(f"worker {index} evaluated {done} candidates")
+
+
+@app.command()
+def zoo(
+    out: Path = typer.Argument(..., help="Directory of the zoo; an identical existing build is reused."),
+    size: str = typer.Option("tiny", help="tiny (CPU, minutes) | small | medium (GPU)."),
+    seed: int = typer.Option(0, help="Seed of data, initialisation and training."),
+    force: bool = typer.Option(False, help="Rebuild even if an identical zoo exists."),
+) -> None:
+    """Build the tiny model family (base, specialists, task files) deterministically."""
+    from evomerge.zoo.builder import PRESETS, build_zoo
+
+    built = build_zoo(out, size=_choice(size, tuple(PRESETS), "--size"), seed=seed, force=force)
+    console.print(f"zoo ({size}, seed {seed}) at {built.root}: base {built.base}")
+    for name, path in built.specialists.items():
+        console.print(f"  specialist {name} ({built.skills[name]}): {path}")
+    console.print(f"  tasks: {', '.join(built.tasks)}; target: {built.target_task}")
 
 
 class _SearchDisplay:

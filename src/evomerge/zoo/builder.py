@@ -1,0 +1,342 @@
+"""Build (or reuse) the zoo: a strongly pretrained base, specialists fine-tuned from it, and task files.
+
+Layout of a built zoo directory::
+
+    zoo.json                 manifest: models, skills, tasks, seed, size, build parameters, version
+    models/base/             LlamaForCausalLM safetensors + char tokenizer
+    models/<specialist>/     one per specialist, fine-tuned from base
+    tasks/<task>.yaml        evomerge.evaluate task files (+ <task>_search.jsonl / <task>_test.jsonl)
+
+A build writes everything into a sibling temporary directory and renames it into place last, so a
+directory holding ``zoo.json`` is always complete; an interrupted build leaves no zoo behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from evomerge import __version__
+from evomerge.errors import ConfigError
+from evomerge.zoo.tasks import (
+    SPLITS,
+    ZOO_CHARACTERS,
+    draw_splits,
+    held_out_keys,
+    task_specs,
+    training_families,
+    write_task_files,
+)
+from evomerge.zoo.tokenizer import build_char_tokenizer
+from evomerge.zoo.train import TrainConfig, deterministic_torch, train
+
+MANIFEST = "zoo.json"
+TARGET_TASK = "target"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Llama dimensions of every zoo model (all share them, so they can be merged)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int = 32
+
+
+@dataclass(frozen=True)
+class ZooPreset:
+    """Everything a build depends on besides the seed; recorded in the manifest and compared for reuse."""
+
+    shape: ModelShape
+    base: TrainConfig
+    specialists: tuple[tuple[str, str, TrainConfig], ...]
+    """``(model name, skill task it is good at, fine-tune config)`` per specialist."""
+    split_sizes: tuple[tuple[str, int, int], ...]
+    """``(task, search size, test size)``."""
+
+
+#: The broad pretraining mixture: easy versions of every skill in both languages, plus a little of
+#: the hard versions, so the base is strong and every specialist is a small step away from it.
+BASE_MIXTURE: tuple[tuple[str, float], ...] = (
+    ("add_easy_l1", 0.25),
+    ("add_l1", 0.04),
+    ("add_easy_l2", 0.06),
+    ("translate_easy", 0.20),
+    ("translate", 0.03),
+    ("reverse_easy", 0.25),
+    ("reverse", 0.04),
+)
+
+
+def specialist_mixture(own: tuple[tuple[str, float], ...], replay: float) -> tuple[tuple[str, float], ...]:
+    """A fine-tuning mixture: the specialist's own families plus ``replay`` of the base mixture.
+
+    Replaying base data keeps a specialist close to the base, as gentle real fine-tunes are.
+    """
+    total = sum(weight for _, weight in BASE_MIXTURE)
+    return own + tuple((name, replay * weight / total) for name, weight in BASE_MIXTURE)
+
+
+def _specialists(steps: int, lr: float, batch_size: int) -> tuple[tuple[str, str, TrainConfig], ...]:
+    def config(own: tuple[tuple[str, float], ...]) -> TrainConfig:
+        return TrainConfig(
+            steps=steps, lr=lr, batch_size=batch_size, mixture=specialist_mixture(own, 0.3),
+            warmup=20, min_lr_ratio=1.0,
+        )
+
+    return (
+        ("math", "add", config((("add_l1", 0.7),))),
+        ("language", "translate", config((("translate", 0.5), ("add_easy_l2", 0.2)))),
+        ("strings", "reverse", config((("reverse", 0.7),))),
+    )
+
+
+def _splits(target_test: int) -> tuple[tuple[str, int, int], ...]:
+    return (("add", 200, 300), ("translate", 200, 300), ("reverse", 200, 300), (TARGET_TASK, 256, target_test))
+
+
+PRESETS: dict[str, ZooPreset] = {
+    "tiny": ZooPreset(
+        shape=ModelShape(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256),
+        base=TrainConfig(steps=1200, lr=3e-3, batch_size=64, mixture=BASE_MIXTURE, warmup=100),
+        specialists=_specialists(steps=250, lr=3e-4, batch_size=64),
+        split_sizes=_splits(400),
+    ),
+    "small": ZooPreset(
+        shape=ModelShape(hidden_size=256, num_layers=6, num_heads=8, intermediate_size=512),
+        base=TrainConfig(steps=4000, lr=2e-3, batch_size=128, mixture=BASE_MIXTURE, warmup=200),
+        specialists=_specialists(steps=500, lr=2e-4, batch_size=128),
+        split_sizes=_splits(1000),
+    ),
+    "medium": ZooPreset(
+        shape=ModelShape(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1024),
+        base=TrainConfig(steps=8000, lr=1e-3, batch_size=256, mixture=BASE_MIXTURE, warmup=400),
+        specialists=_specialists(steps=800, lr=1e-4, batch_size=256),
+        split_sizes=_splits(2000),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A built zoo on disk."""
+
+    root: Path
+    base: Path
+    specialists: dict[str, Path]
+    tasks: dict[str, Path]
+    skills: dict[str, str]
+    """Specialist name -> the task it is good at."""
+    manifest: dict[str, Any]
+
+    @property
+    def target_task(self) -> Path:
+        """The composed task no parent can solve alone."""
+        return self.tasks[TARGET_TASK]
+
+    @classmethod
+    def load(cls, root: Path) -> Zoo:
+        """Read a built zoo from its manifest (paths in the manifest are relative to ``root``)."""
+        root = Path(root)
+        manifest = json.loads((root / MANIFEST).read_text())
+        return cls(
+            root=root,
+            base=root / manifest["models"]["base"]["path"],
+            specialists={n: root / m["path"] for n, m in manifest["models"].items() if n != "base"},
+            tasks={n: root / t["path"] for n, t in manifest["tasks"].items()},
+            skills={n: m["skill"] for n, m in manifest["models"].items() if n != "base"},
+            manifest=manifest,
+        )
+
+
+def source_digest() -> str:
+    """SHA-256 over the zoo's own source files: a cached zoo built by other code is never reused."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def resolve_preset(size: str, preset: ZooPreset | None = None) -> ZooPreset:
+    """The preset of ``size``, or ``preset`` itself when given (size ``custom``)."""
+    if preset is not None:
+        return preset
+    if size not in PRESETS:
+        raise ConfigError(f"Unknown zoo size {size!r}; choose one of {', '.join(PRESETS)}.")
+    return PRESETS[size]
+
+
+def build_parameters(size: str, seed: int, preset: ZooPreset) -> dict[str, Any]:
+    """The JSON-able description of a build; two builds with equal parameters produce equal zoos."""
+    return {
+        "size": size,
+        "seed": seed,
+        "preset": json.loads(json.dumps(dataclasses.asdict(preset))),
+        "evomerge_version": __version__,
+        "torch_version": torch.__version__,
+        "source_sha256": source_digest(),
+    }
+
+
+def build_zoo(
+    out_dir: str | os.PathLike[str],
+    *,
+    size: str = "tiny",
+    seed: int = 0,
+    force: bool = False,
+    preset: ZooPreset | None = None,
+) -> Zoo:
+    """Build the zoo into ``out_dir`` deterministically, or return the one already there.
+
+    An existing zoo is reused when its manifest records the same build parameters (size, seed, preset,
+    evomerge and torch versions, digest of the zoo's source); ``force`` rebuilds regardless. ``preset``
+    replaces the size's preset (tests build reduced zoos with it; the manifest then says ``custom``).
+    Training runs single-threaded on CPU, or on CUDA when available, where it is deterministic per
+    device type but not bit-identical to a CPU build.
+    """
+    out_dir = Path(out_dir)
+    size = "custom" if preset is not None else size
+    chosen = resolve_preset(size, preset)
+    parameters = build_parameters(size, seed, chosen)
+    if not force and _is_complete(out_dir, parameters):
+        return Zoo.load(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
+        raise ConfigError(f"Zoo directory {out_dir} exists, is not empty and holds no {MANIFEST}; refusing to overwrite it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+        # Another process may have finished the same build while we waited for the lock.
+        if force or not _is_complete(out_dir, parameters):
+            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+            try:
+                _build_into(staging, chosen, parameters, seed)
+                _replace_dir(staging, out_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    return Zoo.load(out_dir)
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock, so concurrent builds of one zoo (tests, demo) run one at a time."""
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_complete(out_dir: Path, parameters: dict[str, Any]) -> bool:
+    manifest_path = out_dir / MANIFEST
+    if not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    return manifest.get("build") == parameters
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move a finished build into place; an old zoo is moved aside first and deleted after the swap."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "zoo")
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(root: Path, preset: ZooPreset, parameters: dict[str, Any], seed: int) -> None:
+    specs = task_specs()
+    sizes = {name: {"search": search, "test": test} for name, search, test in preset.split_sizes}
+    keys = draw_splits({name: specs[name] for name in sizes}, sizes, seed)
+    task_paths = write_task_files(root / "tasks", {name: specs[name] for name in sizes}, keys)
+    families = training_families(held_out_keys(keys))
+    tokenizer = build_char_tokenizer(ZOO_CHARACTERS)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models: dict[str, dict[str, Any]] = {}
+    with deterministic_torch(seed):
+        model = _initial_model(preset.shape, tokenizer, seed)
+        losses = train(model, tokenizer, families, preset.base, seed=_stream_seed(seed, "base"), device=device)
+        base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+        models["base"] = _save(model, tokenizer, root / "models" / "base", skill=None, losses=losses)
+        for name, skill, config in preset.specialists:
+            model.load_state_dict(base_state)
+            losses = train(model, tokenizer, families, config, seed=_stream_seed(seed, name), device=device)
+            models[name] = _save(model, tokenizer, root / "models" / name, skill=skill, losses=losses)
+    manifest = {
+        "format": 1,
+        "build": parameters,
+        "seed": seed,
+        "size": parameters["size"],
+        "evomerge_version": __version__,
+        "characters": ZOO_CHARACTERS,
+        "models": models,
+        "tasks": {
+            name: {
+                "path": str(path.relative_to(root)),
+                "description": specs[name].description,
+                "answer_charset": specs[name].answer_charset,
+                "sizes": {split: len(keys[name][split]) for split in SPLITS},
+            }
+            for name, path in task_paths.items()
+        },
+        "target": TARGET_TASK,
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _stream_seed(seed: int, stream: str) -> int:
+    """A stable per-stream seed (Python's ``hash`` of a str is salted per process, so derive it explicitly)."""
+    return seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(stream))
+
+
+def _initial_model(shape: ModelShape, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _save(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    out_dir: Path,
+    *,
+    skill: str | None,
+    losses: list[float],
+) -> dict[str, Any]:
+    model.to("cpu").save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    tail = losses[-min(50, len(losses)) :]
+    return {
+        "path": str(out_dir.relative_to(out_dir.parent.parent)),
+        "skill": skill,
+        "final_loss": round(sum(tail) / len(tail), 4),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }

@@ -1,0 +1,167 @@
+"""The zoo: deterministic builds, manifest and cache, disjoint task splits, and specialists that specialise.
+
+The default zoo is built once per machine by the session fixture `zoo` (cached under
+``$EVOMERGE_CACHE`` or ``~/.cache/evomerge``; see tests/conftest.py). Determinism is checked on a
+reduced-step build made twice: it runs the very same code path (same seeding, data streams,
+single-threaded kernels, same save), only with fewer optimiser steps, so any source of
+nondeterminism in the default build would show up in it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge import __version__
+from evomerge.errors import ConfigError
+from evomerge.evaluate import Evaluator, load_causal_lm, load_task
+from evomerge.zoo import PRESETS, Zoo, build_zoo
+from evomerge.zoo.tasks import L1_DIGITS, L2_DIGITS, addition, in_l2
+
+REDUCED = dataclasses.replace(
+    PRESETS["tiny"],
+    base=dataclasses.replace(PRESETS["tiny"].base, steps=12, warmup=4),
+    specialists=tuple(
+        (name, skill, dataclasses.replace(config, steps=4, warmup=2))
+        for name, skill, config in PRESETS["tiny"].specialists
+    ),
+    split_sizes=(("add", 20, 30), ("translate", 20, 30), ("reverse", 20, 30), ("target", 20, 30)),
+)
+
+
+def _tensors(zoo: Zoo) -> dict[str, dict[str, torch.Tensor]]:
+    models = {"base": zoo.base, **zoo.specialists}
+    return {name: load_file(path / "model.safetensors") for name, path in models.items()}
+
+
+@pytest.fixture(scope="module")
+def reduced(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return build_zoo(tmp_path_factory.mktemp("reduced") / "zoo", seed=3, preset=REDUCED)
+
+
+def test_same_seed_builds_bit_identical_models_and_tasks(reduced: Zoo, tmp_path: Path) -> None:
+    again = build_zoo(tmp_path / "zoo", seed=3, preset=REDUCED)
+    first, second = _tensors(reduced), _tensors(again)
+    assert first.keys() == second.keys() == {"base", *(name for name, _, _ in REDUCED.specialists)}
+    for name in first:
+        assert first[name].keys() == second[name].keys()
+        for tensor_name, tensor in first[name].items():
+            assert torch.equal(tensor, second[name][tensor_name]), f"{name}:{tensor_name} differs"
+    for task, path in reduced.tasks.items():
+        for split in ("search", "test"):
+            jsonl = f"{task}_{split}.jsonl"
+            assert (path.parent / jsonl).read_bytes() == (again.tasks[task].parent / jsonl).read_bytes()
+
+
+def test_specialists_differ_from_base_and_seed_changes_the_build(reduced: Zoo, tmp_path: Path) -> None:
+    tensors = _tensors(reduced)
+    for name in reduced.specialists:
+        assert any(not torch.equal(t, tensors["base"][k]) for k, t in tensors[name].items())
+    other = _tensors(build_zoo(tmp_path / "zoo", seed=4, preset=REDUCED))
+    assert not torch.equal(other["base"]["lm_head.weight"], tensors["base"]["lm_head.weight"])
+
+
+def test_manifest_describes_the_build(zoo: Zoo) -> None:
+    manifest = json.loads((zoo.root / "zoo.json").read_text())
+    assert manifest["size"] == "tiny" and manifest["seed"] == 0
+    assert manifest["evomerge_version"] == __version__
+    assert manifest["target"] == "target"
+    assert set(manifest["models"]) == {"base", "math", "language", "strings"}
+    assert {n: m["skill"] for n, m in manifest["models"].items()} == {
+        "base": None, "math": "add", "language": "translate", "strings": "reverse"
+    }
+    assert set(manifest["tasks"]) == {"add", "translate", "reverse", "target"}
+    assert manifest["tasks"]["target"]["sizes"] == {"search": 256, "test": 400}
+    assert manifest["build"]["preset"]["shape"]["hidden_size"] == PRESETS["tiny"].shape.hidden_size
+    for path in [zoo.base, *zoo.specialists.values()]:
+        assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+        assert (path / "config.json").is_file()
+    assert zoo.target_task == zoo.root / "tasks" / "target.yaml"
+
+
+def test_identical_build_is_reused_and_force_rebuilds(reduced: Zoo) -> None:
+    weights = reduced.base / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_zoo(reduced.root, seed=3, preset=REDUCED).manifest == reduced.manifest
+    assert weights.stat().st_mtime_ns == stamp
+    rebuilt = build_zoo(reduced.root, seed=3, preset=REDUCED, force=True)
+    assert weights.stat().st_mtime_ns != stamp
+    assert rebuilt.manifest == reduced.manifest
+    leftovers = [p for p in reduced.root.parent.iterdir() if p.name.startswith(".") and p.suffix != ".lock"]
+    assert not leftovers, "staging or old zoo left behind"
+
+
+def test_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="zoo.json"):
+        build_zoo(tmp_path, preset=REDUCED)
+    with pytest.raises(ConfigError, match="huge"):
+        build_zoo(tmp_path / "z", size="huge")
+
+
+def test_task_splits_are_disjoint_and_answers_are_correct(zoo: Zoo) -> None:
+    tasks = {name: load_task(path) for name, path in zoo.tasks.items()}
+    operands: dict[str, set[tuple[str, str]]] = {}
+    for name, task in tasks.items():
+        search = {e["question"] for e in task.examples("search")}
+        test = {e["question"] for e in task.examples("test")}
+        assert not search & test, name
+        assert len(search) == len(task.examples("search")) and len(test) == len(task.examples("test"))
+    # Addition pairs are held out across languages: no pair is both an `add` and a `target` problem.
+    for name, language in (("add", 1), ("target", 2)):
+        pairs = set()
+        for split in ("search", "test"):
+            for example in tasks[name].examples(split):
+                a, b = _decode_pair(example["question"], language)
+                assert addition(a, b, language) == (example["question"], example["answer"])
+                pairs.add((a, b))
+        operands[name] = pairs
+    assert not operands["add"] & operands["target"]
+    assert len(tasks["target"].examples("test")) >= 200
+
+
+def _decode_pair(question: str, language: int) -> tuple[int, int]:
+    digits = L1_DIGITS if language == 1 else L2_DIGITS
+    a, b = question.split("+")
+    return tuple(int("".join(str(digits.index(c)) for c in part)) for part in (a, b))
+
+
+def _scores(zoo: Zoo, tasks: list[str]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Test-split accuracy and standard error of every parent on ``tasks``, via evomerge.evaluate."""
+    loaded = [load_task(zoo.tasks[name]) for name in tasks]
+    results = {}
+    for name, path in {"base": zoo.base, **zoo.specialists}.items():
+        model, tokenizer = load_causal_lm(path, device="cpu", dtype=torch.float32)
+        report = Evaluator(tokenizer, loaded, split="test", device="cpu", batch_size=512).evaluate(model)
+        results[name] = {task: (report[task].score, report[task].stderr) for task in tasks}
+    return results
+
+
+@pytest.fixture(scope="module")
+def parent_scores(zoo: Zoo) -> dict[str, dict[str, tuple[float, float]]]:
+    return _scores(zoo, ["add", "translate", "reverse", "target"])
+
+
+def test_each_specialist_beats_the_base_on_its_skill_by_a_wide_margin(
+    zoo: Zoo, parent_scores: dict[str, dict[str, tuple[float, float]]]
+) -> None:
+    for name, skill in zoo.skills.items():
+        own, own_se = parent_scores[name][skill]
+        base, base_se = parent_scores["base"][skill]
+        assert own - base >= 0.4, (name, skill, own, base)
+        assert own - base > 5 * (own_se**2 + base_se**2) ** 0.5
+
+
+def test_no_parent_solves_the_target_alone(parent_scores: dict[str, dict[str, tuple[float, float]]]) -> None:
+    for name, scores in parent_scores.items():
+        assert scores["target"][0] <= 0.15, (name, scores["target"])
+
+
+def test_target_answers_must_be_in_language_two() -> None:
+    question, answer = addition(47, 38, 2)
+    assert question == "eh+di" and answer == in_l2(85) == "if"
