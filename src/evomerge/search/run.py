@@ -463,6 +463,8 @@ class SearchRun:
         eval_seconds = time.perf_counter() - started
         plain = {name: s.score for name, s in scores.items()}
         fitness = objectives.fitness(plain)
+        if not math.isfinite(fitness):  # e.g. weights that overflow in the forward pass: a failed candidate
+            raise ValueError(f"the candidate's fitness is {fitness} (non-finite scores: {plain})")
         examples = sum(s.n for s in scores.values())
         table = score_table(scores)
         attrs = {
