@@ -1,0 +1,318 @@
+"""Tidy data behind the report, computed from a run's study: no plotting here, so it can be tested exactly.
+
+Works on finished and running runs alike: before selection has happened the champion is the best
+fully evaluated candidate so far (the same rule `search.results.select` applies at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+from evomerge.errors import ConfigError
+from evomerge.flow import FigureStep, PathSpec, path_figure_data
+from evomerge.merge.params import layer_position, resolve_param
+from evomerge.merge.recipe import Recipe
+from evomerge.models import Checkpoint, tensor_role
+from evomerge.search.config import EvolveConfig
+from evomerge.search.results import fully_evaluated, pareto_set
+from evomerge.search.run import load_run, recipe_of
+
+FITNESS = "fitness"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One trial as the report sees it."""
+
+    number: int
+    generation: int
+    status: str
+    fitness: float | None
+    scores: dict[str, float]
+    stderrs: dict[str, float | None]
+    genes: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything the report draws, loaded once from the run directory."""
+
+    run_dir: Path
+    config: EvolveConfig
+    study: optuna.Study
+    candidates: list[Candidate]
+    tasks: list[str]
+    signs: list[float]
+    genes: list[dict[str, Any]]
+    champion: int | None
+
+    @property
+    def complete(self) -> list[Candidate]:
+        """Fully evaluated candidates (raced-out ones have partial scores, duplicates repeat others)."""
+        return [c for c in self.candidates if c.status == "complete"]
+
+    @property
+    def generations(self) -> list[int]:
+        return sorted({c.generation for c in self.candidates})
+
+
+def load_run_data(run_dir: str | Path) -> RunData:
+    """Read a run directory's config and study into `RunData`."""
+    run_dir = Path(run_dir)
+    config, study = load_run(run_dir)
+    tasks = [o.name or Path(o.task).stem for o in config.objectives]
+    candidates = []
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if "status" not in attrs or "generation" not in attrs:
+            continue  # asked but never told (in flight) or re-queued
+        scores = attrs.get("scores") or {}
+        candidates.append(Candidate(
+            number=trial.number,
+            generation=attrs["generation"],
+            status=attrs["status"],
+            fitness=attrs.get("fitness"),
+            scores={name: entry["score"] for name, entry in scores.items()},
+            stderrs={name: entry.get("stderr") for name, entry in scores.items()},
+            genes=dict(trial.params),
+        ))
+    # Task names as the evaluator reported them (task files name themselves); config order kept.
+    reported = [name for c in candidates for name in c.scores]
+    if reported:
+        tasks = list(dict.fromkeys(reported))
+    signs = [1.0 if o.direction == "maximize" else -1.0 for o in config.objectives]
+    selection = study.user_attrs.get("selection")
+    champion = selection["champion"] if selection else _best_so_far(study)
+    return RunData(run_dir, config, study, candidates, tasks, signs, study.user_attrs.get("genes", []), champion)
+
+
+def _best_so_far(study: optuna.Study) -> int | None:
+    trials = fully_evaluated(study)
+    if not trials:
+        return None
+    return max(trials, key=lambda t: (t.user_attrs["fitness"], -t.number)).number
+
+
+def champion_trial(data: RunData) -> optuna.trial.FrozenTrial | None:
+    """The champion's trial (selected, else best so far), or None before any candidate finished."""
+    if data.champion is None:
+        return None
+    return data.study.get_trials(deepcopy=False)[data.champion]
+
+
+# --- progress over generations -------------------------------------------------------------------
+def generation_stats(data: RunData) -> dict[str, dict[str, list[float]]]:
+    """Per objective (`fitness` and each task): best and median over each generation's complete
+    candidates, with `generation` the x values. Best respects the task's direction."""
+    stats: dict[str, dict[str, list[float]]] = {}
+    objectives = [(FITNESS, 1.0), *zip(data.tasks, data.signs)]
+    generations = [g for g in data.generations if any(c.generation == g for c in data.complete)]
+    for name, sign in objectives:
+        best, median = [], []
+        for generation in generations:
+            values = [_objective(c, name) for c in data.complete if c.generation == generation]
+            best.append(max(values, key=lambda v: sign * v))
+            median.append(statistics.median(values))
+        stats[name] = {"generation": list(map(float, generations)), "best": best, "median": median}
+    return stats
+
+
+def _objective(candidate: Candidate, name: str) -> float:
+    return candidate.fitness if name == FITNESS else candidate.scores[name]
+
+
+def pareto_fronts(data: RunData) -> dict[int, list[int]]:
+    """For each generation g, the trial numbers on the Pareto front of all complete candidates up to g
+    (per-task scores, each oriented so larger is better)."""
+    fronts = {}
+    for generation in data.generations:
+        points = {
+            c.number: [sign * c.scores[t] for t, sign in zip(data.tasks, data.signs, strict=True)]
+            for c in data.complete if c.generation <= generation
+        }
+        if points:
+            fronts[generation] = sorted(pareto_set(points))
+    return fronts
+
+
+# --- genome projection ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Projection:
+    """Candidates' genomes in the plane of their two principal components (genes scaled to [0, 1])."""
+
+    numbers: list[int]
+    coords: np.ndarray  # (n, 2)
+    explained: tuple[float, float]  # fraction of variance per component
+    components: np.ndarray  # (2, genes): the axes, to project other genomes (baselines)
+    mean: np.ndarray
+    low: np.ndarray
+    span: np.ndarray
+    names: list[str]
+
+    def project(self, genes: Mapping[str, float]) -> np.ndarray:
+        """Coordinates of another genome in the same plane."""
+        x = (np.array([genes[n] for n in self.names]) - self.low) / self.span
+        return (x - self.mean) @ self.components.T
+
+
+def genome_projection(data: RunData) -> Projection | None:
+    """PCA (SVD of the centred, bounds-scaled genome matrix) of every candidate with genes; None if < 2."""
+    names = [g["name"] for g in data.genes]
+    rows = [c for c in data.candidates if names and all(n in c.genes for n in names)]
+    if len(rows) < 2:
+        return None
+    low = np.array([g["low"] for g in data.genes], dtype=float)
+    span = np.array([g["high"] - g["low"] for g in data.genes], dtype=float)
+    # Scaling by the bounds keeps a wide-range gene from dominating the components.
+    x = (np.array([[c.genes[n] for n in names] for c in rows]) - low) / span
+    mean = x.mean(axis=0)
+    _, singular, vt = np.linalg.svd(x - mean, full_matrices=False)
+    components = np.zeros((2, len(names)))
+    components[: min(2, len(vt))] = vt[:2]
+    total = float((singular**2).sum()) or 1.0
+    var = [(float(s) ** 2) / total for s in singular[:2]] + [0.0, 0.0]
+    return Projection(
+        [c.number for c in rows], (x - mean) @ components.T, (var[0], var[1]), components, mean, low, span, names
+    )
+
+
+# --- champion coefficients -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoefficientGrid:
+    """One per-model parameter of a recipe over the donor's tensors, averaged per layer column.
+
+    `values[m][j]` is the mean over the tensors of column `j` of the value the merge used for model `m`;
+    `low`/`high` the range within the column (they differ when the genome varies by block kind).
+    """
+
+    param: str
+    models: list[str]
+    columns: list[str]
+    values: list[list[float]]
+    low: list[list[float]]
+    high: list[list[float]]
+
+
+def column_of(tensor_name: str, model_type: str | None) -> str:
+    """Heatmap column of a tensor: `embed`, `L<i>` for decoder layer i, `out` for final norm / head."""
+    role = tensor_role(tensor_name, model_type)
+    if role.layer is not None:
+        return f"L{role.layer}"
+    return "embed" if role.kind == "embedding" else "out"
+
+
+def resolved_value(recipe: Recipe, model: str, param: str, tensor_name: str, t: float) -> float:
+    """The value of per-model `param` for `model` on one tensor, with the merge's precedence:
+    the model's own setting, else the recipe's global one, else the operator's default."""
+    entry = next(e for e in recipe.models if e.model == model)
+    for parameters in (entry.parameters, recipe.parameters):
+        if param in parameters:
+            value = resolve_param(_plain(parameters[param]), tensor_name, t)
+            if value is not None:
+                return float(value)
+    default = recipe.operator.param(param).default
+    if default is None:
+        raise ConfigError(f"recipe gives no value of '{param}' for model {model} on tensor {tensor_name}")
+    return float(default)
+
+
+def _plain(value: Any) -> Any:
+    # Recipe filter rules are pydantic models; resolve_param reads plain mappings.
+    if isinstance(value, list):
+        return [item.model_dump() if hasattr(item, "model_dump") else item for item in value]
+    return value
+
+
+def coefficient_grids(recipe: Recipe, donor: Checkpoint) -> list[CoefficientGrid]:
+    """Per-model parameters of a `models` recipe (weight first) over the donor's layer columns."""
+    if recipe.slices:
+        return []
+    spec = recipe.operator
+    merged = [e.model for e in recipe.models if e.model != recipe.base_model or not (spec.needs_base or spec.space == "delta")]
+    params = [p.name for p in spec.params if p.per_model and not p.is_flag
+              and any(p.name in e.parameters for e in recipe.models)]
+    params.sort(key=lambda name: name != "weight")
+    names = donor.tensor_names()
+    columns = list(dict.fromkeys(sorted((column_of(n, donor.model_type) for n in names), key=_column_order)))
+    grids = []
+    for param in params:
+        per_column: dict[str, list[list[float]]] = {c: [[] for _ in merged] for c in columns}
+        for name in names:
+            role = tensor_role(name, donor.model_type)
+            t = layer_position(role.layer, donor.num_layers)
+            for i, model in enumerate(merged):
+                per_column[column_of(name, donor.model_type)][i].append(resolved_value(recipe, model, param, name, t))
+        grids.append(CoefficientGrid(
+            param, merged, columns,
+            [[float(np.mean(per_column[c][i])) for c in columns] for i in range(len(merged))],
+            [[min(per_column[c][i]) for c in columns] for i in range(len(merged))],
+            [[max(per_column[c][i]) for c in columns] for i in range(len(merged))],
+        ))
+    return grids
+
+
+def _column_order(column: str) -> tuple[int, int]:
+    if column == "embed":
+        return (0, 0)
+    if column == "out":
+        return (2, 0)
+    return (1, int(column[1:]))
+
+
+# --- DFS path and result table -------------------------------------------------------------------
+def champion_path(trial: optuna.trial.FrozenTrial) -> list[FigureStep] | None:
+    """The champion's layer path when the run searched data-flow space: trial attribute `path`, the JSON
+    `{"path": PathSpec.to_dict(), "failure": ...}` that `search.dfs.PathCandidate.to_json` writes."""
+    record = trial.user_attrs.get("path")
+    if not record:
+        return None
+    spec = json.loads(record)["path"]
+    return path_figure_data(PathSpec.from_dict(spec)) if spec else None
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One line of the comparison table: search- and test-split score ± stderr per task."""
+
+    name: str
+    role: str
+    search: dict[str, dict[str, Any] | None]
+    test: dict[str, dict[str, Any] | None]
+
+
+def result_rows(data: RunData) -> list[ResultRow]:
+    """Champion, specialists, challengers (test split, after selection), parents and baselines."""
+    test_results = data.study.user_attrs.get("test_results", {})
+    baselines = data.study.user_attrs.get("baselines", {})
+    rows = []
+    order = sorted(test_results.items(), key=lambda item: item[1]["kind"] != "candidate")
+    for name, result in order:
+        search = result.get("search") or (baselines.get(name) or {}).get("search") or {}
+        rows.append(ResultRow(name, ", ".join(result.get("roles", [result["kind"]])), search, result.get("test") or {}))
+    if not test_results:
+        # Still searching: the champion so far and the baselines, search split only.
+        trial = champion_trial(data)
+        if trial is not None:
+            rows.append(ResultRow(f"candidate:{trial.number}", "champion so far", trial.user_attrs["scores"], {}))
+        rows += [ResultRow(name, b["kind"], b["search"], {}) for name, b in baselines.items()]
+    return rows
+
+
+def champion_recipe(data: RunData) -> Recipe | None:
+    """The champion's decoded recipe, or None before any candidate finished (or for a layer path)."""
+    trial = champion_trial(data)
+    return recipe_of(trial) if trial is not None and "recipe" in trial.user_attrs else None
+
+
+def score_pairs(rows: Sequence[ResultRow], tasks: Sequence[str]) -> list[str]:
+    """Tasks that appear in any row, in the run's task order (for table columns)."""
+    present = {t for row in rows for t in (*row.search, *row.test)}
+    return [t for t in tasks if t in present]
