@@ -63,7 +63,8 @@ def write_task(directory: Path, prompts: int, prompt_tokens: int, new_tokens: in
     """A task of random character strings (one token per character with the char tokenizer)."""
     rng = random.Random(0)
     rows = [
-        {"q": "".join(rng.choice(CHARACTERS) for _ in range(prompt_tokens)), "a": str(i)} for i in range(prompts + 1)
+        {"q": "".join(rng.choice(CHARACTERS) for _ in range(prompt_tokens)), "a": str(i)}
+        for i in range(prompts + 1)
     ]
     (directory / "search.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:prompts]))
     (directory / "test.jsonl").write_text(json.dumps(rows[-1]) + "\n")
@@ -87,7 +88,9 @@ def timed(fn: Callable[[], list[list[int]]], device: str) -> tuple[list[list[int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--prompts", type=int, default=64)
@@ -107,7 +110,11 @@ def main() -> None:
     evaluator = Evaluator(tokenizer, [task], device=args.device, batch_size=args.batch_size, dtype=dtype)
     prompts = task.prompts("search")
     indices = list(range(len(prompts)))
-    gen_kwargs = dict(do_sample=False, max_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id)
+    gen_kwargs = {
+        "do_sample": False,
+        "max_new_tokens": args.new_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
     def ours() -> list[list[int]]:
         produced = evaluator.generate(model, "speed", indices)
@@ -147,12 +154,14 @@ def main() -> None:
         f"threads={torch.get_num_threads()}, load={os.getloadavg()[0]:.1f}, size={args.size} ({params / 1e6:.1f}M params, {dtype}), "
         f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, batch {args.batch_size}"
     )
-    print(f"{'method':<26} {'seconds':>8} {'examples/s':>11} {'gen tok/s':>10} {'ours is x faster':>17} {'identical':>10}")
+    print(
+        f"{'method':<26} {'seconds':>8} {'examples/s':>11} {'gen tok/s':>10} {'ours is x faster':>17} {'identical':>10}"
+    )
     for name, seconds, out in rows:
         tokens = sum(len(o) for o in out)
         print(
             f"{name:<26} {seconds:>8.2f} {len(out) / seconds:>11.2f} {tokens / seconds:>10.1f} "
-            f"{seconds / ours_s:>17.2f} {str(out == reference):>10}"
+            f"{seconds / ours_s:>17.2f} {out == reference!s:>10}"
         )
 
 

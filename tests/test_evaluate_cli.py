@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_task_files
 
+from conftest import write_task_files
 from evomerge.cli import run
 
 SEARCH = [{"question": f"{i}+{i}", "answer": str(2 * i)} for i in range(5)]
@@ -31,7 +31,9 @@ def _bad_task(tmp_path, case: str):
         path.write_text(path.read_text().replace("prompt: '{question}='\n", ""))
         return path, "missing required field 'prompt'"
     if case == "unknown scorer":
-        return write_task_files(tmp_path, SEARCH, TEST, scorer="numbr"), "unknown scorer 'numbr'; did you mean 'number'"
+        return write_task_files(
+            tmp_path, SEARCH, TEST, scorer="numbr"
+        ), "unknown scorer 'numbr'; did you mean 'number'"
     if case == "overlapping splits":
         return write_task_files(tmp_path, SEARCH, [*TEST, SEARCH[1]]), "overlap in 1 example(s)"
     if case == "empty data":
@@ -41,11 +43,20 @@ def _bad_task(tmp_path, case: str):
         path.write_text("name: t\nprompt: {oops: [\n")
         return path, "is not valid YAML"
     if case == "wrong type":
-        return write_task_files(tmp_path, SEARCH, TEST, generation={"max_new_tokens": "lots"}), "'generation.max_new_tokens' is invalid"
+        return write_task_files(
+            tmp_path, SEARCH, TEST, generation={"max_new_tokens": "lots"}
+        ), "'generation.max_new_tokens' is invalid"
     raise AssertionError(case)
 
 
-CASES = ["missing field", "unknown scorer", "overlapping splits", "empty data", "malformed yaml", "wrong type"]
+CASES = [
+    "missing field",
+    "unknown scorer",
+    "overlapping splits",
+    "empty data",
+    "malformed yaml",
+    "wrong type",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -60,7 +71,9 @@ def test_bad_task_file_exits_2_with_one_sentence(case, tmp_path, tiny_llama, mon
 
 def test_bad_split_and_unsafe_model_exit_2(tmp_path, tiny_llama, monkeypatch, capsys):
     task = write_task_files(tmp_path, SEARCH, TEST)
-    code, _, err = invoke(monkeypatch, capsys, "eval", str(tiny_llama(seed=0)), "--task", str(task), "--split", "tst")
+    code, _, err = invoke(
+        monkeypatch, capsys, "eval", str(tiny_llama(seed=0)), "--task", str(task), "--split", "tst"
+    )
     assert code == 2 and "split must be 'search' or 'test'" in err
     pickled = tmp_path / "pickled"
     pickled.mkdir()
@@ -75,9 +88,26 @@ def test_eval_prints_table_and_writes_json_in_a_subprocess(tmp_path, tiny_llama)
     out_json = tmp_path / "scores.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
     result = subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", "eval", str(tiny_llama(seed=0)), "--task", str(task),
-         "--split", "test", "--limit", "2", "--json", str(out_json)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "evomerge.cli",
+            "eval",
+            str(tiny_llama(seed=0)),
+            "--task",
+            str(task),
+            "--split",
+            "test",
+            "--limit",
+            "2",
+            "--json",
+            str(out_json),
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "score ± stderr" in result.stdout and "│ t " in result.stdout

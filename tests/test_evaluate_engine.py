@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
-from conftest import write_task_files
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import write_task_files
 from evomerge.evaluate import Evaluator, ResultCache, load_task, mean_and_stderr, truncate_at_stop
 
 MAX_NEW = 10
@@ -51,7 +51,9 @@ def _reference(model, tokenizer, prompt: str, eos: int | None = None) -> list[in
 
 def test_greedy_matches_generate_per_example(lm, tmp_path):
     model, tokenizer = lm
-    task = load_task(write_task_files(tmp_path, _rows(1, 11), _rows(2, 3), generation={"max_new_tokens": MAX_NEW}))
+    task = load_task(
+        write_task_files(tmp_path, _rows(1, 11), _rows(2, 3), generation={"max_new_tokens": MAX_NEW})
+    )
     produced = Evaluator(tokenizer, [task], batch_size=4).generate(model, "t", range(11))
     for i, prompt in enumerate(task.prompts("search")):
         assert produced[i].ids == _reference(model, tokenizer, prompt), prompt
@@ -59,7 +61,9 @@ def test_greedy_matches_generate_per_example(lm, tmp_path):
 
 def test_per_row_eos_stops_like_generate(lm, tmp_path):
     model, tokenizer = lm
-    task = load_task(write_task_files(tmp_path, _rows(3, 9), _rows(4, 3), generation={"max_new_tokens": MAX_NEW}))
+    task = load_task(
+        write_task_files(tmp_path, _rows(3, 9), _rows(4, 3), generation={"max_new_tokens": MAX_NEW})
+    )
     evaluator = Evaluator(tokenizer, [task], batch_size=9)
     free = evaluator.generate(model, "t", range(9))
     # Declare the most common generated token to be EOS: rows now stop at different steps.
@@ -112,7 +116,9 @@ def test_scores_stderr_and_token_counts(lm, tmp_path):
     assert score.stderr == pytest.approx(math.sqrt(0.4 * 0.6 / 10))
     assert score.n == 10 and score.indices == list(range(10))
     assert score.prompt_tokens == sum(len(f"{r['question']}=") for r in rows)
-    assert score.generated_tokens == sum(len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in generations)
+    assert score.generated_tokens == sum(
+        len(tokenizer(g, add_special_tokens=False)["input_ids"]) for g in generations
+    )
 
 
 def test_indices_and_limit_select_examples(lm, tmp_path):
@@ -142,10 +148,16 @@ def test_choice_and_perplexity_match_unpadded_forwards(lm, tmp_path):
     rows = [{"question": f"{i}*{i + 1}", "choices": choices, "answer": i % 4} for i in range(7)]
     test = [{"question": "9*9", "choices": choices, "answer": 0}]
     choice_task = load_task(
-        write_task_files(tmp_path / "c", rows, test, name="c", scorer="choice", scorer_args={"choices_field": "choices"})
+        write_task_files(
+            tmp_path / "c", rows, test, name="c", scorer="choice", scorer_args={"choices_field": "choices"}
+        )
     )
     ppl_rows = [{"question": f"{i}+{i}", "answer": str(2 * i)} for i in range(5)]
-    ppl_task = load_task(write_task_files(tmp_path / "p", ppl_rows, [{"question": "x", "answer": "y"}], name="p", scorer="perplexity"))
+    ppl_task = load_task(
+        write_task_files(
+            tmp_path / "p", ppl_rows, [{"question": "x", "answer": "y"}], name="p", scorer="perplexity"
+        )
+    )
     report = Evaluator(tokenizer, [choice_task, ppl_task], batch_size=5).evaluate(model)
     expected = []
     for row in rows:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import write_task_files
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import write_task_files
 from evomerge.errors import TaskError
 from evomerge.evaluate import Evaluator, load_task
 
@@ -49,11 +49,21 @@ def test_lm_eval_task_scores_like_our_choice_scorer(tmp_path, tiny_llama):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
 
     report = evaluate_lm_eval(
-        model, tokenizer, ["evomerge_tiny_choice"], include_path=task_dir, include_defaults=False, batch_size=4
+        model,
+        tokenizer,
+        ["evomerge_tiny_choice"],
+        include_path=task_dir,
+        include_defaults=False,
+        batch_size=4,
     )
     ours = load_task(
-        write_task_files(tmp_path / "ours", ROWS, [{"question": "x", "choices": CHOICES, "answer": 0}],
-                         scorer="choice", scorer_args={"choices_field": "choices"})
+        write_task_files(
+            tmp_path / "ours",
+            ROWS,
+            [{"question": "x", "choices": CHOICES, "answer": 0}],
+            scorer="choice",
+            scorer_args={"choices_field": "choices"},
+        )
     )
     expected = Evaluator(tokenizer, [ours], batch_size=4).evaluate(model)["t"]
     assert 0.0 < expected.score < 1.0  # a mix of right and wrong documents, so the comparison has teeth
@@ -62,5 +72,9 @@ def test_lm_eval_task_scores_like_our_choice_scorer(tmp_path, tiny_llama):
     assert score.values == expected.values
     assert score.score == pytest.approx(expected.score)
 
-    with pytest.raises(TaskError, match="'evomerge_tiny_choise' is not known.*did you mean 'evomerge_tiny_choice'"):
-        evaluate_lm_eval(model, tokenizer, ["evomerge_tiny_choise"], include_path=task_dir, include_defaults=False)
+    with pytest.raises(
+        TaskError, match="'evomerge_tiny_choise' is not known.*did you mean 'evomerge_tiny_choice'"
+    ):
+        evaluate_lm_eval(
+            model, tokenizer, ["evomerge_tiny_choise"], include_path=task_dir, include_defaults=False
+        )

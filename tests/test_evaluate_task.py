@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_task_files
 
+from conftest import write_task_files
 from evomerge.errors import TaskError
 from evomerge.evaluate import load_task
 
@@ -36,7 +36,9 @@ def test_csv_and_parquet_give_the_same_rows_as_jsonl(tmp_path):
         writer.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "all.parquet")
     for file in ("all.csv", "all.parquet"):
-        path = write_task_files(tmp_path / file.replace(".", "_"), [], [], data={"path": f"../{file}", "split_field": "split"})
+        path = write_task_files(
+            tmp_path / file.replace(".", "_"), [], [], data={"path": f"../{file}", "split_field": "split"}
+        )
         task = load_task(path)
         assert [r["question"] for r in task.examples("search")] == [r["question"] for r in SEARCH]
         assert [r["answer"] for r in task.examples("test")] == [r["answer"] for r in TEST]
@@ -110,7 +112,9 @@ def test_missing_field_and_wrong_type(tmp_path):
 
 
 def test_unknown_scorer_and_bad_scorer_args(tmp_path):
-    assert "unknown scorer 'exakt'; did you mean 'exact'" in _error(write_task_files(tmp_path, SEARCH, TEST, scorer="exakt"))
+    assert "unknown scorer 'exakt'; did you mean 'exact'" in _error(
+        write_task_files(tmp_path, SEARCH, TEST, scorer="exakt")
+    )
     message = _error(write_task_files(tmp_path, SEARCH, TEST, scorer="regex", scorer_args={"pattern": "("}))
     assert "'scorer_args.pattern' is not a valid regex" in message
     message = _error(write_task_files(tmp_path, SEARCH, TEST, scorer="regex", scorer_args={"patern": "x"}))
@@ -148,7 +152,10 @@ def test_bad_jsonl_line_is_named(tmp_path):
 
 
 def test_choice_answers_must_name_a_choice(tmp_path):
-    rows = [{"question": "q1", "choices": ["a", "b"], "answer": 1}, {"question": "q2", "choices": ["a", "b"], "answer": "b"}]
+    rows = [
+        {"question": "q1", "choices": ["a", "b"], "answer": 1},
+        {"question": "q2", "choices": ["a", "b"], "answer": "b"},
+    ]
     test = [{"question": "q3", "choices": ["a", "b"], "answer": "c"}]
     path = write_task_files(tmp_path, rows, test, scorer="choice", scorer_args={"choices_field": "choices"})
     assert "answer 'c' is neither an index into nor the text of one of its 'choices'" in _error(path)

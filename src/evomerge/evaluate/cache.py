@@ -38,12 +38,19 @@ class ResultCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, model_fingerprint: str, task_fingerprint: str, split: str, indices: Sequence[int]) -> TaskScore | None:
+    def get(
+        self, model_fingerprint: str, task_fingerprint: str, split: str, indices: Sequence[int]
+    ) -> TaskScore | None:
         """The cached score, or None."""
         return self._entries.get(cache_key(model_fingerprint, task_fingerprint, split, indices))
 
     def put(
-        self, model_fingerprint: str, task_fingerprint: str, split: str, indices: Sequence[int], score: TaskScore
+        self,
+        model_fingerprint: str,
+        task_fingerprint: str,
+        split: str,
+        indices: Sequence[int],
+        score: TaskScore,
     ) -> None:
         """Store a score (and persist the file, if any)."""
         self._entries[cache_key(model_fingerprint, task_fingerprint, split, indices)] = score

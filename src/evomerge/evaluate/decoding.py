@@ -23,7 +23,9 @@ class Generated:
     stopped_by: str  # "eos" | "stop" | "length"
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token rows into (input_ids, attention_mask) so every row's last token is aligned."""
     width = max(len(row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -56,6 +58,7 @@ def greedy_generate(
 
     `stop_hit(tail_ids)` is asked, for rows still running only, whether the decoded tail of their
     generation (last `stop_window` tokens) contains a stop string; such rows stop right there.
+    Finished rows leave the batch (and the cache); the loop ends when no row is left.
     """
     device = next(model.parameters()).device
     input_ids, mask = left_pad(prompts, pad_id, device)
@@ -71,35 +74,40 @@ def greedy_generate(
         logits_to_keep=1,
     )
     position = _positions(mask)[:, -1:]
+    next_ids = out.logits[:, -1, :].argmax(-1)
     generated: list[list[int]] = [[] for _ in range(batch)]
     reason = ["length"] * batch
-    running = torch.ones(batch, dtype=torch.bool, device=device)
+    alive = list(range(batch))  # original row of each position in the (shrinking) batch
     for step in range(max_new_tokens):
-        next_ids = out.logits[:, -1, :].argmax(-1)
-        is_eos = torch.isin(next_ids, eos).tolist()
-        tokens = next_ids.tolist()
-        for row in running.nonzero().flatten().tolist():
-            if is_eos[row]:
+        tokens, is_eos = next_ids.tolist(), torch.isin(next_ids, eos).tolist()
+        keep = []
+        for slot, row in enumerate(alive):
+            if is_eos[slot]:
                 reason[row] = "eos"
                 continue
-            generated[row].append(tokens[row])
+            generated[row].append(tokens[slot])
             if stop_hit is not None and stop_hit(generated[row][-stop_window:]):
                 reason[row] = "stop"
-        running &= torch.tensor([r == "length" for r in reason], device=device)
-        if not bool(running.any()) or step == max_new_tokens - 1:
+                continue
+            keep.append(slot)
+        if not keep or step == max_new_tokens - 1:
             break
-        # Finished rows keep stepping with a pad token (cheaper than re-packing the cache); their
-        # outputs are ignored, and the mask keeps them from influencing anything.
-        feed = torch.where(running, next_ids, torch.full_like(next_ids, pad_id))
-        mask = torch.cat([mask, torch.ones((batch, 1), dtype=mask.dtype, device=device)], dim=1)
+        if len(keep) < len(alive):
+            # Drop finished rows from the batch and the KV cache: later steps cost only what is running.
+            selected = torch.tensor(keep, device=device)
+            cache.batch_select_indices(selected)
+            mask, position, next_ids = mask[selected], position[selected], next_ids[selected]
+            alive = [alive[slot] for slot in keep]
+        mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
         position = position + 1
         out = model(
-            input_ids=feed[:, None],
+            input_ids=next_ids[:, None],
             attention_mask=mask,
             position_ids=position,
             past_key_values=cache,
             use_cache=True,
         )
+        next_ids = out.logits[:, -1, :].argmax(-1)
     return [Generated(ids, why) for ids, why in zip(generated, reason, strict=True)]
 
 

@@ -311,7 +311,9 @@ class Evaluator:
         generated = sum(len(produced[i].ids) + (produced[i].stopped_by == "eos") for i in chosen)
         return values, outputs, prompt_tokens, generated
 
-    def _loglik_values(self, model: PreTrainedModel, prepared: _Prepared, chosen: list[int]) -> tuple[list[float], int]:
+    def _loglik_values(
+        self, model: PreTrainedModel, prepared: _Prepared, chosen: list[int]
+    ) -> tuple[list[float], int]:
         flat = [(i, j) for i in chosen for j in range(len(prepared.requests[i]))]
         lengths = {key: sum(map(len, prepared.requests[key[0]][key[1]])) for key in flat}
         flat.sort(key=lambda key: -lengths[key])

@@ -36,7 +36,9 @@ def _metric_value(sample: dict[str, Any], metric: str) -> float:
     return float(value)
 
 
-def _task_score(name: str, samples: list[dict[str, Any]], metric: str, higher_is_better: bool, seconds: float) -> TaskScore:
+def _task_score(
+    name: str, samples: list[dict[str, Any]], metric: str, higher_is_better: bool, seconds: float
+) -> TaskScore:
     samples = sorted(samples, key=lambda s: s["doc_id"])
     sign = 1.0 if higher_is_better else -1.0  # keep "higher is better" for every objective
     values = [sign * _metric_value(s, metric) for s in samples]

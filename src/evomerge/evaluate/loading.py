@@ -30,7 +30,9 @@ def load_causal_lm(
         raise ModelError(f"model {path} is not a local model directory with a config.json")
     has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file()
     if not has_safetensors and not allow_pickle:
-        raise ModelError(f"model {path} has no safetensors weights; pass --allow-pickle to load pickled weights")
+        raise ModelError(
+            f"model {path} has no safetensors weights; pass --allow-pickle to load pickled weights"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(

@@ -105,7 +105,12 @@ class GenerativeScorer:
     matches: Callable[[str, Any], bool]
 
     def score(
-        self, generation: str, reference: Any, *, stop: Sequence[str] = (), charset: re.Pattern[str] | None = None
+        self,
+        generation: str,
+        reference: Any,
+        *,
+        stop: Sequence[str] = (),
+        charset: re.Pattern[str] | None = None,
     ) -> float:
         """1.0 if the (stop-truncated) generation's extracted answer matches and passes the charset."""
         extracted = self.extract(truncate_at_stop(generation, stop))

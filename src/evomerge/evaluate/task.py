@@ -133,7 +133,9 @@ def _validation_sentence(path: Path, error: ValidationError) -> str:
     first = _first_error(error)
     loc = tuple(str(part) for part in first["loc"])
     # Drop the discriminator tag pydantic inserts after "data" (it is our internal name, not a key).
-    shown = tuple(part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "data" and part in _TAGS))
+    shown = tuple(
+        part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "data" and part in _TAGS)
+    )
     field = ".".join(shown) or "<root>"
     if first["type"] == "extra_forbidden":
         model = _MODELS_AT.get(loc[:-1], TaskSpec)
@@ -183,12 +185,13 @@ def _read_rows(path: Path, task_file: Path) -> list[Row]:
             return [dict(row) for row in csv.DictReader(handle)]
     if suffix == ".parquet":
         try:
-            import pyarrow.parquet as parquet
+            import pyarrow
+            from pyarrow import parquet
         except ImportError:
             raise TaskError(f"data file {path} is Parquet; install evomerge[parquet] to read it") from None
         try:
             return parquet.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
+        except (pyarrow.ArrowException, OSError, ValueError) as error:
             raise TaskError(f"data file {path} is not a readable Parquet file ({error})") from None
     raise TaskError(f"task file {task_file}: data file {path} must be .jsonl, .csv or .parquet")
 
@@ -201,7 +204,9 @@ def _load_cached_dataset(spec: CachedDataset, task_file: Path) -> tuple[dict[str
     try:
         import datasets
     except ImportError:
-        raise TaskError(f"task file {task_file}: data.dataset needs the `datasets` package installed") from None
+        raise TaskError(
+            f"task file {task_file}: data.dataset needs the `datasets` package installed"
+        ) from None
     if hasattr(datasets.config, "HF_HUB_OFFLINE"):
         datasets.config.HF_HUB_OFFLINE = True
     splits: dict[str, list[Row]] = {}
@@ -209,7 +214,7 @@ def _load_cached_dataset(spec: CachedDataset, task_file: Path) -> tuple[dict[str
     for split, name in (("search", spec.search_split), ("test", spec.test_split)):
         try:
             loaded = datasets.load_dataset(spec.dataset, spec.config, split=name)
-        except Exception as error:  # datasets raises many types; all mean "not usable offline"
+        except Exception as error:  # noqa: BLE001 -- datasets raises many unrelated types, all "not usable offline"
             reason = " ".join(str(error).split())[:200]
             raise TaskError(
                 f"task file {task_file}: dataset {spec.dataset!r} split {name!r} is not available in the "
@@ -225,7 +230,9 @@ def _prompt_fields(prompt: str, task_file: Path) -> list[str]:
     try:
         parsed = list(string.Formatter().parse(prompt))
     except ValueError as error:
-        raise TaskError(f"task file {task_file}: field 'prompt' is not a valid format string ({error})") from None
+        raise TaskError(
+            f"task file {task_file}: field 'prompt' is not a valid format string ({error})"
+        ) from None
     fields = []
     for _, name, _, _ in parsed:
         if name is None:
@@ -240,7 +247,9 @@ def _prompt_fields(prompt: str, task_file: Path) -> list[str]:
 
 def _row_key(row: Row, fields: Sequence[str]) -> str:
     """Content hash of the prompt-relevant fields of a row (what makes two examples 'the same')."""
-    payload = json.dumps([row.get(field) for field in fields], sort_keys=True, default=str, ensure_ascii=False)
+    payload = json.dumps(
+        [row.get(field) for field in fields], sort_keys=True, default=str, ensure_ascii=False
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -323,7 +332,9 @@ class Task:
                         f"(fields: {', '.join(map(str, row))})"
                     )
                 if isinstance(self.scorer, LoglikScorer) and self.scorer.mode == "choice":
-                    _check_choices(row, self.scorer.choices_field or "", spec.answer_field, path, split, number)
+                    _check_choices(
+                        row, self.scorer.choices_field or "", spec.answer_field, path, split, number
+                    )
         if spec.fewshot > len(self._splits["search"]) - 1:
             raise TaskError(
                 f"task file {path}: fewshot={spec.fewshot} needs more than {len(self._splits['search'])} "
@@ -352,7 +363,9 @@ def _check_choices(row: Row, field: str, answer_field: str, path: Path, split: s
     """A choice example needs a non-empty list of choices and an answer naming one of them."""
     choices = row.get(field)
     if not isinstance(choices, list) or not choices:
-        raise TaskError(f"task file {path}: {split} example {number} field {field!r} must be a non-empty list")
+        raise TaskError(
+            f"task file {path}: {split} example {number} field {field!r} must be a non-empty list"
+        )
     if choice_index(choices, row[answer_field]) is None:
         raise TaskError(
             f"task file {path}: {split} example {number} answer {row[answer_field]!r} is neither an index "
@@ -374,12 +387,16 @@ def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
         key = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
             hint = _suggest(key, list(scorer_spec.args_model.model_fields))
-            raise TaskError(f"task file {path}: unknown key 'scorer_args.{key}' for scorer {spec.scorer!r}{hint}") from None
+            raise TaskError(
+                f"task file {path}: unknown key 'scorer_args.{key}' for scorer {spec.scorer!r}{hint}"
+            ) from None
         raise TaskError(f"task file {path}: field 'scorer_args.{key}' is invalid ({first['msg']})") from None
     try:
         return scorer_spec.build(args)
     except re.error as error:
-        raise TaskError(f"task file {path}: field 'scorer_args.pattern' is not a valid regex ({error})") from None
+        raise TaskError(
+            f"task file {path}: field 'scorer_args.pattern' is not a valid regex ({error})"
+        ) from None
 
 
 def _compile_charset(spec: TaskSpec, path: Path) -> re.Pattern[str] | None:
@@ -440,9 +457,9 @@ def load_task(path: str | os.PathLike[str]) -> Task:
 
 
 __all__ = [
+    "SPLITS",
     "CachedDataset",
     "GenerationSpec",
-    "SPLITS",
     "SplitColumn",
     "SplitFiles",
     "Task",
