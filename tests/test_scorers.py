@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from evomerge.evaluate import get_scorer_spec, last_number, numbers_equal, scorer_names, truncate_at_stop
 from evomerge.evaluate.scorers import GenerativeScorer, LoglikScorer
@@ -96,3 +98,18 @@ def test_charset_counts_only_answers_in_the_required_script():
     digits = re.compile(r"[0-9]")
     assert build("number").score("答えは 12", "12", charset=digits) == 1.0  # checks the extracted answer
     assert build("number").score("-12", "-12", charset=digits) == 0.0  # '-' is outside the charset
+
+
+@given(st.integers(min_value=-(10**12), max_value=10**12), st.text(alphabet="abc xyz:=", max_size=12))
+def test_last_number_recovers_any_formatted_integer(value, prefix):
+    assert last_number(f"{prefix} 7 then {value:,}") == str(value)
+    assert numbers_equal(last_number(f"{prefix}{value}.00") or "", value)
+
+
+@given(st.text(max_size=30), st.lists(st.text(min_size=1, max_size=3), max_size=3))
+def test_truncation_is_a_prefix_free_of_stop_strings(text, stops):
+    cut = truncate_at_stop(text, stops)
+    assert text.startswith(cut)
+    assert not any(stop in cut for stop in stops)
+    # Maximal: the cut ends right where the first stop string begins (or the text ends).
+    assert cut == text or any(text[len(cut) :].startswith(stop) for stop in stops)

@@ -145,7 +145,8 @@ class Evaluator:
         self.split = check_split(split)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.dtype = dtype
+        # None: bf16 on CUDA (cast in place on first use), the model's own dtype elsewhere.
+        self.dtype = dtype if dtype is not None or self.device.type != "cuda" else torch.bfloat16
         self._pad_id = _pad_id(tokenizer)
         self._eos_ids = _eos_ids(tokenizer)
         self._prepared = {task.name: self._prepare(task) for task in tasks}
