@@ -1,0 +1,234 @@
+"""Crash-safety and many workers, as real scenarios: subprocesses, real signals, a real PostgreSQL server.
+
+Every scenario checks the run's history against what must hold whatever the timing: each trial that was
+told stays told with the same values, the budget is spent exactly, and no genome is evaluated twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+from postgres import postgres_server
+from safetensors.torch import load_file, save_file
+
+from evomerge.search.config import load_evolve_config
+from evomerge.search.evolve import evolve
+from evomerge.search.run import SearchRun, prepare_run_dir
+from evomerge.search.worker import publish_config
+
+EVALUATED = ("complete", "raced_out", "failed")  # statuses of trials that really ran an evaluation
+CLI = [sys.executable, "-m", "evomerge.cli"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server for this test session (installed with apt when missing)."""
+    with postgres_server() as url:
+        yield url
+
+
+def write_problem(root: Path, parents: list[Path], *, candidates: int, examples: int = 24, storage: str | None = None,
+                  method: str = "task_arithmetic", name: str = "w") -> Path:
+    """A tiny search: two task vectors over a base, one weight per parent, a perplexity task."""
+    rng = random.Random(0)
+    for split in ("search", "test"):
+        rows = [{"question": f"{a}+{b}=", "answer": str(a + b)}
+                for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(examples))]
+        (root / f"sum_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "sum.yaml").write_text(yaml.safe_dump({
+        "name": "sum", "data": {"search": "sum_search.jsonl", "test": "sum_test.jsonl"},
+        "prompt": "{question}", "answer_field": "answer", "scorer": "perplexity",
+    }))
+    config = {
+        "name": name, "base_model": str(parents[0]), "parents": [str(p) for p in parents[1:]], "method": method,
+        "genome": {"weight": {"bounds": [0.0, 1.5]}}, "objectives": [{"task": "sum.yaml"}],
+        "budget": {"candidates": candidates, "population": 4}, "racing": {"enabled": False},
+        "optimizer": "random", "seed": 3, "batch_size": 8,
+    }
+    if storage is not None:
+        config["storage"] = storage
+    path = root / "evolve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def coordinate(config_path: Path, run_dir: Path) -> optuna.Study:
+    """The coordinator's bookkeeping without baselines: the study exists and holds the frozen config."""
+    config, root = load_evolve_config(config_path)
+    prepare_run_dir(config_path, config, run_dir)
+    run = SearchRun(config, root, run_dir)
+    study = run.open_study(x0=None)
+    publish_config(study, config, root)
+    return study
+
+
+def start_worker(target: str, study: str, index: int, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*CLI, "worker", target, "--study", study, "--index", str(index), "--heartbeat", "1",
+                             "--grace", "3", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> None:
+    _, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err.decode()[-2000:]
+
+
+def evaluated_keys(study: optuna.Study) -> Counter:
+    return Counter(t.user_attrs["genome_key"] for t in study.get_trials(deepcopy=False)
+                   if t.user_attrs.get("status") in EVALUATED)
+
+
+def assert_history_complete(study: optuna.Study, budget: int) -> None:
+    """Budget spent exactly, nothing left in flight, no genome evaluated twice, duplicates point at originals."""
+    trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state for t in trials)
+    assert states[optuna.trial.TrialState.RUNNING] == 0 and states[optuna.trial.TrialState.WAITING] == 0
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
+    retried |= {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
+    counted = [t for t in trials if t.number not in retried]
+    assert len(counted) == budget
+    assert all(t.user_attrs.get("status") in (*EVALUATED, "duplicate") for t in counted)
+    assert max(evaluated_keys(study).values()) == 1
+    by_number = {t.number: t for t in trials}
+    for trial in counted:
+        if trial.user_attrs["status"] == "duplicate":
+            original = by_number[trial.user_attrs["duplicate_of"]]
+            assert original.user_attrs["genome_key"] == trial.user_attrs["genome_key"]
+            assert original.values == trial.values
+
+
+def test_killed_worker_candidate_is_requeued_and_completed_elsewhere(tiny_llama, tmp_path, postgres_url):
+    # Many examples make one candidate take seconds, so the kill lands mid-evaluation.
+    config_path = write_problem(tmp_path, [tiny_llama(0), tiny_llama(1), tiny_llama(2)], candidates=3,
+                                examples=400, storage=postgres_url, name="killed")
+    study = coordinate(config_path, tmp_path / "run")
+    victim = start_worker(postgres_url, "killed", 0)
+    deadline = time.monotonic() + 120
+    in_flight = []
+    while not in_flight and time.monotonic() < deadline:
+        time.sleep(0.2)
+        in_flight = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "recipe" in t.user_attrs]
+    assert in_flight, "the worker never started a candidate"
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = in_flight[0]
+    finish(start_worker(postgres_url, "killed", 1))
+
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials.values() if killed.number in t.system_attrs.get("retry_history", ())]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state == optuna.trial.TrialState.COMPLETE
+    before = [t for t in trials.values() if t.number < killed.number]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in before)  # nothing else lost
+    assert_history_complete(study, 3)
+
+
+def test_four_workers_share_one_study_without_loss_or_double_evaluation(tiny_llama, tmp_path, postgres_url):
+    config_path = write_problem(tmp_path, [tiny_llama(0), tiny_llama(1), tiny_llama(2)], candidates=10,
+                                storage=postgres_url, name="four")
+    study = coordinate(config_path, tmp_path / "run")
+    # The same genome queued three times: exactly one worker may evaluate it; the others copy its result.
+    twin = {"weight.m0.all": 0.25, "weight.m1.all": 0.75}
+    for _ in range(3):
+        study.enqueue_trial(twin, skip_if_exists=False)
+    workers = [start_worker(postgres_url, "four", index) for index in range(4)]
+    for worker in workers:
+        finish(worker)
+    assert_history_complete(study, 10)
+    twins = [t for t in study.get_trials() if t.params == twin]
+    assert sorted(t.user_attrs["status"] for t in twins) == ["complete", "duplicate", "duplicate"]
+    devices = Counter(t.user_attrs.get("device") for t in study.get_trials() if t.user_attrs.get("status") == "complete")
+    assert devices == Counter({"cpu": sum(devices.values())})
+
+
+def test_coordinator_killed_repeatedly_then_resumed_loses_nothing(tiny_llama, tmp_path):
+    budget = 9
+    config_path = write_problem(tmp_path, [tiny_llama(0), tiny_llama(1), tiny_llama(2)], candidates=budget)
+    run_dir = tmp_path / "run"
+    url = f"sqlite:///{run_dir / 'study.db'}"
+    rng = random.Random(11)
+    told: dict[int, tuple] = {}
+    for kill in range(3):
+        process = subprocess.Popen([*CLI, "evolve", str(config_path), "--run", str(run_dir)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        target = len(told) + 1 + rng.randint(0, 1)  # a random point: after one or two more candidates
+        while process.poll() is None:
+            time.sleep(0.1)
+            try:
+                trials = optuna.load_study(study_name="w", storage=url).get_trials(deepcopy=False)
+            except (KeyError, Exception):  # the study (or its tables) may not exist yet
+                continue
+            if sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= target:
+                time.sleep(rng.uniform(0, 0.5))
+                break
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        study = optuna.load_study(study_name="w", storage=url)
+        for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+            # Whatever was told before a kill is never re-told differently afterwards.
+            assert told.setdefault(trial.number, tuple(trial.values)) == tuple(trial.values)
+    resumed = subprocess.run([*CLI, "evolve", str(config_path), "--run", str(run_dir)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    study = optuna.load_study(study_name="w", storage=url)
+    final = {t.number: tuple(t.values) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+    assert all(final[number] == values for number, values in told.items())
+    assert_history_complete(study, budget)
+    assert json.loads((run_dir / "run.json").read_text())["candidates"] == budget
+
+
+def test_nan_recipe_is_recorded_failed_and_the_run_goes_on(tiny_llama, tmp_path):
+    # A parent whose task vector overflows float32 at weight 1.5 (3e38 * 1.5 = inf) but not at 0.5.
+    hot = tmp_path / "hot"
+    shutil.copytree(tiny_llama(1), hot)
+    tensors = load_file(hot / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], 3e38)
+    save_file(tensors, hot / "model.safetensors", metadata={"format": "pt"})
+    config_path = write_problem(tmp_path, [tiny_llama(0), hot, tiny_llama(2)], candidates=3)
+    config, root = load_evolve_config(config_path)
+    prepare_run_dir(config_path, config, tmp_path / "run")
+    study = SearchRun(config, root, tmp_path / "run").open_study(x0=None)
+    study.enqueue_trial({"weight.m0.all": 1.5, "weight.m1.all": 0.5})  # inf in the merged weights
+    study.enqueue_trial({"weight.m0.all": 0.0, "weight.m1.all": 0.5})  # the hot task vector switched off
+    evolve(config_path, tmp_path / "run")
+    trials = study.get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].user_attrs["status"] == "failed"
+    assert "finite" in trials[0].user_attrs["failure"].lower()
+    assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].user_attrs["status"] == "complete"
+    # A random third candidate either overflows in the forward pass (failed, with the reason) or completes.
+    third = trials[2].user_attrs
+    assert third["status"] == "complete" or "non-finite" in third["failure"]
+    assert len(trials) == 3
+
+
+def test_changed_parent_is_refused_on_resume_unless_accepted(tiny_llama, tmp_path):
+    parent = tmp_path / "parent"
+    shutil.copytree(tiny_llama(1), parent)
+    config_path = write_problem(tmp_path, [tiny_llama(0), parent, tiny_llama(2)], candidates=1)
+    command = [*CLI, "evolve", str(config_path), "--run", str(tmp_path / "run")]
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    # Same weights rewritten (new mtime): the fingerprint differs, the content does not — accepted silently.
+    tensors = load_file(parent / "model.safetensors")
+    save_file(tensors, parent / "model.safetensors", metadata={"format": "pt"})
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
+    save_file(tensors, parent / "model.safetensors", metadata={"format": "pt"})
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert "changed since run" in refused.stderr and "--accept-changed-parents" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    accepted = subprocess.run([*command, "--accept-changed-parents"], capture_output=True, text=True)
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
