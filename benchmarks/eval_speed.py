@@ -5,6 +5,7 @@ greedy outputs are token-for-token identical and prints examples/s, generated to
 
     python benchmarks/eval_speed.py                         # CPU, small model (the RESULTS.md figures)
     python benchmarks/eval_speed.py --device cuda --size 1b # ~1.1B Llama in bf16, 64 x 64 tokens, 64 new
+    python benchmarks/eval_speed.py --stop a --stop e       # rows end at different steps (stop strings)
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evomerge.evaluate import Evaluator, default_dtype, load_task
+from evomerge.evaluate import Evaluator, default_dtype, load_task, truncate_at_stop
 from evomerge.zoo.tokenizer import build_char_tokenizer
 
 # (hidden, layers, intermediate, heads, kv heads, vocab): "1b" is TinyLlama-1.1B's shape.
@@ -59,7 +60,7 @@ def build_model(size: str, tokenizer, device: str, dtype: torch.dtype) -> LlamaF
     return model
 
 
-def write_task(directory: Path, prompts: int, prompt_tokens: int, new_tokens: int) -> Path:
+def write_task(directory: Path, prompts: int, prompt_tokens: int, new_tokens: int, stop: list[str]) -> Path:
     """A task of random character strings (one token per character with the char tokenizer)."""
     rng = random.Random(0)
     rows = [
@@ -71,7 +72,7 @@ def write_task(directory: Path, prompts: int, prompt_tokens: int, new_tokens: in
     path = directory / "speed.yaml"
     path.write_text(
         "name: speed\ndata: {search: search.jsonl, test: test.jsonl}\nprompt: '{q}'\nanswer_field: a\n"
-        f"scorer: exact\ngeneration: {{max_new_tokens: {new_tokens}}}\n"
+        f"scorer: exact\ngeneration: {{max_new_tokens: {new_tokens}, stop: {json.dumps(stop)}}}\n"
     )
     return path
 
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +108,7 @@ def main() -> None:
     dtype = default_dtype(args.device)
     model = build_model(args.size, tokenizer, args.device, dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        task = load_task(write_task(Path(tmp), args.prompts, args.prompt_tokens, args.new_tokens))
+        task = load_task(write_task(Path(tmp), args.prompts, args.prompt_tokens, args.new_tokens, args.stop))
     evaluator = Evaluator(tokenizer, [task], device=args.device, batch_size=args.batch_size, dtype=dtype)
     prompts = task.prompts("search")
     indices = list(range(len(prompts)))
@@ -114,7 +116,12 @@ def main() -> None:
         "do_sample": False,
         "max_new_tokens": args.new_tokens,
         "pad_token_id": tokenizer.pad_token_id,
+        **({"stop_strings": args.stop, "tokenizer": tokenizer} if args.stop else {}),
     }
+
+    def text(ids: list[int]) -> str:
+        """What gets scored: the decoded generation cut at the first stop string."""
+        return truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), args.stop)
 
     def ours() -> list[list[int]]:
         produced = evaluator.generate(model, "speed", indices)
@@ -143,25 +150,28 @@ def main() -> None:
     model.generate(**tokenizer(prompts[:2], return_tensors="pt", padding=True).to(args.device), **gen_kwargs)
 
     reference, ours_s = timed(ours, args.device)
+    # Useful tokens: up to the stop (or the limit), the same for every method when outputs agree.
+    tokens = sum(len(ids) for ids in reference)
     rows = [("evomerge Evaluator", ours_s, reference)]
     for name, fn in (("HF generate, batched", hf_batched), ("HF generate, per example", hf_loop)):
         out, seconds = timed(fn, args.device)
         rows.append((name, seconds, out))
+    expected = [text(ids) for ids in reference]
 
     params = sum(p.numel() for p in model.parameters())
     print(
         f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else platform.processor() or platform.machine()}), "
         f"threads={torch.get_num_threads()}, load={os.getloadavg()[0]:.1f}, size={args.size} ({params / 1e6:.1f}M params, {dtype}), "
-        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, batch {args.batch_size}"
+        f"{args.prompts} prompts x {args.prompt_tokens} tokens, {args.new_tokens} new tokens, batch {args.batch_size}, "
+        f"stop={args.stop}, {tokens / len(reference):.1f} tokens generated per example"
     )
     print(
         f"{'method':<26} {'seconds':>8} {'examples/s':>11} {'gen tok/s':>10} {'ours is x faster':>17} {'identical':>10}"
     )
     for name, seconds, out in rows:
-        tokens = sum(len(o) for o in out)
         print(
             f"{name:<26} {seconds:>8.2f} {len(out) / seconds:>11.2f} {tokens / seconds:>10.1f} "
-            f"{seconds / ours_s:>17.2f} {out == reference!s:>10}"
+            f"{seconds / ours_s:>17.2f} {[text(ids) for ids in out] == expected!s:>10}"
         )
 
 

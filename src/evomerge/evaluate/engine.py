@@ -135,6 +135,8 @@ class Evaluator:
         batch_size: int = 64,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if not tasks:
+            raise ValueError("an Evaluator needs at least one task")
         names = [task.name for task in tasks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
