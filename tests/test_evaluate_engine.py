@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_task_files
+from evomerge.errors import TaskError
 from evomerge.evaluate import Evaluator, ResultCache, load_task, mean_and_stderr, truncate_at_stop
 
 MAX_NEW = 10
@@ -192,3 +193,31 @@ def test_weights_overwritten_in_place_are_seen_and_cache_is_keyed_by_fingerprint
     assert evaluator.evaluate(model, cache=reloaded, model_fingerprint="m0")["t"].to_dict() == first.to_dict()
     assert evaluator.evaluate(model, cache=reloaded, model_fingerprint="m1")["t"].outputs == expected_other
     assert len(reloaded) == 2
+
+
+def test_empty_prompt_and_empty_continuation(lm, tmp_path):
+    model, tokenizer = lm
+    rows = [{"question": "", "answer": "1"}, {"question": "5", "answer": "2"}]
+    task = load_task(
+        write_task_files(
+            tmp_path / "g",
+            rows,
+            [{"question": "9", "answer": "0"}],
+            prompt="{question}",
+            generation={"max_new_tokens": 8},
+        )
+    )
+    produced = Evaluator(tokenizer, [task]).generate(model, "t", [0])
+    # An empty prompt is conditioned on BOS alone, exactly like generate() given just BOS.
+    bos = torch.tensor([[tokenizer.bos_token_id]])
+    expected = model.generate(bos, attention_mask=torch.ones_like(bos), do_sample=False, max_new_tokens=8)
+    tokens = expected[0, 1:].tolist()
+    eos = model.generation_config.eos_token_id
+    assert produced[0].ids == (tokens[: tokens.index(eos)] if eos in tokens else tokens)
+    ppl = load_task(
+        write_task_files(
+            tmp_path / "p", [{"question": "1", "answer": ""}, *rows[1:]], rows[:1], scorer="perplexity"
+        )
+    )
+    with pytest.raises(TaskError, match="search example 1 has an empty answer"):
+        Evaluator(tokenizer, [ppl])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from evomerge.errors import TaskError
 from evomerge.evaluate.decoding import Generated, continuation_logprobs, greedy_generate
 from evomerge.evaluate.scorers import GenerativeScorer, LoglikScorer, choice_index, truncate_at_stop
 from evomerge.evaluate.task import Task, check_split
@@ -170,9 +171,12 @@ class Evaluator:
             cont = whole[len(ctx) :]
         else:
             cont = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
-        if not ctx:  # the first continuation token needs a left neighbour to be predicted from
-            ctx = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self._pad_id]
-        return ctx, cont
+        return ctx or self._start_ids(), cont
+
+    def _start_ids(self) -> list[int]:
+        # An empty prompt still needs one token for the first prediction to condition on.
+        bos = self.tokenizer.bos_token_id
+        return [bos if bos is not None else self._pad_id]
 
     def _prepare(self, task: Task) -> _Prepared:
         prompts = task.prompts(self.split)
@@ -184,14 +188,24 @@ class Evaluator:
                     conts = [str(choice) for choice in row[scorer.choices_field or ""]]
                 else:
                     conts = [str(row[task.spec.answer_field])]
-                requests.append([self._pair(prompt, cont) for cont in conts])
+                pairs = [self._pair(prompt, cont) for cont in conts]
+                if any(not cont for _, cont in pairs):
+                    raise TaskError(
+                        f"task {task.name!r}: {self.split} example {len(requests) + 1} has an empty answer or "
+                        "choice to score (it would tokenise to nothing)"
+                    )
+                requests.append(pairs)
             return _Prepared(task, [], requests)
-        return _Prepared(task, [self._encode(prompt) for prompt in prompts], [])
+        return _Prepared(task, [self._encode(prompt) or self._start_ids() for prompt in prompts], [])
 
     def _place(self, model: PreTrainedModel) -> PreTrainedModel:
         """Move/cast the model in place only when it is not already on our device/dtype."""
         param = next(model.parameters())
-        if param.device != self.device or (self.dtype is not None and param.dtype != self.dtype):
+        # "cuda" means the current CUDA device: compare the index only when one was given.
+        wrong_device = param.device.type != self.device.type or (
+            self.device.index is not None and param.device.index != self.device.index
+        )
+        if wrong_device or (self.dtype is not None and param.dtype != self.dtype):
             model.to(device=self.device, dtype=self.dtype)
         return model.eval()
 
