@@ -83,10 +83,23 @@ class DfsConfig(BaseModel):
     """Data-flow-space search: layer paths through the sources (see `evomerge.flow`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    sources: list[str] = Field(min_length=1)
+    sources: list[str] = Field(default_factory=list)
     repeats: PositiveInt = 3
     max_path_length: PositiveInt | None = None
     scale_bounds: tuple[float, float] = (0.5, 2.0)
+    # full: one gene per W entry ((M + 1) x M); factorized: W_ij = a_i * b_j, 2M + 1 genes (large M).
+    scaling: Literal["full", "factorized"] = "full"
+    # A parameter-space run whose champion becomes model A (PS+DFS); exported into that run's directory.
+    ps_run: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DfsConfig:
+        low, high = self.scale_bounds
+        if not 0 < low < high or not math.isfinite(high):
+            raise ValueError(f"scale_bounds [{low}, {high}] must be finite with 0 < low < high")
+        if len(self.sources) + (self.ps_run is not None) < 1:
+            raise ValueError("give at least one entry in `sources` (or a `ps_run`)")
+        return self
 
 
 class EvolveConfig(BaseModel):
