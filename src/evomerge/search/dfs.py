@@ -1,0 +1,404 @@
+"""Data-flow-space (DFS) search: the genome codec over layer paths and the session that evaluates them.
+
+The genome follows Sakana's DFS: one indicator gene per slot of the layout "all source layers in order,
+repeated r times" (gene > 0 = the slot is on the path, in slot order) and scaling genes for the matrix W
+(`evomerge.flow` convention: M + 1 rows, the last one for embedding -> first step). `scaling: full`
+searches every W entry; `scaling: factorized` searches W_ij = a_i * b_j (one "from" factor per source
+layer plus the embedding, one "to" factor per layer), 2M + 1 genes instead of (M + 1) M for large M.
+
+`DfsSession` offers the interface `SearchRun` uses from `SearchSession`, so racing, de-duplication,
+resume, workers, selection and test scoring are shared with the parameter-space search. A decoded
+candidate is a `PathCandidate`; candidates are de-duplicated by their *path* (many indicator vectors
+decode to the same path), and a path that is empty or longer than `max_path_length` is a failed
+candidate with its reason, not an error of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+
+from evomerge.errors import CompatibilityError, ConfigError, ModelError
+from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task
+from evomerge.flow import (
+    MAX_PATH_STEPS,
+    PathModel,
+    PathSpec,
+    check_path_sources,
+    export_path,
+    initial_genome,
+    path_from_genome,
+    slot_layout,
+)
+from evomerge.merge.planner import DTYPES
+from evomerge.models import Checkpoint, CompatReport
+from evomerge.search.config import DfsConfig, EvolveConfig, resolve_path
+from evomerge.search.genome import Gene
+from evomerge.search.run import Objectives, find_trial, load_run
+
+#: Indicator genes live in [-1, 1]; the initial genome puts them at ±1 (`flow.initial_genome`).
+INDICATOR_BOUNDS = (-1.0, 1.0)
+#: Where a `ps_run` champion is exported, inside that PS run's directory.
+PS_CHAMPION_DIR = "dfs_model_a"
+
+
+class InvalidPathError(ValueError):
+    """A candidate genome decodes to no usable path (empty, or longer than the configured limit).
+
+    A `ValueError`, so `SearchRun.step` records the candidate as failed with this reason.
+    """
+
+
+@dataclass(frozen=True)
+class PathCandidate:
+    """A decoded DFS genome: a path, or the reason it is not one."""
+
+    spec: PathSpec | None
+    failure: str | None = None
+
+    @property
+    def key(self) -> str:
+        """De-duplication identity: the path's steps and scales (6 significant digits), or the failure."""
+        text = self.failure if self.spec is None else json.dumps(_rounded(self.spec.to_dict()), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        """What a trial stores under `path`: the spec (`PathSpec.to_dict`) or the failure."""
+        return json.dumps({"path": self.spec.to_dict() if self.spec else None, "failure": self.failure})
+
+    def to_yaml(self) -> str:
+        """The same record as `to_json` (JSON is YAML); used where baselines store their recipe text."""
+        return self.to_json()
+
+    @classmethod
+    def from_json(cls, text: str) -> PathCandidate:
+        """Inverse of `to_json`."""
+        data = json.loads(text)
+        spec = PathSpec.from_dict(data["path"]) if data["path"] is not None else None
+        return cls(spec=spec, failure=data["failure"])
+
+
+def _rounded(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "scales": [float(f"{w:.6g}") for w in data["scales"]], "source_names": []}
+
+
+class DfsGenome:
+    """Codec between a flat gene vector and a `PathCandidate`, for one source layout."""
+
+    def __init__(self, dfs: DfsConfig, layers_per_source: Sequence[int], source_names: Sequence[str]):
+        self.layers_per_source = tuple(layers_per_source)
+        self.source_names = tuple(source_names)
+        self.repeats = dfs.repeats
+        self.scaling = dfs.scaling
+        self.max_steps = dfs.max_path_length or MAX_PATH_STEPS
+        self.slots = slot_layout(self.layers_per_source, self.repeats)
+        self.num_layers = sum(self.layers_per_source)
+        start = initial_genome(self.layers_per_source, self.repeats)
+        genes = [
+            Gene(f"on.{t:03d}.s{s}l{l}", "indicator", None, f"slot{t}", *INDICATOR_BOUNDS, float(start.indicator[t]))
+            for t, (s, l) in enumerate(self.slots)
+        ]
+        genes += self._scale_genes(dfs.scale_bounds)
+        self.genes: tuple[Gene, ...] = tuple(genes)
+
+    def _scale_genes(self, bounds: tuple[float, float]) -> list[Gene]:
+        m = self.num_layers
+        low, high = bounds
+        if self.scaling == "full":
+            return [
+                Gene(f"w.{_row(i, m)}.{j}", "scale", None, f"{_row(i, m)}->{j}", low, high, _clip(1.0, low, high))
+                for i in range(m + 1)
+                for j in range(m)
+            ]
+        # Each factor in [sqrt(low), sqrt(high)] keeps every product a_i * b_j inside [low, high].
+        f_low, f_high = math.sqrt(low), math.sqrt(high)
+        init = _clip(1.0, f_low, f_high)
+        rows = [Gene(f"a.{_row(i, m)}", "scale_from", None, _row(i, m), f_low, f_high, init) for i in range(m + 1)]
+        cols = [Gene(f"b.{j}", "scale_to", None, str(j), f_low, f_high, init) for j in range(m)]
+        return rows + cols
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    @property
+    def names(self) -> list[str]:
+        """Gene names in genome order."""
+        return [gene.name for gene in self.genes]
+
+    def matrices(self, values: Mapping[str, float]) -> tuple[np.ndarray, np.ndarray]:
+        """The indicator vector (T,) and scaling matrix (M + 1, M) a genome stands for."""
+        m = self.num_layers
+        indicator = np.array([values[gene.name] for gene in self.genes[: len(self.slots)]], dtype=np.float64)
+        rest = np.array([values[gene.name] for gene in self.genes[len(self.slots) :]], dtype=np.float64)
+        scales = rest.reshape(m + 1, m) if self.scaling == "full" else np.outer(rest[: m + 1], rest[m + 1 :])
+        return indicator, scales
+
+    def decode(self, values: Mapping[str, float] | Sequence[float], *, seed: int = 0) -> PathCandidate:
+        """The path a genome stands for; an empty or too long path is a `PathCandidate` with a failure.
+
+        `seed` is accepted for interface parity with the parameter-space codec; paths are deterministic.
+        """
+        if not isinstance(values, Mapping):
+            values = dict(zip(self.names, values, strict=True))
+        indicator, scales = self.matrices(values)
+        length = int((indicator > 0).sum())
+        if length == 0:
+            return PathCandidate(None, "the indicator genes switch every slot off, so the path is empty")
+        if length > self.max_steps:
+            return PathCandidate(None, f"the path has {length} steps, more than max_path_length {self.max_steps}")
+        spec = path_from_genome(
+            indicator, scales, self.layers_per_source, self.repeats,
+            source_names=self.source_names, max_steps=self.max_steps,
+        )
+        return PathCandidate(spec)
+
+    def initial(self) -> dict[str, float]:
+        """The paper's starting genome: model A's layers on once, every scale 1 (clipped to the bounds)."""
+        return {gene.name: gene.init for gene in self.genes}
+
+    @property
+    def merged_models(self) -> list[str]:
+        """The sources (what `SearchRun` evaluates as parent baselines)."""
+        return list(self.source_names)
+
+
+def _row(i: int, m: int) -> str:
+    return "emb" if i == m else str(i)
+
+
+def _clip(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
+
+
+@dataclass(frozen=True)
+class SourcePool:
+    """The resident sources as run evidence sees them: checkpoints by ref and a compatibility report."""
+
+    checkpoints: dict[str, Checkpoint]
+    compat: CompatReport
+
+
+def ps_champion_source(ps_run: str | Path) -> Path:
+    """Export the champion of a parameter-space run into `<ps_run>/dfs_model_a` (reused once written).
+
+    The export records the trial it came from in `lineage.json`; a stale export (the run's champion
+    changed) is refused rather than silently reused.
+    """
+    from evomerge.lineage.packet import LINEAGE_FILE, export_candidate  # lineage imports search
+
+    run_dir = Path(ps_run)
+    config, study = load_run(run_dir)
+    if config.dfs is not None:
+        raise ConfigError(f"dfs.ps_run {run_dir} is a layer-path run; it must be a parameter-space run")
+    selection = study.user_attrs.get("selection")
+    if selection is None:
+        raise ConfigError(f"dfs.ps_run {run_dir} has no champion yet; let that evolve finish first")
+    out = run_dir / PS_CHAMPION_DIR
+    lineage = out / LINEAGE_FILE
+    if lineage.is_file():
+        exported = json.loads(lineage.read_text())["run"]["trial"]
+        if exported != selection["champion"]:
+            raise ConfigError(
+                f"{out} holds candidate {exported} but the champion of {run_dir} is candidate "
+                f"{selection['champion']}; delete {out} to export the new champion"
+            )
+        return out
+    export_candidate(run_dir, "champion", out)
+    return out
+
+
+def resolve_sources(dfs: DfsConfig, root: Path) -> list[str]:
+    """Source directories in path order: the `ps_run` champion first (model A), then `sources`."""
+    sources = [resolve_path(ref, root) for ref in dfs.sources]
+    if dfs.ps_run is not None:
+        sources.insert(0, str(ps_champion_source(resolve_path(dfs.ps_run, root))))
+    return sources
+
+
+def source_configs(sources: Sequence[str]) -> list[PretrainedConfig]:
+    """Each source's config (no weights read); a missing or unreadable one raises `ModelError`."""
+    configs = []
+    for source in sources:
+        try:
+            configs.append(AutoConfig.from_pretrained(source))
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot read the config of DFS source {source}: {' '.join(str(error).split())}") from None
+    return configs
+
+
+def check_dfs_sources(dfs: DfsConfig, sources: Sequence[str], configs: Sequence[PretrainedConfig]) -> None:
+    """Everything that can be refused before weights load: architecture, shared shapes, tokenizer, limits."""
+    layers = [config.num_hidden_layers for config in configs]
+    # The initial path (model A's layers) is the CMA-ES mean; it must itself be a valid candidate.
+    start = PathSpec(tuple(layers), tuple((0, l) for l in range(layers[0])), (1.0,) * layers[0])
+    check_path_sources(configs, start)
+    limit = dfs.max_path_length
+    if limit is not None and limit > MAX_PATH_STEPS:
+        raise ConfigError(f"dfs.max_path_length {limit} exceeds the largest supported path of {MAX_PATH_STEPS} steps")
+    if limit is not None and limit < layers[0]:
+        raise ConfigError(
+            f"dfs.max_path_length {limit} is shorter than model A's {layers[0]} layers, the search's starting path"
+        )
+    fingerprints = {source: Checkpoint.open(source).tokenizer_fingerprint() for source in sources}
+    first = fingerprints[sources[0]]
+    for source, fingerprint in fingerprints.items():
+        if fingerprint != first:
+            raise CompatibilityError(
+                f"DFS source {source} has a different tokenizer than model A ({sources[0]}); a path reads "
+                "model A's embeddings, so all sources must share one vocabulary"
+            )
+
+
+class DfsSession:
+    """Everything a layer-path candidate evaluation needs, loaded once: the sources and the tasks.
+
+    Offers the `SearchSession` interface `SearchRun` uses. `model` is what `evaluate` scores: a
+    `PathModel` over the resident sources (built per candidate; no weights are copied) or, for parent
+    baselines, a source model itself.
+    """
+
+    def __init__(self, config: EvolveConfig, root: Path):
+        assert config.dfs is not None
+        self.config = config
+        self.root = root
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.base = None
+        self.sources = resolve_sources(config.dfs, root)
+        configs = source_configs(self.sources)
+        check_dfs_sources(config.dfs, self.sources, configs)
+        self.objectives = Objectives(
+            tasks=[load_task(resolve_path(o.task, root)) for o in config.objectives],
+            weights=[o.weight for o in config.objectives],
+            directions=[o.direction for o in config.objectives],
+            pareto=config.combine == "pareto",
+        )
+        layers = [c.num_hidden_layers for c in configs]
+        self.genome = DfsGenome(config.dfs, layers, self.sources)
+        loaded = [load_causal_lm(s, device=self.device, dtype=self.dtype, allow_pickle=config.allow_pickle) for s in self.sources]
+        self.source_models: list[PreTrainedModel] = [model for model, _ in loaded]
+        self.tokenizer = loaded[0][1]
+        self.merger = _source_pool(self.sources, configs, config.allow_pickle)
+        self.model: torch.nn.Module = self.source_models[0]
+        self.search_eval = Evaluator(
+            self.tokenizer, self.objectives.tasks, "search", device=self.device, batch_size=config.batch_size
+        )
+        self._test_eval: Evaluator | None = None
+
+    @property
+    def test_eval(self) -> Evaluator:
+        """The test-split evaluator, built on first use (the search never touches it)."""
+        if self._test_eval is None:
+            self._test_eval = Evaluator(
+                self.tokenizer, self.objectives.tasks, "test", device=self.device, batch_size=self.config.batch_size
+            )
+        return self._test_eval
+
+    def sizes(self) -> dict[str, int]:
+        """Search-split size per task."""
+        return {task.name: len(task.examples("search")) for task in self.objectives.tasks}
+
+    def describe(self, genes: Mapping[str, float], candidate: PathCandidate) -> tuple[str, dict[str, Any]]:
+        """De-duplication key (by path, not by genes) and the trial attributes recording the candidate."""
+        return candidate.key, {"path": candidate.to_json()}
+
+    def candidate_of(self, trial: optuna.trial.FrozenTrial) -> PathCandidate:
+        """The path a trial stored."""
+        return PathCandidate.from_json(trial.user_attrs["path"])
+
+    def load_recipe(self, candidate: PathCandidate) -> float:
+        """Make `candidate`'s path the live model; returns the seconds taken (no weights move)."""
+        if candidate.spec is None:
+            raise InvalidPathError(candidate.failure)
+        started = time.perf_counter()
+        self.model = PathModel(self.source_models, candidate.spec)
+        return time.perf_counter() - started
+
+    load_streamed = load_recipe  # baselines are paths too
+
+    def load_checkpoint(self, ref: str) -> None:
+        """Make a source model itself the live model (parent baselines)."""
+        self.model = self.source_models[self.sources.index(ref)]
+
+    def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport:
+        """Score the live model on a split (optionally only `indices` per task)."""
+        evaluator = self.search_eval if split == "search" else self.test_eval
+        return evaluator.evaluate(self.model, indices=indices)
+
+    def baselines(self) -> dict[str, PathCandidate]:
+        """Untuned paths: every source's layers stacked once at scale 1 (the frankenmerge), if within the limit."""
+        steps = tuple((s, l) for s, n in enumerate(self.genome.layers_per_source) for l in range(n))
+        if len(steps) > self.genome.max_steps:
+            return {}
+        spec = PathSpec(self.genome.layers_per_source, steps, (1.0,) * len(steps), self.genome.source_names)
+        return {"stack_all_layers": PathCandidate(spec)}
+
+
+def _source_pool(sources: Sequence[str], configs: Sequence[PretrainedConfig], allow_pickle: bool) -> SourcePool:
+    checkpoints = {source: Checkpoint.open(source, allow_pickle=allow_pickle) for source in sources}
+    first = checkpoints[sources[0]]
+    report = CompatReport(
+        architecture=first.architecture,
+        model_type=first.model_type,
+        num_layers=sum(c.num_hidden_layers for c in configs),
+        tensor_names=(),
+        tokenizer_fingerprints={s: c.tokenizer_fingerprint() for s, c in checkpoints.items()},
+        config_donor=Path(sources[0]),
+        tokenizer_donor=Path(sources[0]),
+        row_alignments=(),
+        config_updates={},
+        notes=("layer-path sources: shared shapes and tokenizer checked; model A gives embeddings and head",),
+        verdict=f"compatible for layer paths: {len(sources)} source(s), one tokenizer",
+    )
+    return SourcePool(checkpoints, report)
+
+
+def export_path_candidate(
+    run_dir: str | Path, candidate: str, out_dir: str | Path, *, overwrite: bool = False
+) -> Path:
+    """Write a DFS run's candidate as a release packet: the folded checkpoint plus lineage, evaluation and card.
+
+    Raises `ExportError` when the path cannot be folded (a scale <= 0). The packet is assembled beside
+    `out_dir` and moved into place only when complete.
+    """
+    from evomerge.lineage.packet import packet_files  # lineage imports search
+
+    config, study = load_run(run_dir)
+    trial = find_trial(study, candidate)
+    path = PathCandidate.from_json(trial.user_attrs["path"])
+    if path.spec is None:
+        raise ConfigError(f"candidate {trial.number} is not a valid path ({path.failure}); nothing to export")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace it")
+    sources = list(path.spec.source_names)
+    staging = out_dir.with_name(f".{out_dir.name}.dfs-{os.getpid()}")
+    try:
+        export_path(path.spec, sources, staging)
+        files = packet_files(
+            run_dir, config, study, trial, method="dfs", parents=sources, base_model=None,
+            recipe_text=json.dumps(path.spec.to_dict(), indent=2),
+            searched="layer paths through its parents (data-flow-space merging; scales folded into the weights)",
+        )
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
