@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from evomerge.search.run import SearchRun, recipe_of, score_table
+from evomerge.search.run import SearchRun, score_table
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def evaluate_on_test(run: SearchRun, selection: Selection) -> dict[str, Any]:
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     for number, labels in roles.items():
         trial = trials[number]
-        session.load_recipe(recipe_of(trial))
+        session.load_recipe(session.candidate_of(trial))
         results[f"candidate:{number}"] = {
             "kind": "candidate",
             "roles": labels,

@@ -192,6 +192,23 @@ class SearchSession:
         evaluator = self.search_eval if split == "search" else self.test_eval
         return evaluator.evaluate(self.model, indices=indices)
 
+    def describe(self, genes: Mapping[str, float], recipe: Recipe) -> tuple[str, dict[str, Any]]:
+        """A candidate's de-duplication key and the trial attributes that record what it is."""
+        return genome_key(genes), {"recipe": recipe.to_yaml()}
+
+    def candidate_of(self, trial: optuna.trial.FrozenTrial) -> Recipe:
+        """The candidate a trial recorded (inverse of `describe`)."""
+        return recipe_of(trial)
+
+
+def open_session(config: EvolveConfig, root: Path) -> SearchSession:
+    """The session for the config's search space: merge recipes, or layer paths when `dfs` is set."""
+    if config.dfs is not None:
+        from evomerge.search.dfs import DfsSession  # builds on this module
+
+        return DfsSession(config, root)
+    return SearchSession(config, root)
+
 
 def combine_scores(first: TaskScore, rest: TaskScore) -> TaskScore:
     """One task's score over the union of two disjoint example sets."""
@@ -232,7 +249,7 @@ class SearchRun:
     study: optuna.Study = field(init=False)
 
     def __post_init__(self) -> None:
-        self.session = SearchSession(self.config, self.root)
+        self.session = open_session(self.config, self.root)
         self.genome = self.session.genome
         self.popsize = population_size(self.config, len(self.genome))
         self.race = plan_race(self.session.sizes(), self.config.racing.first_fraction, self.config.seed)
@@ -273,6 +290,8 @@ class SearchRun:
     # --- baselines ------------------------------------------------------------------------------
     def baseline_recipes(self) -> dict[str, Recipe]:
         """Untuned merges every run is compared against (parents alone are evaluated separately)."""
+        if self.config.dfs is not None:
+            return self.session.baselines()
         merged = self.genome.merged_models
         uniform = 1.0 / len(merged)
         common = {"base_model": self.session.base, "seed": self.config.seed}
@@ -339,7 +358,7 @@ class SearchRun:
         """The CMA-ES mean: the best baseline the genome can express, if it beats the default start."""
         expressible = {name: b for name, b in baselines.items() if "genome" in b}
         if not expressible:
-            return None
+            return self.genome.initial() if self.config.dfs is not None else None
         best = max(expressible.values(), key=lambda b: b["fitness"])
         return best["genome"]
 
@@ -396,11 +415,12 @@ class SearchRun:
         trial = self.ask()
         generation = trial.number // self.popsize
         genes = {name: trial.params[name] for name in self.genome.names}
-        key = genome_key(genes)
         recipe = self.genome.decode(genes, seed=self.config.seed)
+        key, record = self.session.describe(genes, recipe)
         trial.set_user_attr("generation", generation)
         trial.set_user_attr("genome_key", key)
-        trial.set_user_attr("recipe", recipe.to_yaml())
+        for name, value in record.items():
+            trial.set_user_attr(name, value)
         duplicate = self.find_duplicate(trial, key)
         if duplicate is not None:
             return self._tell_duplicate(trial, generation, duplicate)
@@ -527,6 +547,6 @@ def find_trial(study: optuna.Study, candidate: str) -> optuna.trial.FrozenTrial:
     if not candidate.isdigit() or int(candidate) not in trials:
         raise ConfigError(f"candidate '{candidate}' is not a trial number of this run (0..{len(trials) - 1})")
     trial = trials[int(candidate)]
-    if "recipe" not in trial.user_attrs:
+    if "recipe" not in trial.user_attrs and "path" not in trial.user_attrs:
         raise ConfigError(f"candidate {candidate} has no recipe recorded")
     return trial
