@@ -44,9 +44,9 @@ def write_problem(root: Path, parents: list[Path], *, candidates: int, examples:
                   method: str = "task_arithmetic", name: str = "w") -> Path:
     """A tiny search: two task vectors over a base, one weight per parent, a perplexity task."""
     rng = random.Random(0)
-    for split in ("search", "test"):
+    for split, low, high in (("search", 10, 99), ("test", 100, 999)):  # disjoint splits by construction
         rows = [{"question": f"{a}+{b}=", "answer": str(a + b)}
-                for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(examples))]
+                for a, b in ((rng.randint(low, high), rng.randint(10, 99)) for _ in range(examples))]
         (root / f"sum_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (root / "sum.yaml").write_text(yaml.safe_dump({
         "name": "sum", "data": {"search": "sum_search.jsonl", "test": "sum_test.jsonl"},
