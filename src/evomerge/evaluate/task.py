@@ -67,7 +67,8 @@ class CachedDataset(_Strict):
 
 def _data_kind(value: Any) -> str:
     """Pick the data layout by its distinguishing key, so errors talk about the layout meant."""
-    keys = value.keys() if isinstance(value, Mapping) else vars(value).keys()
+    # Anything else (None, a list, a string) falls to "files", whose validation then names the bad field.
+    keys = value.keys() if isinstance(value, Mapping) else getattr(value, "__dict__", {}).keys()
     if "dataset" in keys:
         return "dataset"
     if "path" in keys or "split_field" in keys:

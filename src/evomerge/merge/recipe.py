@@ -184,7 +184,10 @@ def _from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
     """Translate mergekit's top-level keys into ours; the nested vocabulary is shared."""
     converted = {key: value for key, value in data.items() if key not in MERGEKIT_IGNORED_KEYS}
     converted["method"] = converted.pop("merge_method")
-    parameters = dict(converted.get("parameters") or {})
+    parameters = converted.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise ConfigError(f"{source}: field 'parameters' must be a mapping of parameter names to values")
+    parameters = dict(parameters)
     parameters.pop("int8_mask", None)
     if parameters or "parameters" in converted:
         converted["parameters"] = parameters
