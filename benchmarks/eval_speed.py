@@ -37,7 +37,7 @@ CHARACTERS = string.ascii_letters + string.digits
 
 
 def build_model(size: str, tokenizer, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
-    """A random Llama of the given size whose greedy decoding never emits EOS (fixed-length runs)."""
+    """A random Llama of the given size whose greedy decoding never emits a special token."""
     hidden, layers, inter, heads, kv, vocab = SIZES[size]
     config = LlamaConfig(
         vocab_size=vocab or len(tokenizer),
@@ -54,9 +54,10 @@ def build_model(size: str, tokenizer, device: str, dtype: torch.dtype) -> LlamaF
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
     with torch.no_grad():
-        # Zero logit for EOS/pad: with a random head some other token always wins, so every method
-        # decodes exactly --new-tokens tokens and throughput compares like with like.
-        model.lm_head.weight[[tokenizer.eos_token_id, tokenizer.pad_token_id]] = 0
+        # Zero logit for every special token: with a random head some character always wins, so runs
+        # without stop strings decode exactly --new-tokens tokens, and no "<unk>" ever reaches HF's
+        # stop-string matcher (it matches token strings, while we match decoded text).
+        model.lm_head.weight[tokenizer.all_special_ids] = 0
     return model
 
 

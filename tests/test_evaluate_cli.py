@@ -19,6 +19,7 @@ TEST = [{"question": f"{i}-1", "answer": str(i - 1)} for i in range(3)]
 def invoke(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run the console entry point in-process (fast) and return (exit code, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["evomerge", *args])
+    capsys.readouterr()  # drop earlier output (e.g. progress bars of a fixture building a model)
     with pytest.raises(SystemExit) as info:
         run()
     captured = capsys.readouterr()
