@@ -79,6 +79,5 @@ def postgres_server(database: str = "evomerge") -> Iterator[str]:
 if __name__ == "__main__":  # a manual smoke check: start, connect, stop
     import sqlalchemy
 
-    with postgres_server() as url:
-        with sqlalchemy.create_engine(url).connect() as connection:
-            print(url, connection.execute(sqlalchemy.text("select version()")).scalar())
+    with postgres_server() as url, sqlalchemy.create_engine(url).connect() as connection:
+        print(url, connection.execute(sqlalchemy.text("select version()")).scalar())
