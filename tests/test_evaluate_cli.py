@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import write_task_files
 from evomerge.cli import run
@@ -82,6 +83,15 @@ def test_bad_split_and_unsafe_model_exit_2(tmp_path, tiny_llama, monkeypatch, ca
     (pickled / "pytorch_model.bin").write_bytes(b"")
     code, _, err = invoke(monkeypatch, capsys, "eval", str(pickled), "--task", str(task))
     assert code == 2 and "no safetensors weights" in " ".join(err.split())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_device_without_cuda_exits_2(tmp_path, tiny_llama, monkeypatch, capsys):
+    task = write_task_files(tmp_path, SEARCH, TEST)
+    code, _, err = invoke(
+        monkeypatch, capsys, "eval", str(tiny_llama(seed=0)), "--task", str(task), "--device", "cuda"
+    )
+    assert code == 2 and "CUDA is not available" in " ".join(err.split())
 
 
 def test_eval_prints_table_and_writes_json_in_a_subprocess(tmp_path, tiny_llama):

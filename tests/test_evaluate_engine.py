@@ -221,3 +221,10 @@ def test_empty_prompt_and_empty_continuation(lm, tmp_path):
     )
     with pytest.raises(TaskError, match="search example 1 has an empty answer"):
         Evaluator(tokenizer, [ppl])
+
+
+def test_corrupt_cache_file_is_a_task_error(tmp_path):
+    path = tmp_path / "cache.json"
+    path.write_text("{not json")
+    with pytest.raises(TaskError, match="is not a valid cache file"):
+        ResultCache(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -36,10 +37,25 @@ metric_list:
 """
 
 
-def test_lm_eval_task_scores_like_our_choice_scorer(tmp_path, tiny_llama):
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls on a shared machine: one thread is much faster
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_missing_lm_eval_is_a_clear_error(monkeypatch):
+    from evomerge.evaluate.lmeval import evaluate_lm_eval
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
+    with pytest.raises(TaskError, match=r"pip install 'evomerge\[lmeval\]'"):
+        evaluate_lm_eval(None, None, ["anything"])
+
+
+def test_lm_eval_task_scores_like_our_choice_scorer(tmp_path, tiny_llama, one_thread):
     from evomerge.evaluate import evaluate_lm_eval
 
-    torch.set_num_threads(1)
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     task_dir = tmp_path / "lm_eval_tasks"

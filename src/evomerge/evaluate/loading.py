@@ -25,6 +25,8 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(device)!r} was requested but CUDA is not available on this machine")
     path = Path(ref)
     if not (path / "config.json").is_file():
         raise ModelError(f"model {path} is not a local model directory with a config.json")
