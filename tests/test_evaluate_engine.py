@@ -132,6 +132,22 @@ def test_indices_and_limit_select_examples(lm, tmp_path):
     assert picked.indices == [4, 1] and picked.outputs == [full.outputs[4], full.outputs[1]]
     with pytest.raises(ValueError, match="outside"):
         evaluator.evaluate(model, indices={"t": [5]})
+    with pytest.raises(ValueError, match="unknown tasks"):
+        evaluator.evaluate(model, indices={"u": [0]})
+
+
+def test_indices_evaluate_only_the_tasks_named(lm, tmp_path):
+    model, tokenizer = lm
+    first = load_task(
+        write_task_files(tmp_path, _rows(13, 4), _rows(14, 2), name="a", generation={"max_new_tokens": 2})
+    )
+    second = load_task(
+        write_task_files(tmp_path, _rows(15, 4), _rows(16, 2), name="b", generation={"max_new_tokens": 2})
+    )
+    evaluator = Evaluator(tokenizer, [first, second])
+    assert list(evaluator.evaluate(model).scores) == ["a", "b"]
+    assert list(evaluator.evaluate(model, indices={"b": [2, 3]}).scores) == ["b"]
+    assert list(evaluator.evaluate(model, indices={"a": [], "b": [0]}).scores) == ["b"]  # empty list: skipped
 
 
 def _manual_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:

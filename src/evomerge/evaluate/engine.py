@@ -218,7 +218,9 @@ class Evaluator:
         cache: ResultCache | None = None,
         model_fingerprint: str | None = None,
     ) -> EvalReport:
-        """Score `model` on every task: all examples, the first `limit`, or the given `indices` per task.
+        """Score `model`: every task on all examples, or on the first `limit`, or only the tasks named in
+        `indices` on exactly those example indices (a task with an empty list is skipped; this is what
+        racing needs to evaluate "the rest" of some tasks only).
 
         With a `cache` (and the model's `model_fingerprint`) tasks already scored are not recomputed.
         """
@@ -226,11 +228,12 @@ class Evaluator:
             raise ValueError("pass either indices or limit, not both")
         if cache is not None and model_fingerprint is None:
             raise ValueError("a result cache needs the model_fingerprint")
+        selection = self._selection(indices, limit)
         started = time.perf_counter()
         model = self._place(model)
         scores = {}
-        for name, prepared in self._prepared.items():
-            chosen = self._select(prepared, indices, limit)
+        for name, chosen in selection.items():
+            prepared = self._prepared[name]
             fingerprint = prepared.task.fingerprint()
             cached = cache.get(model_fingerprint, fingerprint, self.split, chosen) if cache else None
             if cached is None:
@@ -240,19 +243,27 @@ class Evaluator:
             scores[name] = cached
         return EvalReport(self.split, scores, time.perf_counter() - started)
 
-    def _select(
-        self, prepared: _Prepared, indices: Mapping[str, Sequence[int]] | None, limit: int | None
-    ) -> list[int]:
-        size = len(prepared.task.examples(self.split))
-        if indices is not None and prepared.task.name in indices:
-            chosen = [int(i) for i in indices[prepared.task.name]]
-            bad = [i for i in chosen if not 0 <= i < size]
+    def _selection(
+        self, indices: Mapping[str, Sequence[int]] | None, limit: int | None
+    ) -> dict[str, list[int]]:
+        """The example indices to evaluate, per task (validated before any model work starts)."""
+        sizes = {name: len(prepared.task.examples(self.split)) for name, prepared in self._prepared.items()}
+        if indices is None:
+            return {
+                name: list(range(size if limit is None else min(limit, size))) for name, size in sizes.items()
+            }
+        unknown = sorted(set(indices) - set(sizes))
+        if unknown:
+            raise ValueError(f"indices name unknown tasks {unknown}; tasks are {sorted(sizes)}")
+        selection = {}
+        for name, wanted in indices.items():
+            chosen = [int(i) for i in wanted]
+            bad = [i for i in chosen if not 0 <= i < sizes[name]]
             if bad:
-                raise ValueError(f"task {prepared.task.name!r}: indices {bad[:3]} outside 0..{size - 1}")
-            if not chosen:
-                raise ValueError(f"task {prepared.task.name!r}: empty index list")
-            return chosen
-        return list(range(size if limit is None else min(limit, size)))
+                raise ValueError(f"task {name!r}: indices {bad[:3]} outside 0..{sizes[name] - 1}")
+            if chosen:
+                selection[name] = chosen
+        return selection
 
     def _score_task(self, model: PreTrainedModel, prepared: _Prepared, chosen: list[int]) -> TaskScore:
         started = time.perf_counter()
