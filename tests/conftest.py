@@ -158,3 +158,52 @@ def write_task_files(
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, allow_unicode=True))
     return path
+
+
+def evolve_tiny_run(run_dir: Path, base: Path, parents: list[Path], task: Path, *, record_evidence: bool = True) -> Path:
+    """A 4-candidate dare_ties evolve (random sampler, population 2: two generations) of `parents` over `base`.
+
+    With `record_evidence`, the run's evidence is recorded first the way `SearchRun` does at start-up.
+    """
+    import yaml
+
+    from evomerge.search.config import load_evolve_config
+    from evomerge.search.evolve import evolve
+    from evomerge.search.run import SearchRun, prepare_run_dir
+
+    config_path = run_dir.parent / f"{run_dir.name}.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "name": run_dir.name, "base_model": str(base), "parents": [str(p) for p in parents], "method": "dare_ties",
+        "genome": {"weight": {"bounds": [0, 1.5], "granularity": "per_layer"}, "density": {"bounds": [0.1, 1.0]}},
+        "objectives": [{"task": str(task)}], "budget": {"candidates": 4, "population": 2}, "optimizer": "random",
+        "intended_use": f"test model {run_dir.name}", "batch_size": 16,
+    }))
+    if record_evidence:
+        from evomerge.lineage.store import record_run_evidence
+
+        config, root = load_evolve_config(config_path)
+        prepare_run_dir(config_path, config, run_dir)
+        run = SearchRun(config, root, run_dir)
+        session = run.session
+        record_run_evidence(
+            run.open_study(x0=None), config, checkpoints=session.merger.checkpoints, base=session.base,
+            compat_verdict=session.merger.compat.verdict, tasks=session.objectives.tasks, device=str(session.device),
+        )
+    evolve(config_path, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def lineage_runs(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run A (base + two fine-tunes), A's champion exported, and run B that uses it as a parent."""
+    from evomerge.lineage.packet import export_candidate
+
+    root = tmp_path_factory.mktemp("lineage_runs")
+    rows = [{"question": f"{a}+{b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    task = write_task_files(root / "task", rows[:8], rows[8:], name="add", generation={"max_new_tokens": 2})
+    base, one, two = tiny_llama(0), tiny_llama(1), tiny_llama(2)
+    run_a = evolve_tiny_run(root / "run_a", base, [one, two], task)
+    packet_a = export_candidate(run_a, "champion", root / "champion_a")
+    run_b = evolve_tiny_run(root / "run_b", base, [packet_a, two], task)
+    return {"root": root, "task": task, "base": base, "one": one, "two": two,
+            "run_a": run_a, "packet_a": packet_a, "run_b": run_b}

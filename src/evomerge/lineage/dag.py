@@ -50,9 +50,17 @@ class LineageGraph:
         return [(parent, node.id) for node in self.nodes.values() for parent in node.parents]
 
     def runs(self) -> list[str]:
-        """Run directories that contributed a merge to this ancestry, root's run first."""
-        found = [n.details["run"]["dir"] for n in self.nodes.values() if n.kind == "merged" and n.details.get("run")]
-        return list(dict.fromkeys(found))
+        """Run directories that contributed a merge to this ancestry, nearest first (breadth-first from root)."""
+        order, queue, seen = [], [self.root], {self.root}
+        while queue:
+            node = self.nodes[queue.pop(0)]
+            run = node.details.get("run") or {}
+            if node.kind == "merged" and run.get("dir") and run["dir"] not in order:
+                order.append(run["dir"])
+            fresh = [p for p in node.parents if p not in seen]
+            seen.update(fresh)
+            queue += fresh
+        return order
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: root, nodes (id -> kind, label, details, parents) and edges."""

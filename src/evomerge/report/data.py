@@ -290,8 +290,8 @@ class ResultRow:
 
 def result_rows(data: RunData) -> list[ResultRow]:
     """Champion, specialists, challengers (test split, after selection), parents and baselines."""
-    test_results = data.study.user_attrs.get("test_results", {})
-    baselines = data.study.user_attrs.get("baselines", {})
+    test_results = data.study.user_attrs.get("test_results") or {}
+    baselines = data.study.user_attrs.get("baselines") or {}
     rows = []
     order = sorted(test_results.items(), key=lambda item: item[1]["kind"] != "candidate")
     for name, result in order:

@@ -1,0 +1,139 @@
+"""Run evidence and lineage checked against what actually ran: two real tiny evolves, the second using
+the first one's exported champion as a parent (fixture `lineage_runs` in conftest)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import yaml
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from evomerge.errors import ConfigError
+from evomerge.evaluate import load_task
+from evomerge.lineage.dag import checkpoint_id, lineage, render_tree, to_dot
+from evomerge.lineage.store import changed_inputs, hub_revision, stored_evidence
+from evomerge.models import Checkpoint, check_compatible
+from evomerge.search.run import load_run
+
+
+def test_evidence_matches_the_parents_and_tasks_on_disk(lineage_runs):
+    config, study = load_run(lineage_runs["run_a"])
+    evidence = stored_evidence(study)
+    paths = [lineage_runs[k] for k in ("base", "one", "two")]
+    assert [p["path"] for p in evidence["parents"]] == [str(p.resolve()) for p in paths]
+    assert [p["role"] for p in evidence["parents"]] == ["base", "merged", "merged"]
+    for record, path in zip(evidence["parents"], paths):
+        checkpoint = Checkpoint.open(path)
+        assert record["content_hash"] == checkpoint.content_hash()
+        assert record["tokenizer_fingerprint"] == checkpoint.tokenizer_fingerprint()
+        assert (record["architecture"], record["model_type"]) == ("LlamaForCausalLM", "llama")
+        assert record["model_id"] is None and record["revision"] is None
+    opened = [Checkpoint.open(p) for p in paths]
+    assert evidence["compatibility"]["verdict"] == check_compatible(opened[1:], base=opened[0]).verdict
+    task = load_task(lineage_runs["task"])
+    (suite,) = evidence["suite"]
+    assert suite["fingerprint"] == task.fingerprint() and suite["n"] == {"search": 8, "test": 8}
+    assert evidence["intended_use"] == "test model run_a"
+    assert evidence["sessions"][0]["trials_before"] == 0
+    # Every scored trial used exactly the recorded suite's search split.
+    for trial in study.get_trials():
+        if trial.user_attrs.get("status") == "complete":
+            assert trial.user_attrs["scores"]["add"]["n"] == suite["n"]["search"]
+
+
+def test_a_packet_used_as_parent_is_recorded_by_its_model_id(lineage_runs):
+    _, study = load_run(lineage_runs["run_b"])
+    parents = {p["path"]: p for p in stored_evidence(study)["parents"]}
+    packet = json.loads((lineage_runs["packet_a"] / "lineage.json").read_text())
+    assert parents[str(lineage_runs["packet_a"].resolve())]["model_id"] == packet["model_id"]
+
+
+def test_lineage_of_run_b_spans_both_runs_back_to_the_original_checkpoints(lineage_runs):
+    graph = lineage(lineage_runs["run_b"])
+    assert graph.runs() == [str(lineage_runs["run_b"].resolve()), str(lineage_runs["run_a"].resolve())]
+    packet = json.loads((lineage_runs["packet_a"] / "lineage.json").read_text())
+    root = graph.nodes[graph.root]
+    assert packet["model_id"] in root.parents
+    champion_a = graph.nodes[packet["model_id"]]
+    assert champion_a.details["run"]["trial"] == packet["run"]["trial"]
+    originals = {checkpoint_id(Checkpoint.open(lineage_runs[k]).content_hash()) for k in ("base", "one", "two")}
+    leaves = {n.id for n in graph.nodes.values() if n.kind == "checkpoint"}
+    assert leaves == originals
+    # The base is shared by both merges but is one node with two children.
+    base_id = checkpoint_id(Checkpoint.open(lineage_runs["base"]).content_hash())
+    assert sum(parent == base_id for parent, _ in graph.edges()) == 2
+
+
+def test_champion_node_shows_every_field_the_run_recorded(lineage_runs):
+    _, study = load_run(lineage_runs["run_b"])
+    number = study.user_attrs["selection"]["champion"]
+    trial = study.get_trials()[number]
+    details = lineage(lineage_runs["run_b"]).nodes[lineage(lineage_runs["run_b"]).root].details
+    assert details["run"]["trial"] == number and details["run"]["generation"] == trial.user_attrs["generation"]
+    assert details["status"] == trial.user_attrs["status"] and "champion" in details["roles"]
+    assert details["recipe"] == trial.user_attrs["recipe"]
+    recipe = yaml.safe_load(trial.user_attrs["recipe"])
+    assert details["coefficients"]["models"] == {m["model"]: m["parameters"] for m in recipe["models"]}
+    assert details["scores"]["search"] == trial.user_attrs["scores"]
+    assert details["scores"]["test"] == study.user_attrs["test_results"][f"candidate:{number}"]["test"]
+    for key in ("merge_seconds", "eval_seconds", "tokens", "peak_memory_bytes", "device"):
+        assert details["resources"][key] == trial.user_attrs[key]
+    assert details["suite"][0]["fingerprint"] == load_task(lineage_runs["task"]).fingerprint()
+    assert details["compatibility"]["verdict"].startswith("compatible")
+    assert details["intended_use"] == "test model run_b"
+    assert {p["content_hash"] for p in details["parents"]} == {
+        Checkpoint.open(lineage_runs[k]).content_hash() for k in ("base", "two")
+    } | {Checkpoint.open(lineage_runs["packet_a"]).content_hash()}
+
+
+def test_exported_champion_and_run_champion_have_the_same_identity(lineage_runs):
+    from_packet = lineage(lineage_runs["packet_a"])
+    from_run = lineage(lineage_runs["run_a"])
+    assert from_packet.root == from_run.root
+    assert from_packet.nodes[from_packet.root].details["packet"] == str(lineage_runs["packet_a"].resolve())
+
+
+def test_renderings_carry_ids_hashes_and_scores(lineage_runs):
+    graph = lineage(lineage_runs["run_b"])
+    dot = to_dot(graph)
+    assert dot.startswith("digraph lineage {") and dot.rstrip().endswith("}")
+    assert dot.count(" -> ") == len(graph.edges())
+    for node_id in graph.nodes:
+        assert f'"{node_id}"' in dot
+    from rich.console import Console
+
+    console = Console(width=400, record=True)
+    console.print(render_tree(graph))
+    text = console.export_text()
+    for node in graph.nodes.values():
+        assert node.id.split(":")[-1][:12] in text
+    assert "compatibility: compatible" in text and "evaluation suite" in text and "peak memory" in text
+
+
+def test_cli_formats(lineage_runs):
+    runner = CliRunner()
+    result = runner.invoke(app, ["lineage", str(lineage_runs["run_b"]), "--format", "json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["root"] == lineage(lineage_runs["run_b"]).root and len(data["edges"]) == 6
+    dot = runner.invoke(app, ["lineage", str(lineage_runs["packet_a"]), "--format", "dot"])
+    assert dot.exit_code == 0 and re.search(r"-> \"evomerge:[0-9a-f]{24}\"", dot.stdout)
+    missing = runner.invoke(app, ["lineage", str(lineage_runs["root"] / "nothing")])
+    # `app` raises user errors; the `evomerge` entry point turns them into exit code 2.
+    assert isinstance(missing.exception, ConfigError) and "neither an exported model" in str(missing.exception)
+
+
+def test_changed_inputs_names_only_what_changed():
+    before = {"parents": {"a": "1", "b": "2"}, "suite": {"t": "x"}}
+    now = {"parents": {"a": "1", "b": "3"}, "suite": {"t": "x"}}
+    assert changed_inputs(before, now) == {"parents": {"b": "3"}, "suite": {}}
+
+
+def test_hub_revision_reads_snapshot_commits(tmp_path):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "models--org--name" / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    assert hub_revision(snapshot) == sha
+    assert hub_revision(tmp_path) is None

@@ -1,0 +1,140 @@
+"""The evolution report: its data checked against the trials, and the HTML against its sections."""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from evomerge.cli import app
+from evomerge.flow import PathSpec
+from evomerge.models import Checkpoint
+from evomerge.report.data import (
+    coefficient_grids,
+    generation_stats,
+    genome_projection,
+    load_run_data,
+    pareto_fronts,
+)
+from evomerge.report.figures import path_figure
+from evomerge.report.html import write_report
+from evomerge.search.run import load_run, recipe_of
+
+SECTIONS = ("summary", "fitness", "task-scores", "projection", "coefficients", "results", "lineage")
+
+
+def test_generation_stats_are_best_and_median_of_complete_trials(lineage_runs):
+    _, study = load_run(lineage_runs["run_a"])
+    stats = generation_stats(load_run_data(lineage_runs["run_a"]))
+    complete = [t for t in study.get_trials() if t.user_attrs.get("status") == "complete"]
+    for i, generation in enumerate(stats["fitness"]["generation"]):
+        fitness = [t.user_attrs["fitness"] for t in complete if t.user_attrs["generation"] == generation]
+        assert stats["fitness"]["best"][i] == max(fitness)
+        assert stats["fitness"]["median"][i] == statistics.median(fitness)
+    assert stats["add"]["best"] == stats["fitness"]["best"]  # one task with weight 1
+
+
+def test_projection_variance_matches_the_covariance_eigenvalues(lineage_runs):
+    import numpy as np
+
+    data = load_run_data(lineage_runs["run_a"])
+    projection = genome_projection(data)
+    names = [g["name"] for g in data.genes]
+    low = np.array([g["low"] for g in data.genes])
+    span = np.array([g["high"] - g["low"] for g in data.genes])
+    x = (np.array([[c.genes[n] for n in names] for c in data.candidates]) - low) / span
+    eigenvalues = np.sort(np.linalg.eigvalsh(np.cov(x, rowvar=False)))[::-1]
+    assert np.allclose(projection.coords.var(axis=0, ddof=1), eigenvalues[:2], atol=1e-9)
+    assert np.allclose(projection.explained, eigenvalues[:2] / eigenvalues.sum(), atol=1e-9)
+
+
+def test_pareto_fronts_are_cumulative_and_non_dominated(lineage_runs):
+    data = load_run_data(lineage_runs["run_a"])
+    fronts = pareto_fronts(data)
+    last = max(fronts)
+    best = max(c.scores["add"] for c in data.complete)
+    assert {c.number for c in data.complete if c.scores["add"] == best} == set(fronts[last])
+
+
+def test_coefficient_heatmap_holds_the_recipes_per_layer_weights(lineage_runs):
+    _, study = load_run(lineage_runs["run_a"])
+    trial = study.get_trials()[study.user_attrs["selection"]["champion"]]
+    recipe = recipe_of(trial)
+    (weight, density) = coefficient_grids(recipe, Checkpoint.open(lineage_runs["base"]))
+    assert weight.param == "weight" and density.param == "density"
+    assert weight.columns == ["embed", "L0", "L1", "L2", "L3", "out"]
+    raw = yaml.safe_load(trial.user_attrs["recipe"])
+    for row, model in enumerate(raw["models"]):
+        rules = {r["filter"]: r["value"] for r in model["parameters"]["weight"]}
+        for layer in range(4):
+            expected = rules[f"model.layers.{layer}."]
+            column = weight.columns.index(f"L{layer}")
+            # Every tensor of the layer used exactly the rule's value; the cell is their mean.
+            assert weight.low[row][column] == weight.high[row][column] == expected
+            assert weight.values[row][column] == pytest.approx(expected, rel=1e-12)
+        assert weight.low[row][0] == weight.high[row][0] == rules["model.embed_tokens.weight"]
+        assert density.values[row] == pytest.approx([model["parameters"]["density"]] * 6, rel=1e-12)
+
+
+def test_report_has_every_section_and_needs_no_network(lineage_runs, tmp_path):
+    result = write_report(lineage_runs["run_b"], tmp_path / "report.html")
+    assert result.sections == list(SECTIONS)
+    text = result.path.read_text()
+    for section in SECTIONS:
+        assert f"<section id='{section}'>" in text
+    for section in SECTIONS[1:]:
+        if section != "results":
+            assert f'id="fig-{section}"' in text
+    assert not re.search(r"<script[^>]+src=", text)  # plotly.js is inline, once
+    assert text.count("plotly.js v") >= 1 and len(text) > 3_000_000
+    assert "candidate:" in text and "parent:" in text and "task_arithmetic_uniform" in text
+    assert "compatible: 3 model(s)" in text
+
+
+def test_report_of_a_run_without_selection_shows_the_best_so_far(lineage_runs, tmp_path):
+    import shutil
+
+    from evomerge.search.run import load_run as reload
+
+    copy = tmp_path / "running"
+    shutil.copytree(lineage_runs["run_a"], copy)
+    config, study = reload(copy)
+    # Simulate a run still searching: no selection, no test scores yet.
+    from optuna.storages import RDBStorage
+
+    storage = RDBStorage(f"sqlite:///{copy / 'study.db'}")
+    study_id = storage.get_study_id_from_name(config.name)
+    for key in ("selection", "test_results"):
+        storage.set_study_user_attr(study_id, key, None)
+    data = load_run_data(copy)
+    best = max(data.complete, key=lambda c: (c.fitness, -c.number))
+    text = write_report(copy, tmp_path / "r.html").path.read_text()
+    assert data.champion == best.number
+    assert "champion so far" in text and "Test-split scores appear once the run has finished." in text
+
+
+def test_path_figure_shows_each_step_of_a_layer_path():
+    spec = PathSpec(layers_per_source=(2, 2), steps=((0, 0), (1, 1), (0, 1)), scales=(1.0, 0.5, 2.0),
+                    source_names=("a", "b"))
+    from evomerge.flow import path_figure_data
+
+    fig = path_figure(path_figure_data(spec))
+    markers = {trace.name: list(trace.x) for trace in fig.data if trace.mode == "markers"}
+    assert markers == {"a": [0, 2], "b": [1]}
+
+
+def test_cli_writes_report_and_pngs(lineage_runs, tmp_path):
+    import shutil
+
+    if shutil.which("chromium") is None:
+        pytest.skip("PNG export needs Chromium (apt-get install chromium)")
+    result = CliRunner().invoke(app, ["report", str(lineage_runs["run_a"]), "--out", str(tmp_path / "r.html"),
+                                      "--png-dir", str(tmp_path / "png")])
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert pngs == sorted(f"{s}.png" for s in SECTIONS[1:] if s != "results")
+    for png in (tmp_path / "png").iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
