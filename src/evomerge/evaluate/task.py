@@ -95,6 +95,7 @@ class TaskSpec(_Strict):
     """The validated content of a task YAML file (see docs/ARCHITECTURE.md for the schema)."""
 
     name: str = Field(min_length=1)
+    description: str = ""  # free text, shown in reports and model cards
     data: DataSpec
     prompt: str
     answer_field: str
