@@ -20,6 +20,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from evomerge.cli import run as cli_run
+from evomerge.evaluate import Evaluator, load_causal_lm, load_task
 from evomerge.flow import PathModel, PathSpec
 from evomerge.lineage.packet import export_candidate
 from evomerge.search.config import DfsConfig
@@ -151,12 +152,12 @@ def test_short_dfs_run_stores_paths_and_selects_a_champion(dfs_run):
     assert results[f"candidate:{champion.number}"]["test"]["sum"]["n"] == 16
 
 
-def test_parent_baseline_is_the_source_model_itself(dfs_run, tiny_llama):
+def test_parent_baseline_is_the_source_model_itself(dfs_run):
     root, sources, outcome = dfs_run
     # Source B as a parent is B itself (its own embeddings and head), not a path through A's embeddings.
-    b_alone = outcome.test_results[f"parent:{Path(sources[1]).name}"]["test"]["sum"]["score"]
-    a_alone = outcome.test_results[f"parent:{Path(sources[0]).name}"]["test"]["sum"]["score"]
-    assert b_alone != a_alone
+    model, tokenizer = load_causal_lm(sources[1])
+    expected = Evaluator(tokenizer, [load_task(root / "sum.yaml")], "test").evaluate(model).scores["sum"].score
+    assert outcome.test_results[f"parent:{Path(sources[1]).name}"]["test"]["sum"]["score"] == pytest.approx(expected)
 
 
 @torch.no_grad()
@@ -189,7 +190,7 @@ def invoke(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 def test_export_refuses_a_path_with_a_non_positive_scale(dfs_run, tmp_path, monkeypatch, capsys):
-    root, sources, outcome = dfs_run
+    root, sources, _ = dfs_run
     # The search bounds keep scales positive, so plant such a path as an extra trial in a copy of the run.
     run_dir = Path(shutil.copytree(root / "run", tmp_path / "run"))
     _, study = load_run(run_dir)
