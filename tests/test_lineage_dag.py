@@ -19,7 +19,7 @@ from evomerge.search.run import load_run
 
 
 def test_evidence_matches_the_parents_and_tasks_on_disk(lineage_runs):
-    config, study = load_run(lineage_runs["run_a"])
+    _, study = load_run(lineage_runs["run_a"])
     evidence = stored_evidence(study)
     paths = [lineage_runs[k] for k in ("base", "one", "two")]
     assert [p["path"] for p in evidence["parents"]] == [str(p.resolve()) for p in paths]

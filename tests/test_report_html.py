@@ -101,7 +101,7 @@ def test_report_of_a_run_without_selection_shows_the_best_so_far(lineage_runs, t
 
     copy = tmp_path / "running"
     shutil.copytree(lineage_runs["run_a"], copy)
-    config, study = reload(copy)
+    config, _ = reload(copy)
     # Simulate a run still searching: no selection, no test scores yet.
     from optuna.storages import RDBStorage
 

@@ -85,8 +85,10 @@ def _summary(data: RunData) -> Section:
     if evidence is not None:
         items += [(f"parent ({p['role']})", f"{p['path']} sha256 {p['content_hash'][:16]}") for p in evidence["parents"]]
         items.append(("compatibility", evidence["compatibility"]["verdict"]))
-        items += [(f"task {t['name']}", f"{t['path']} sha256 {t['fingerprint'][:16]}, search n={t['n']['search']}, "
-                   f"test n={t['n']['test']}") for t in evidence["suite"]]
+        items += [
+            (f"task {t['name']}", f"{t['path']} sha256 {t['fingerprint'][:16]}, n={t['n']['search']} search / {t['n']['test']} test")
+            for t in evidence["suite"]
+        ]
         items.append(("software", ", ".join(f"{k} {v}" for k, v in evidence["software"].items())))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in items)
     return Section("summary", f"Run {config.name}", body=f"<table class='kv'>{rows}</table>")
