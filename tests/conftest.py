@@ -160,16 +160,11 @@ def write_task_files(
     return path
 
 
-def evolve_tiny_run(run_dir: Path, base: Path, parents: list[Path], task: Path, *, record_evidence: bool = True) -> Path:
-    """A 4-candidate dare_ties evolve (random sampler, population 2: two generations) of `parents` over `base`.
-
-    With `record_evidence`, the run's evidence is recorded first the way `SearchRun` does at start-up.
-    """
+def evolve_tiny_run(run_dir: Path, base: Path, parents: list[Path], task: Path) -> Path:
+    """A 4-candidate dare_ties evolve (random sampler, population 2: two generations) of `parents` over `base`."""
     import yaml
 
-    from evomerge.search.config import load_evolve_config
     from evomerge.search.evolve import evolve
-    from evomerge.search.run import SearchRun, prepare_run_dir
 
     config_path = run_dir.parent / f"{run_dir.name}.yaml"
     config_path.write_text(yaml.safe_dump({
@@ -178,17 +173,6 @@ def evolve_tiny_run(run_dir: Path, base: Path, parents: list[Path], task: Path, 
         "objectives": [{"task": str(task)}], "budget": {"candidates": 4, "population": 2}, "optimizer": "random",
         "intended_use": f"test model {run_dir.name}", "batch_size": 16,
     }))
-    if record_evidence:
-        from evomerge.lineage.store import record_run_evidence
-
-        config, root = load_evolve_config(config_path)
-        prepare_run_dir(config_path, config, run_dir)
-        run = SearchRun(config, root, run_dir)
-        session = run.session
-        record_run_evidence(
-            run.open_study(x0=None), config, checkpoints=session.merger.checkpoints, base=session.base,
-            compat_verdict=session.merger.compat.verdict, tasks=session.objectives.tasks, device=str(session.device),
-        )
     evolve(config_path, run_dir)
     return run_dir
 

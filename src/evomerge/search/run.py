@@ -386,6 +386,7 @@ class SearchRun:
         """Run (or resume) the search until the budget is spent."""
         self.open_study(x0=None)
         self.requeue_interrupted()
+        self.record_evidence()
         baselines = self.evaluate_baselines()
         x0 = self.warm_start(baselines)
         if x0 is not None and self.config.resolved_optimizer == "cmaes":
@@ -401,6 +402,17 @@ class SearchRun:
             if self.on_candidate is not None:
                 self.on_candidate(result)
         return self.study
+
+    def record_evidence(self) -> None:
+        """Store what this run is made of (parents by content, compatibility, task suite) on the study."""
+        from evomerge.lineage.store import record_run_evidence  # lineage reads runs, so import lazily
+
+        session = self.session
+        record_run_evidence(
+            self.study, self.config, checkpoints=session.merger.checkpoints, base=session.base,
+            compat_verdict=session.merger.compat.verdict, compat_notes=session.merger.compat.notes,
+            tasks=session.objectives.tasks, device=str(session.device),
+        )
 
     def ask(self) -> optuna.Trial:
         """A new trial with every gene suggested (workers override this to start its heartbeat)."""

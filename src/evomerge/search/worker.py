@@ -296,6 +296,7 @@ def run_with_workers(run: SearchRun, workers: int, *, on_status: Callable[[str],
     """The coordinator: baselines and the published config here, candidates in `workers` processes."""
     run.open_study(x0=None)
     run.requeue_interrupted()  # no worker runs yet, so anything RUNNING was left by a dead process
+    run.record_evidence()
     baselines = run.evaluate_baselines()
     x0 = run.warm_start(baselines)
     run.study.set_user_attr("x0", x0 if run.config.resolved_optimizer == "cmaes" else None)
