@@ -88,7 +88,9 @@ def tiny_family(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> dict[st
         shutil.copytree(base, out, dirs_exist_ok=True)
         generator = torch.Generator().manual_seed(100 + index)
         tuned = {
-            name: (value + scale * (value.std() + 0.1) * torch.randn(value.shape, generator=generator)).contiguous()
+            name: (
+                value + scale * (value.std() + 0.1) * torch.randn(value.shape, generator=generator)
+            ).contiguous()
             for name, value in weights.items()
         }
         save_file(tuned, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import TEST_CHARACTERS, read_tensors
 
+from conftest import TEST_CHARACTERS, read_tensors
 from evomerge.merge.recipe import load_recipe, parse_recipe
 
 EVOMERGE = Path(sys.executable).parent / "evomerge"  # the console script `pip install` created
@@ -20,7 +20,12 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OM
 
 def evomerge(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(EVOMERGE), *map(str, args)], capture_output=True, text=True, env=OFFLINE, timeout=300, check=False
+        [str(EVOMERGE), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=OFFLINE,
+        timeout=300,
+        check=False,
     )
 
 
@@ -97,7 +102,11 @@ def assert_user_error(result: subprocess.CompletedProcess[str], out: Path, *need
 
 
 def linear_of(*models: Path | str, **recipe) -> dict:
-    return {"method": "linear", "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models], **recipe}
+    return {
+        "method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+        **recipe,
+    }
 
 
 def test_missing_model_directory(tiny_family, tmp_path: Path) -> None:
@@ -167,7 +176,9 @@ def test_unknown_recipe_key_suggests_the_nearest(tiny_family, tmp_path: Path) ->
     out = tmp_path / "out"
     recipe = {**linear_of(tiny_family["ft1"]), "tokenizer_sorce": str(tiny_family["ft1"])}
     path = write_recipe(tmp_path, recipe)
-    assert_user_error(evomerge("merge", path, "--out", out), out, str(path), "tokenizer_sorce", "tokenizer_source")
+    assert_user_error(
+        evomerge("merge", path, "--out", out), out, str(path), "tokenizer_sorce", "tokenizer_source"
+    )
 
 
 def test_malformed_yaml(tmp_path: Path) -> None:
@@ -178,11 +189,18 @@ def test_malformed_yaml(tmp_path: Path) -> None:
 
 def test_required_parameter_missing(tiny_family, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    recipe = {"method": "linear", "models": [{"model": str(tiny_family["ft1"])}, {"model": str(tiny_family["ft2"])}]}
-    assert_user_error(evomerge("merge", write_recipe(tmp_path, recipe), "--out", out), out, "'weight'", "required")
+    recipe = {
+        "method": "linear",
+        "models": [{"model": str(tiny_family["ft1"])}, {"model": str(tiny_family["ft2"])}],
+    }
+    assert_user_error(
+        evomerge("merge", write_recipe(tmp_path, recipe), "--out", out), out, "'weight'", "required"
+    )
 
 
 def test_bad_dtype_option_suggests(tiny_family, tmp_path: Path) -> None:
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path, linear_of(tiny_family["ft1"]))
-    assert_user_error(evomerge("merge", recipe, "--out", out, "--dtype", "bfloat61"), out, "--dtype", "bfloat16")
+    assert_user_error(
+        evomerge("merge", recipe, "--out", out, "--dtype", "bfloat61"), out, "--dtype", "bfloat16"
+    )

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_tensors
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from conftest import read_tensors
 from evomerge.errors import ConfigError
 from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
 from evomerge.merge.plan import apply_job, job_parameters, plan_jobs
@@ -39,7 +39,10 @@ def linear(family: dict[str, Path], w1: float) -> Recipe:
             "method": "linear",
             "models": [
                 {"model": str(family["ft1"]), "parameters": {"weight": [w1, 1 - w1]}},
-                {"model": str(family["ft2"]), "parameters": {"weight": [{"filter": "mlp", "value": 0.3}, {"value": 1}]}},
+                {
+                    "model": str(family["ft2"]),
+                    "parameters": {"weight": [{"filter": "mlp", "value": 0.3}, {"value": 1}]},
+                },
             ],
         }
     )
@@ -87,7 +90,9 @@ def test_dare_masks_depend_on_seed_and_tensor_name_only(tiny_family) -> None:
     for job in reversed(jobs):
         stacked = torch.stack([merger.checkpoints[src.ref].get(src.tensor) for src in job.inputs])
         base = merger.checkpoints[job.base.ref].get(job.base.tensor)
-        alone = apply_job(merger.spec, base, stacked, job_parameters(merger.spec, job), seed=3, out_name=job.out_name)
+        alone = apply_job(
+            merger.spec, base, stacked, job_parameters(merger.spec, job), seed=3, out_name=job.out_name
+        )
         assert torch.equal(alone, in_order[job.out_name]), job.out_name
     other_seed = dict(merger.tensors(recipe.model_copy(update={"seed": 4})))
     q = "model.layers.1.self_attn.q_proj.weight"
@@ -125,7 +130,10 @@ def test_candidates_must_belong_to_the_merger_family(tiny_family) -> None:
     with pytest.raises(ConfigError, match="method, base model and parents"):
         dict(merger.tensors(linear(tiny_family, 0.5)))
     stacked = parse_recipe(
-        {"method": "passthrough", "slices": [{"sources": [{"model": str(tiny_family["ft1"]), "layer_range": [0, 2]}]}]}
+        {
+            "method": "passthrough",
+            "slices": [{"sources": [{"model": str(tiny_family["ft1"]), "layer_range": [0, 2]}]}],
+        }
     )
     with pytest.raises(ConfigError, match="slices"):
         InMemoryMerger(stacked)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_tensors
 
+from conftest import read_tensors
 from evomerge.errors import ConfigError
 from evomerge.merge.params import layer_position
 from evomerge.merge.planner import run_merge
@@ -134,10 +134,13 @@ def test_precedence_source_in_slice_over_slice_over_global(tiny_family, weights,
             {
                 "sources": [
                     {"model": base, "layer_range": [0, NUM_LAYERS]},
-                    {"model": ft1, "layer_range": [0, NUM_LAYERS],
-                     "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}]}},
+                    {
+                        "model": ft1,
+                        "layer_range": [0, NUM_LAYERS],
+                        "parameters": {"weight": [{"filter": "self_attn", "value": 0.9}]},
+                    },
                     {"model": ft2, "layer_range": [0, NUM_LAYERS]},
-                ],  # fmt: skip
+                ],
                 "parameters": {"weight": [{"filter": "mlp", "value": 0.6}]},
             }
         ],
@@ -151,7 +154,8 @@ def test_precedence_source_in_slice_over_slice_over_global(tiny_family, weights,
         return 0.6 if "mlp" in name else 0.2
 
     expected = {
-        name: b[name] + 1.5 * (weight(name, True) * (a[name] - b[name]) + weight(name, False) * (c[name] - b[name]))
+        name: b[name]
+        + 1.5 * (weight(name, True) * (a[name] - b[name]) + weight(name, False) * (c[name] - b[name]))
         for name in b
     }
     assert_all_close(merge(recipe, tmp_path / "out"), expected)
@@ -202,12 +206,20 @@ def test_gradient_position_restarts_in_each_slice(tiny_family, weights, tmp_path
         "method": "task_arithmetic",
         "base_model": base,
         "slices": [
-            {"sources": [{"model": base, "layer_range": [0, 2]},
-                         {"model": ft1, "layer_range": [0, 2], "parameters": {"weight": [0.0, 1.0]}}]},
-            {"sources": [{"model": base, "layer_range": [2, 4]},
-                         {"model": ft1, "layer_range": [2, 4], "parameters": {"weight": [0.0, 1.0]}}]},
+            {
+                "sources": [
+                    {"model": base, "layer_range": [0, 2]},
+                    {"model": ft1, "layer_range": [0, 2], "parameters": {"weight": [0.0, 1.0]}},
+                ]
+            },
+            {
+                "sources": [
+                    {"model": base, "layer_range": [2, 4]},
+                    {"model": ft1, "layer_range": [2, 4], "parameters": {"weight": [0.0, 1.0]}},
+                ]
+            },
         ],
-    }  # fmt: skip
+    }
     b, a = weights["base"], weights["ft1"]
     # Each 2-layer slice runs t over {0, 1}: layers 0 and 2 take none of ft1, layers 1 and 3 all of it.
     weight_by_layer = {None: 0.0, 0: 0.0, 1: 1.0, 2: 0.0, 3: 1.0}
@@ -215,7 +227,9 @@ def test_gradient_position_restarts_in_each_slice(tiny_family, weights, tmp_path
     assert_all_close(merge(recipe, tmp_path / "out"), expected)
 
 
-def test_submodule_merge_of_a_vlm_language_tower_with_a_plain_llm(tiny_llava, tiny_llama, tmp_path: Path) -> None:
+def test_submodule_merge_of_a_vlm_language_tower_with_a_plain_llm(
+    tiny_llava, tiny_llama, tmp_path: Path
+) -> None:
     from transformers import LlavaForConditionalGeneration
 
     llm = tiny_llama(3)
@@ -295,11 +309,17 @@ def test_recipe_errors_surface_before_any_output(tiny_family, tmp_path: Path) ->
     out = tmp_path / "never"
     missing_weight = {
         "method": "linear",
-        "models": [{"model": str(tiny_family["ft1"]), "parameters": {"weight": 1.0}}, {"model": str(tiny_family["ft2"])}],
+        "models": [
+            {"model": str(tiny_family["ft1"]), "parameters": {"weight": 1.0}},
+            {"model": str(tiny_family["ft2"])},
+        ],
     }
     with pytest.raises(ConfigError, match=r"'weight' for model '.*ft2.*' is required"):
         run_merge(parse_recipe(missing_weight), out)
-    too_deep = {"method": "passthrough", "slices": [{"sources": [{"model": str(tiny_family["ft1"]), "layer_range": [2, 9]}]}]}
+    too_deep = {
+        "method": "passthrough",
+        "slices": [{"sources": [{"model": str(tiny_family["ft1"]), "layer_range": [2, 9]}]}],
+    }
     with pytest.raises(ConfigError, match=r"slices\[0\].*exceeds its 4 layers"):
         run_merge(parse_recipe(too_deep), out)
     assert not out.exists() and list(tmp_path.iterdir()) == []

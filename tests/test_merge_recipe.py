@@ -76,7 +76,10 @@ def test_mergekit_yaml_is_omitted_where_mergekit_cannot_express_the_merge() -> N
     submodule = parse_recipe(
         {
             "method": "linear",
-            "models": [{"model": "/vlm", "parameters": {"weight": 1}}, {"model": "/llm", "parameters": {"weight": 1}}],
+            "models": [
+                {"model": "/vlm", "parameters": {"weight": 1}},
+                {"model": "/llm", "parameters": {"weight": 1}},
+            ],
             "submodule": {"prefix": "language_model.", "parent_prefix": ""},
         }
     )
@@ -97,9 +100,13 @@ def test_parent_refs_and_donor() -> None:
     assert recipe.parent_refs() == ["/b", "/a"]  # first appearance, no repeats
     assert recipe.donor_ref() == "/b"
     with_base = parse_recipe(
-        {"method": "task_arithmetic", "base_model": "/base", "tokenizer_source": "/a",
-         "models": [{"model": "/a", "parameters": {"weight": 1}}]}
-    )  # fmt: skip
+        {
+            "method": "task_arithmetic",
+            "base_model": "/base",
+            "tokenizer_source": "/a",
+            "models": [{"model": "/a", "parameters": {"weight": 1}}],
+        }
+    )
     assert with_base.parent_refs() == ["/base", "/a"]
     assert with_base.donor_ref() == "/a"
 
@@ -132,12 +139,16 @@ def test_unknown_nested_key_suggests_the_nearest(tmp_path: Path) -> None:
 
 
 def test_unknown_parameter_suggests_the_nearest(tmp_path: Path) -> None:
-    message = error_of(tmp_path, "method: ties\nbase_model: /b\nmodels: [{model: /a, parameters: {densty: 0.5}}]\n")
+    message = error_of(
+        tmp_path, "method: ties\nbase_model: /b\nmodels: [{model: /a, parameters: {densty: 0.5}}]\n"
+    )
     assert "models[0].parameters" in message and "did you mean 'density'" in message
 
 
 def test_parameter_out_of_range_names_it_and_the_range(tmp_path: Path) -> None:
-    message = error_of(tmp_path, "method: ties\nbase_model: /b\nmodels: [{model: /a, parameters: {density: [0.5, 1.5]}}]\n")
+    message = error_of(
+        tmp_path, "method: ties\nbase_model: /b\nmodels: [{model: /a, parameters: {density: [0.5, 1.5]}}]\n"
+    )
     assert "'density' = 1.5" in message and "[0, 1]" in message
 
 
@@ -147,7 +158,9 @@ def test_out_of_range_inside_a_filter_rule(tmp_path: Path) -> None:
 
 
 def test_global_parameter_set_per_model(tmp_path: Path) -> None:
-    message = error_of(tmp_path, "method: ties\nbase_model: /b\nmodels: [{model: /a, parameters: {lambda: 1}}]\n")
+    message = error_of(
+        tmp_path, "method: ties\nbase_model: /b\nmodels: [{model: /a, parameters: {lambda: 1}}]\n"
+    )
     assert "'lambda'" in message and "global" in message
 
 
@@ -196,8 +209,13 @@ def test_missing_file() -> None:
 
 def test_bool_is_not_silently_a_number() -> None:
     # `normalize: true` stays a flag (StrictBool first), a number stays a number.
-    recipe = parse_recipe({"method": "linear", "models": [{"model": "/a", "parameters": {"weight": 1}}],
-                           "parameters": {"normalize": True}})  # fmt: skip
+    recipe = parse_recipe(
+        {
+            "method": "linear",
+            "models": [{"model": "/a", "parameters": {"weight": 1}}],
+            "parameters": {"normalize": True},
+        }
+    )
     assert recipe.parameters["normalize"] is True
     assert isinstance(recipe.models[0].parameters["weight"], float)
 
