@@ -38,6 +38,7 @@ def demo_config(zoo: Zoo, *, candidates: int = DEMO_CANDIDATES, seed: int = 0) -
         "budget": {"candidates": candidates},
         "optimizer": "cmaes",
         "seed": seed,
+        "cpu_threads": 1,
         "intended_use": "Demonstration on synthetic tasks; not for real use.",
     }
 

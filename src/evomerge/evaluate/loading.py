@@ -24,6 +24,9 @@ def load_causal_lm(
     Only safetensors weights are read unless `allow_pickle` (pickled `.bin` files can execute code).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-load progress bar only clutters the search's live display
 
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {str(device)!r} was requested but CUDA is not available on this machine")

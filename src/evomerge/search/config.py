@@ -121,6 +121,9 @@ class EvolveConfig(BaseModel):
     racing: Racing = Field(default_factory=Racing)
     seed: int = 0
     device: str = "cpu"
+    cpu_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads on CPU; 1 is fastest for tiny models (less sync overhead)"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     storage: str | None = None
     batch_size: int = Field(128, ge=1, le=65_536)

@@ -120,6 +120,8 @@ class SearchSession:
         self.root = root
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
+        if config.cpu_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads)
         self.parents = [resolve_path(ref, root) for ref in config.parents]
         self.base = resolve_path(config.base_model, root) if config.base_model else None
         objectives = config.objectives
