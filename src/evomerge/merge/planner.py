@@ -25,6 +25,10 @@ from evomerge.merge.registry import OperatorSpec
 from evomerge.models import Checkpoint, CheckpointWriter, CompatReport, align_rows, check_compatible
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The writer holds a whole shard in memory until it is full, so the shard size is the output's share of the
+# merge's peak memory; 256 MiB shards measured 1.1 GiB lower peak RSS than 2 GB ones on a 271M-parameter
+# float32 merge (benchmarks/RESULTS.md), and no slower: writes start early instead of all at the end.
+MERGE_SHARD_BYTES = 256 * 2**20
 # Files a merged checkpoint takes from its donor; weights and their index are written anew.
 DONOR_FILES = (
     "generation_config.json",
@@ -182,6 +186,7 @@ def run_merge(
     extra_files: Mapping[str, str] | None = None,
     on_tensor: Callable[[str], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
+    max_shard_bytes: int = MERGE_SHARD_BYTES,
 ) -> MergeResult:
     """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras)."""
     started = time.perf_counter()
@@ -190,7 +195,7 @@ def run_merge(
         on_plan(len(merge))
     donor, compat = merge.donor, merge.compat
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
-    with CheckpointWriter(out_dir, overwrite=overwrite) as writer:
+    with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
         for job, tensor in merge:
             # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
             first = job.inputs[0]
