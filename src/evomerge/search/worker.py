@@ -10,6 +10,11 @@ De-duplication across workers is a claim: the first trial to insert a genome's k
 beside Optuna's (a primary key, so exactly one insert wins, on SQLite and PostgreSQL alike) evaluates it;
 any other trial with that genome waits for the owner and copies its result. A claim whose owner died is
 taken over with a compare-and-swap update, so a dead worker's genome is still evaluated exactly once.
+
+The candidate budget is exact: before every ask a worker reserves one of `budget` numbered slots in a
+second small table (`BudgetSlots`). Slots are taken by a primary-key insert or a compare-and-swap update,
+so no two workers hold the same slot; a slot whose trial died (failed and re-queued) or whose reservation
+was never bound to a trial within the grace period is reclaimed, so a re-queued candidate is counted once.
 """
 
 from __future__ import annotations
@@ -145,6 +150,101 @@ class GenomeClaims:
             return connection.execute(update).rowcount == 1
 
 
+def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+    """Trials whose candidate was re-queued (by the coordinator or a heartbeat retry): they do not count."""
+    retried = {t.user_attrs["requeued_from"] for t in trials if "requeued_from" in t.user_attrs}
+    retried.update(n for t in trials for n in t.system_attrs.get("retry_history", ()))
+    return retried
+
+
+class BudgetSlots:
+    """`budget` numbered slots per study; a trial may only be asked for by a worker holding a free slot.
+
+    Rows are inserted densely (slot k only after 0..k-1 exist) and never deleted: a row is rebound when
+    its trial died, so the number of counted trials can never exceed the budget, whatever the timing.
+    """
+
+    def __init__(self, storage: RDBStorage, study_id: int, budget: int, grace_seconds: float):
+        self.engine = storage.engine
+        self.study_id = study_id
+        self.budget = budget
+        self.grace_seconds = grace_seconds
+        metadata = sqlalchemy.MetaData()
+        self.table = sqlalchemy.Table(
+            "evomerge_budget_slots",
+            metadata,
+            sqlalchemy.Column("study_id", sqlalchemy.Integer, primary_key=True),
+            sqlalchemy.Column("slot", sqlalchemy.BigInteger, primary_key=True, autoincrement=False),
+            # NULL between the reservation and the ask that binds it (a worker dying there is reclaimed).
+            sqlalchemy.Column("trial_number", sqlalchemy.Integer, nullable=True),
+            sqlalchemy.Column("reserved_at", sqlalchemy.Float, nullable=False),
+        )
+        metadata.create_all(self.engine, checkfirst=True)
+
+    def rows(self) -> list[tuple[int, int | None, float]]:
+        """(slot, trial number or None, reservation time) for every slot of this study."""
+        query = sqlalchemy.select(self.table.c.slot, self.table.c.trial_number, self.table.c.reserved_at).where(
+            self.table.c.study_id == self.study_id)
+        with self.engine.connect() as connection:
+            return [(int(s), t, float(r)) for s, t, r in connection.execute(query)]
+
+    def _insert(self, slot: int, trial_number: int | None) -> bool:
+        row = {"study_id": self.study_id, "slot": slot, "trial_number": trial_number, "reserved_at": time.time()}
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(self.table.insert().values(**row))
+            return True
+        except sqlalchemy.exc.IntegrityError:
+            return False
+
+    def _swap(self, slot: int, trial_number: int | None, reserved_at: float, new_trial: int | None) -> bool:
+        """Compare-and-swap: rebind `slot` only if nobody changed it since it was read."""
+        holder = (self.table.c.trial_number.is_(None) if trial_number is None
+                  else self.table.c.trial_number == trial_number)
+        update = (
+            self.table.update()
+            .where(self.table.c.study_id == self.study_id, self.table.c.slot == slot, holder,
+                   self.table.c.reserved_at == reserved_at)
+            .values(trial_number=new_trial, reserved_at=time.time())
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(update).rowcount == 1
+
+    def adopt(self, counted: Sequence[int]) -> None:
+        """Give slots to counted trials that predate the slots (a run resumed with workers)."""
+        bound = {t for _, t, _ in self.rows() if t is not None}
+        for number in counted:
+            if number not in bound:
+                self._reserve_fresh(number)
+
+    def _reserve_fresh(self, trial_number: int | None) -> int | None:
+        slot = len(self.rows())
+        while slot < self.budget:
+            if self._insert(slot, trial_number):
+                return slot
+            slot += 1  # another worker inserted this one first; rows stay dense, so try the next
+        return None
+
+    def reserve(self, dead: set[int]) -> int | None:
+        """A slot for the next ask, or None while every slot is held by a live or finished trial."""
+        slot = self._reserve_fresh(None)
+        if slot is not None:
+            return slot
+        now = time.time()
+        for slot, trial, reserved_at in self.rows():
+            abandoned = trial is None and now - reserved_at > self.grace_seconds
+            if (trial in dead or abandoned) and self._swap(slot, trial, reserved_at, None):
+                return slot
+        return None
+
+    def bind(self, slot: int, trial_number: int) -> None:
+        """Record which trial the reservation was spent on."""
+        update = self.table.update().where(self.table.c.study_id == self.study_id, self.table.c.slot == slot).values(
+            trial_number=trial_number)
+        with self.engine.begin() as connection:
+            connection.execute(update)
+
+
 def publish_config(study: optuna.Study, config: EvolveConfig, root: Path) -> None:
     """Store the frozen config in the study so a worker given only the database URL can start."""
     study.set_user_attr("config", config.model_dump(mode="json"))
@@ -204,6 +304,8 @@ class WorkerRun(SearchRun):
         self.storage = open_storage(target.storage_url, heartbeat_seconds=heartbeat_seconds, grace_seconds=grace_seconds)
         self.heartbeat = Heartbeat(self.storage, self.storage.heartbeat_interval)
         self.claims: GenomeClaims | None = None
+        self.slots: BudgetSlots | None = None
+        self._slot: int | None = None  # reserved by `work` for the next `ask`
 
     def open_study(self, x0=None) -> optuna.Study:
         # Each worker's sampler gets its own seed: identically seeded samplers would all propose the
@@ -215,6 +317,8 @@ class WorkerRun(SearchRun):
             sampler=make_sampler(sampler_config, num_genes=len(self.genome), x0=x0),
         )
         self.claims = GenomeClaims(self.storage, self.study._study_id)
+        self.slots = BudgetSlots(self.storage, self.study._study_id, self.config.budget.candidates,
+                                 self.storage.grace_period)
         return self.study
 
     def ask(self) -> optuna.Trial:
@@ -223,6 +327,10 @@ class WorkerRun(SearchRun):
             warnings.filterwarnings("ignore", message="Heartbeat of storage")  # we beat ourselves, below
             trial = self.study.ask(self.distributions)
         self.heartbeat.track(trial._trial_id)
+        if self._slot is not None:
+            assert self.slots is not None
+            self.slots.bind(self._slot, trial.number)
+            self._slot = None
         return trial
 
     def find_duplicate(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
@@ -257,6 +365,10 @@ class WorkerRun(SearchRun):
         if x0 is not None:
             self.open_study(x0=x0)
         budget = self.config.budget
+        assert self.slots is not None
+        trials = self.study.get_trials(deepcopy=False)
+        dead = retried_numbers(trials)
+        self.slots.adopt([t.number for t in trials if t.state.is_finished() and t.number not in dead])
         started = time.monotonic()
         done = 0
         try:
@@ -264,11 +376,11 @@ class WorkerRun(SearchRun):
                 if budget.wall_seconds is not None and time.monotonic() - started > budget.wall_seconds:
                     break
                 fail_dead_trials(self.study)
-                finished = len(self.finished_trials())
-                if finished >= budget.candidates:
-                    break
-                running = len(self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-                if finished + running >= budget.candidates:
+                trials = self.study.get_trials(deepcopy=False)
+                self._slot = self.slots.reserve(retried_numbers(trials))
+                if self._slot is None:
+                    if len(self.finished_trials()) >= budget.candidates:
+                        break
                     # The rest is in flight elsewhere; stay until it finishes, since a worker may still die.
                     time.sleep(POLL_SECONDS)
                     continue
