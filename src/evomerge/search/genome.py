@@ -150,6 +150,10 @@ class ParameterGenome:
                 rules.append({"filter": pattern, "value": by_group[label]})
         return rules
 
+    def initial(self) -> dict[str, float]:
+        """The configured start of every gene (`init`, default the middle of its bounds; the paper's 0.5)."""
+        return {gene.name: gene.init for gene in self.genes}
+
     def encode_uniform(self, value_for: Mapping[tuple[str, str | None], float]) -> dict[str, float]:
         """A genome whose genes take one value per (parameter, model), clipped to the bounds.
 

@@ -357,10 +357,10 @@ class SearchRun:
         }
 
     def warm_start(self, baselines: Mapping[str, Any]) -> dict[str, float] | None:
-        """The CMA-ES mean: the best baseline the genome can express, if it beats the default start."""
+        """The CMA-ES mean: the best baseline the genome can express, else the genome's initial values."""
         expressible = {name: b for name, b in baselines.items() if "genome" in b}
         if not expressible:
-            return self.genome.initial() if self.config.dfs is not None else None
+            return self.genome.initial()
         best = max(expressible.values(), key=lambda b: b["fitness"])
         return best["genome"]
 
