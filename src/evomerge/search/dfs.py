@@ -32,7 +32,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from evomerge.errors import CompatibilityError, ConfigError, ModelError
-from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task
+from evomerge.evaluate import load_causal_lm
 from evomerge.flow import (
     MAX_PATH_STEPS,
     PathModel,
@@ -43,11 +43,10 @@ from evomerge.flow import (
     path_from_genome,
     slot_layout,
 )
-from evomerge.merge.planner import DTYPES
 from evomerge.models import Checkpoint, CompatReport
 from evomerge.search.config import DfsConfig, EvolveConfig, resolve_path
 from evomerge.search.genome import Gene
-from evomerge.search.run import Objectives, find_trial, load_run
+from evomerge.search.run import SessionBase, find_trial, load_run
 
 #: Indicator genes live in [-1, 1]; the initial genome puts them at ±1 (`flow.initial_genome`).
 INDICATOR_BOUNDS = (-1.0, 1.0)
@@ -262,7 +261,7 @@ def check_dfs_sources(dfs: DfsConfig, sources: Sequence[str], configs: Sequence[
             )
 
 
-class DfsSession:
+class DfsSession(SessionBase):
     """Everything a layer-path candidate evaluation needs, loaded once: the sources and the tasks.
 
     Offers the `SearchSession` interface `SearchRun` uses. `model` is what `evaluate` scores: a
@@ -272,20 +271,11 @@ class DfsSession:
 
     def __init__(self, config: EvolveConfig, root: Path):
         assert config.dfs is not None
-        self.config = config
-        self.root = root
-        self.device = torch.device(config.device)
-        self.dtype = DTYPES[config.dtype]
         self.base = None
         self.sources = resolve_sources(config.dfs, root)
         configs = source_configs(self.sources)
         check_dfs_sources(config.dfs, self.sources, configs)
-        self.objectives = Objectives(
-            tasks=[load_task(resolve_path(o.task, root)) for o in config.objectives],
-            weights=[o.weight for o in config.objectives],
-            directions=[o.direction for o in config.objectives],
-            pareto=config.combine == "pareto",
-        )
+        super().__init__(config, root)
         layers = [c.num_hidden_layers for c in configs]
         self.genome = DfsGenome(config.dfs, layers, self.sources)
         loaded = [load_causal_lm(s, device=self.device, dtype=self.dtype, allow_pickle=config.allow_pickle) for s in self.sources]
@@ -293,23 +283,6 @@ class DfsSession:
         self.tokenizer = loaded[0][1]
         self.merger = _source_pool(self.sources, configs, config.allow_pickle)
         self.model: torch.nn.Module = self.source_models[0]
-        self.search_eval = Evaluator(
-            self.tokenizer, self.objectives.tasks, "search", device=self.device, batch_size=config.batch_size
-        )
-        self._test_eval: Evaluator | None = None
-
-    @property
-    def test_eval(self) -> Evaluator:
-        """The test-split evaluator, built on first use (the search never touches it)."""
-        if self._test_eval is None:
-            self._test_eval = Evaluator(
-                self.tokenizer, self.objectives.tasks, "test", device=self.device, batch_size=self.config.batch_size
-            )
-        return self._test_eval
-
-    def sizes(self) -> dict[str, int]:
-        """Search-split size per task."""
-        return {task.name: len(task.examples("search")) for task in self.objectives.tasks}
 
     def describe(self, genes: Mapping[str, float], candidate: PathCandidate) -> tuple[str, dict[str, Any]]:
         """De-duplication key (by path, not by genes) and the trial attributes recording the candidate."""
@@ -332,11 +305,6 @@ class DfsSession:
     def load_checkpoint(self, ref: str) -> None:
         """Make a source model itself the live model (parent baselines)."""
         self.model = self.source_models[self.sources.index(ref)]
-
-    def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport:
-        """Score the live model on a split (optionally only `indices` per task)."""
-        evaluator = self.search_eval if split == "search" else self.test_eval
-        return evaluator.evaluate(self.model, indices=indices)
 
     def baselines(self) -> dict[str, PathCandidate]:
         """Untuned paths: every source's layers stacked once at scale 1 (the frankenmerge), if within the limit."""

@@ -20,6 +20,7 @@ from typing import Any
 import optuna
 import torch
 import yaml
+from transformers import PreTrainedTokenizerBase
 
 from evomerge.errors import ConfigError
 from evomerge.evaluate import (
@@ -112,8 +113,14 @@ def prepare_run_dir(config_path: Path | None, config: EvolveConfig, run_dir: Pat
         (run_dir / "source_config.path").write_text(str(config_path.resolve()))
 
 
-class SearchSession:
-    """Everything a candidate evaluation needs, loaded once: resident parents, live model, tasks."""
+class SessionBase:
+    """What every search session shares: device, objectives, and one evaluator per split.
+
+    Subclasses load their parents and set `tokenizer` and the live `model` that `evaluate` scores.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module
 
     def __init__(self, config: EvolveConfig, root: Path):
         self.config = config
@@ -122,15 +129,38 @@ class SearchSession:
         self.dtype = DTYPES[config.dtype]
         if config.cpu_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)
-        self.parents = [resolve_path(ref, root) for ref in config.parents]
-        self.base = resolve_path(config.base_model, root) if config.base_model else None
-        objectives = config.objectives
         self.objectives = Objectives(
-            tasks=[load_task(resolve_path(o.task, root)) for o in objectives],
-            weights=[o.weight for o in objectives],
-            directions=[o.direction for o in objectives],
+            tasks=[load_task(resolve_path(o.task, root)) for o in config.objectives],
+            weights=[o.weight for o in config.objectives],
+            directions=[o.direction for o in config.objectives],
             pareto=config.combine == "pareto",
         )
+        self._evaluators: dict[str, Evaluator] = {}
+
+    def evaluator(self, split: str) -> Evaluator:
+        """The split's evaluator, built on first use (a search never builds the test one)."""
+        if split not in self._evaluators:
+            self._evaluators[split] = Evaluator(
+                self.tokenizer, self.objectives.tasks, split, device=self.device, batch_size=self.config.batch_size
+            )
+        return self._evaluators[split]
+
+    def sizes(self) -> dict[str, int]:
+        """Search-split size per task."""
+        return {task.name: len(task.examples("search")) for task in self.objectives.tasks}
+
+    def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport:
+        """Score the live model on a split (optionally only `indices` per task)."""
+        return self.evaluator(split).evaluate(self.model, indices=indices)
+
+
+class SearchSession(SessionBase):
+    """Parameter-space search: parents resident in an in-memory merger, one live model overwritten per candidate."""
+
+    def __init__(self, config: EvolveConfig, root: Path):
+        super().__init__(config, root)
+        self.parents = [resolve_path(ref, root) for ref in config.parents]
+        self.base = resolve_path(config.base_model, root) if config.base_model else None
         template = Recipe(
             method=config.method,
             base_model=self.base,
@@ -147,25 +177,10 @@ class SearchSession:
             donor.model_type, donor.num_layers,
         )
         self.model, self.tokenizer = load_causal_lm(donor.path, device=self.device, dtype=self.dtype)
-        self.search_eval = Evaluator(
-            self.tokenizer, self.objectives.tasks, "search", device=self.device, batch_size=config.batch_size
-        )
-        self._test_eval: Evaluator | None = None
 
     def _with_paths(self, config: EvolveConfig) -> EvolveConfig:
         # Decoded recipes name parents by resolved path, so they work from any working directory.
         return config.model_copy(update={"base_model": self.base, "parents": self.parents})
-
-    @property
-    def test_eval(self) -> Evaluator:
-        if self._test_eval is None:
-            self._test_eval = Evaluator(
-                self.tokenizer, self.objectives.tasks, "test", device=self.device, batch_size=self.config.batch_size
-            )
-        return self._test_eval
-
-    def sizes(self) -> dict[str, int]:
-        return {task.name: len(task.examples("search")) for task in self.objectives.tasks}
 
     def load_recipe(self, recipe: Recipe) -> float:
         """Write a candidate into the live model; returns the merge seconds."""
@@ -189,10 +204,6 @@ class SearchSession:
         with torch.no_grad():
             for job, tensor in StreamingMerge(recipe, device=self.device, compute_dtype=self.dtype):
                 targets[job.out_name].data.copy_(tensor)
-
-    def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport:
-        evaluator = self.search_eval if split == "search" else self.test_eval
-        return evaluator.evaluate(self.model, indices=indices)
 
     def describe(self, genes: Mapping[str, float], recipe: Recipe) -> tuple[str, dict[str, Any]]:
         """A candidate's de-duplication key and the trial attributes that record what it is."""
