@@ -33,6 +33,7 @@ from evomerge import __version__
 from evomerge.errors import ConfigError
 from evomerge.zoo.tasks import (
     SPLITS,
+    TARGET,
     ZOO_CHARACTERS,
     draw_splits,
     held_out_keys,
@@ -44,7 +45,7 @@ from evomerge.zoo.tokenizer import build_char_tokenizer
 from evomerge.zoo.train import TrainConfig, deterministic_torch, train
 
 MANIFEST = "zoo.json"
-TARGET_TASK = "target"
+TARGET_TASK = TARGET
 
 
 @dataclass(frozen=True)
@@ -73,13 +74,15 @@ class ZooPreset:
 #: The broad pretraining mixture: easy versions of every skill in both languages, plus a little of
 #: the hard versions, so the base is strong and every specialist is a small step away from it.
 BASE_MIXTURE: tuple[tuple[str, float], ...] = (
-    ("add_easy_l1", 0.25),
-    ("add_l1", 0.04),
-    ("add_easy_l2", 0.06),
-    ("translate_easy", 0.20),
-    ("translate", 0.03),
-    ("reverse_easy", 0.25),
-    ("reverse", 0.04),
+    ("add_easy_l1", 0.20),
+    ("add_easy_l2", 0.20),
+    ("add_l1", 0.03),
+    ("add_l2", 0.02),
+    ("translate_easy", 0.15),
+    ("translate", 0.006),
+    ("back_translate_easy", 0.10),
+    ("reverse_easy", 0.20),
+    ("reverse", 0.006),
 )
 
 
@@ -107,27 +110,30 @@ def _specialists(steps: int, lr: float, batch_size: int) -> tuple[tuple[str, str
 
 
 def _splits(target_test: int) -> tuple[tuple[str, int, int], ...]:
-    return (("add", 200, 300), ("translate", 200, 300), ("reverse", 200, 300), (TARGET_TASK, 256, target_test))
+    return (
+        ("add", 200, 300), ("translate", 200, 300), ("reverse", 200, 300), ("l2_add", 200, 300),
+        (TARGET_TASK, 300, target_test),
+    )
 
 
 PRESETS: dict[str, ZooPreset] = {
     "tiny": ZooPreset(
         shape=ModelShape(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256),
-        base=TrainConfig(steps=1200, lr=3e-3, batch_size=64, mixture=BASE_MIXTURE, warmup=100),
-        specialists=_specialists(steps=250, lr=3e-4, batch_size=64),
-        split_sizes=_splits(400),
+        base=TrainConfig(steps=1000, lr=3e-3, batch_size=64, mixture=BASE_MIXTURE, warmup=100),
+        specialists=_specialists(steps=250, lr=5e-4, batch_size=64),
+        split_sizes=_splits(600),
     ),
     "small": ZooPreset(
         shape=ModelShape(hidden_size=256, num_layers=6, num_heads=8, intermediate_size=512),
         base=TrainConfig(steps=4000, lr=2e-3, batch_size=128, mixture=BASE_MIXTURE, warmup=200),
         specialists=_specialists(steps=500, lr=2e-4, batch_size=128),
-        split_sizes=_splits(1000),
+        split_sizes=_splits(1500),
     ),
     "medium": ZooPreset(
         shape=ModelShape(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1024),
         base=TrainConfig(steps=8000, lr=1e-3, batch_size=256, mixture=BASE_MIXTURE, warmup=400),
         specialists=_specialists(steps=800, lr=1e-4, batch_size=256),
-        split_sizes=_splits(2000),
+        split_sizes=_splits(3000),
     ),
 }
 
@@ -265,7 +271,7 @@ def _build_into(root: Path, preset: ZooPreset, parameters: dict[str, Any], seed:
     sizes = {name: {"search": search, "test": test} for name, search, test in preset.split_sizes}
     keys = draw_splits({name: specs[name] for name in sizes}, sizes, seed)
     task_paths = write_task_files(root / "tasks", {name: specs[name] for name in sizes}, keys)
-    families = training_families(held_out_keys(keys))
+    families = training_families(held_out_keys(specs, keys))
     tokenizer = build_char_tokenizer(ZOO_CHARACTERS)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models: dict[str, dict[str, Any]] = {}

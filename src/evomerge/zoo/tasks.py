@@ -1,18 +1,20 @@
 """Synthetic skills of the zoo: problem generators, held-out problem pools and task files.
 
-The zoo miniaturises "Japanese x math": numbers can be written in two synthetic languages that share
-the arithmetic but not the digits (language 1 uses ``0-9``, language 2 uses ``a-j``). Skills:
+Numbers can be written in two synthetic languages that share the arithmetic but not the digits
+(language 1 uses ``0-9``, language 2 uses ``a-j``). Tasks:
 
 - ``add``        two-digit addition asked and answered in language 1 (the math specialist's skill);
 - ``translate``  long numbers rewritten from language 1 into language 2 (the language specialist's skill);
 - ``reverse``    reversing a word of letters ``k-z`` (an unrelated skill, the third specialist's);
-- ``target``     two-digit addition asked *and answered* in language 2: it needs the math of ``add`` and
-                 the fluency of ``translate`` at once, and an answer written in language-1 digits is
-                 rejected by the task's ``answer_charset`` check, like the paper's language filter.
+- ``target``     an even mix of held-out ``add``, ``translate`` and ``reverse`` problems: the capability
+                 of one model holding every skill, which no single specialist has;
+- ``l2_add``     two-digit addition asked *and answered* in language 2 (the miniature of "Japanese math";
+                 an answer in language-1 digits is rejected by ``answer_charset``). Kept as a measured
+                 stretch task: at this scale no parent and no merge composes it (docs/ZOO.md).
 
 Every evaluation problem is drawn from a pool that training never samples from. Addition problems are
 keyed by the operand pair, independently of the language, so no model is trained on a pair that the
-``add`` or ``target`` evaluation splits ask in either language.
+``add``, ``l2_add`` or ``target`` evaluation splits ask in either language.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ WORD_LETTERS = "klmnopqrstuvwxyz"
 TRANSLATE_MARK = "#"
 REVERSE_MARK = "~"
 SPLITS = ("search", "test")
+TARGET = "target"
 
 #: Every character any zoo sequence can contain; the zoo tokenizer is built from it.
 ZOO_CHARACTERS = L1_DIGITS + L2_DIGITS + WORD_LETTERS + "+=\n" + TRANSLATE_MARK + REVERSE_MARK
@@ -114,74 +117,99 @@ def _word(low: int, high: int) -> Callable[[random.Random], str]:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One evaluated task: its problem family (keys) and how its file describes scoring."""
+    """One evaluated task: how it draws problem keys, renders them, and which held-out pool a key is in."""
 
     name: str
     skill: str
     draw_key: Callable[[random.Random], object]
     render: Callable[[object], Problem]
+    pool_of: Callable[[object], tuple[str, object]]
+    """``key -> (pool name, pool key)``: tasks sharing a pool never share an evaluation problem."""
     answer_charset: str | None
     max_new_tokens: int
     description: str
 
 
+def _in_pool(pool: str) -> Callable[[object], tuple[str, object]]:
+    return lambda key: (pool, key)
+
+
 def task_specs() -> dict[str, TaskSpec]:
-    """The zoo's evaluated tasks by name: one per specialist skill plus the composed ``target``."""
+    """The zoo's evaluated tasks: one per specialist skill, the multi-skill ``target`` and ``l2_add``."""
     two_digit_pair = _pair(_digits_range(2, 2), _digits_range(2, 2))
-    return {
+    skills = {
         "add": TaskSpec(
-            "add", "math", two_digit_pair, lambda k: addition(*k, language=1), "[0-9]", 4,
+            "add", "math", two_digit_pair, lambda k: addition(*k, language=1), _in_pool("addition"), "[0-9]", 4,
             "two-digit addition in language 1 (digits 0-9)",
         ),
         "translate": TaskSpec(
-            "translate", "language", _digits_range(4, 6), translation, "[a-j]", 8,
+            "translate", "language", _digits_range(4, 6), translation, _in_pool("translate"), "[a-j]", 8,
             "rewrite a 4-6 digit language-1 number in language 2 (digits a-j)",
         ),
         "reverse": TaskSpec(
-            "reverse", "strings", _word(5, 7), reversal, "[k-z]", 8,
+            "reverse", "strings", _word(5, 7), reversal, _in_pool("reverse"), "[k-z]", 8,
             "reverse a 5-7 letter word over k-z",
         ),
-        "target": TaskSpec(
-            "target", "math x language", two_digit_pair, lambda k: addition(*k, language=2), "[a-j]", 4,
+    }
+    order = tuple(sorted(skills))
+
+    def draw_mixed(rng: random.Random) -> tuple[str, object]:
+        skill = order[rng.randrange(len(order))]
+        return skill, skills[skill].draw_key(rng)
+
+    return {
+        **skills,
+        # The capability the search is asked for: every hard skill in one model. Each item needs one
+        # skill, the task needs all three, so no single specialist can score much above a third.
+        TARGET: TaskSpec(
+            TARGET, "math + language + strings", draw_mixed, lambda k: skills[k[0]].render(k[1]),
+            lambda k: skills[k[0]].pool_of(k[1]), None, 8,
+            "an even mix of the add, translate and reverse problems (held out from those tasks)",
+        ),
+        # The composition inside one answer (math asked and answered in language 2, the miniature of
+        # "Japanese math"); no parent and no merge of this family solves it (see docs/ZOO.md).
+        "l2_add": TaskSpec(
+            "l2_add", "math x language", two_digit_pair, lambda k: addition(*k, language=2),
+            _in_pool("addition"), "[a-j]", 4,
             "two-digit addition asked and answered in language 2; language-1 digits are rejected",
         ),
     }
 
 
-#: Tasks whose held-out keys share one pool (addition pairs are held out across both languages).
-SHARED_POOLS = {"add": "addition", "target": "addition", "translate": "translate", "reverse": "reverse"}
-
 
 def draw_splits(
     specs: Mapping[str, TaskSpec], sizes: Mapping[str, Mapping[str, int]], seed: int
 ) -> dict[str, dict[str, list[object]]]:
-    """Draw disjoint evaluation keys per task and split; keys never repeat across tasks sharing a pool.
+    """Draw disjoint evaluation keys per task and split; no problem repeats across tasks sharing a pool.
 
     Each (task, split) draws from its own seeded stream, so splits come from disjoint seeds as well as
     disjoint problems. Returns ``{task: {split: [key, ...]}}``.
     """
-    used: dict[str, set[object]] = {}
+    used: set[tuple[str, object]] = set()
     keys: dict[str, dict[str, list[object]]] = {}
     for task_index, (name, spec) in enumerate(sorted(specs.items())):
-        pool = used.setdefault(SHARED_POOLS.get(name, name), set())
         keys[name] = {}
         for split_index, split in enumerate(SPLITS):
             rng = random.Random(f"zoo-eval/{seed}/{task_index}/{split_index}")
             chosen: list[object] = []
             while len(chosen) < sizes[name][split]:
                 key = spec.draw_key(rng)
-                if key not in pool:
-                    pool.add(key)
+                if spec.pool_of(key) not in used:
+                    used.add(spec.pool_of(key))
                     chosen.append(key)
             keys[name][split] = chosen
     return keys
 
 
-def held_out_keys(keys: Mapping[str, Mapping[str, list[object]]]) -> dict[str, frozenset]:
-    """All evaluation keys of each shared pool, which training samplers must avoid."""
+def held_out_keys(
+    specs: Mapping[str, TaskSpec], keys: Mapping[str, Mapping[str, list[object]]]
+) -> dict[str, frozenset]:
+    """All evaluation keys of each pool, which training samplers must avoid."""
     pools: dict[str, set[object]] = {}
     for name, splits in keys.items():
-        pools.setdefault(SHARED_POOLS.get(name, name), set()).update(k for ks in splits.values() for k in ks)
+        for key in (k for ks in splits.values() for k in ks):
+            pool, member = specs[name].pool_of(key)
+            pools.setdefault(pool, set()).add(member)
     return {pool: frozenset(members) for pool, members in pools.items()}
 
 
@@ -189,7 +217,7 @@ def training_families(held_out: Mapping[str, frozenset]) -> dict[str, Family]:
     """The problem families training mixtures draw from, with evaluation problems excluded.
 
     ``*_easy`` families are the short, easy versions a broad base model learns; the others are the
-    harder versions only a specialist is fine-tuned on.
+    harder versions, which the base sees only rarely and a specialist is fine-tuned on.
     """
     digit = _digits_range(1, 1)
     two = _digits_range(2, 2)
@@ -199,9 +227,7 @@ def training_families(held_out: Mapping[str, frozenset]) -> dict[str, Family]:
         "add_easy_l1": Family("add_easy_l1", _pair(_digits_range(1, 2), digit), lambda k: addition(*k, 1)),
         "add_easy_l2": Family("add_easy_l2", _pair(_digits_range(1, 2), digit), lambda k: addition(*k, 2)),
         "add_l1": Family("add_l1", _pair(two, two), lambda k: addition(*k, 1), add_pool),
-        # Two-digit sums asked in language 2 but answered in language 1: how a math model fine-tuned
-        # on language-1 solutions treats language-2 questions (it understands them, answers in l1).
-        "add_l2_to_l1": Family("add_l2_to_l1", _pair(two, two), lambda k: addition(*k, 2, 1), add_pool),
+        "add_l2": Family("add_l2", _pair(two, two), lambda k: addition(*k, 2), add_pool),
         "translate_easy": Family("translate_easy", _digits_range(1, 3), translation),
         "back_translate_easy": Family("back_translate_easy", _digits_range(1, 3), back_translation),
         "translate": Family("translate", _digits_range(4, 6), translation, held_out.get("translate", frozenset())),
