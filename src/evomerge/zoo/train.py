@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -74,6 +75,8 @@ def deterministic_torch(seed: int):
     CPU reductions may split work differently with another thread count, which changes float sums;
     one thread makes a build bit-identical on any machine with the same torch build.
     """
+    # cuBLAS refuses deterministic mode without a fixed workspace; it reads this when its handle is made.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     threads = torch.get_num_threads()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)
