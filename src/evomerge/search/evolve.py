@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.errors import EvomergeError
 from evomerge.search.config import load_evolve_config
 from evomerge.search.integrity import check_parents, parent_refs
 from evomerge.search.results import Selection, evaluate_on_test, select
@@ -42,10 +44,16 @@ def evolve(
     config_path = Path(config_path)
     config, root = load_evolve_config(config_path)
     run_dir = Path(run_dir)
+    fresh = not run_dir.exists()
     prepare_run_dir(config_path, config, run_dir)
-    check_parents(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
-                  accept_changed=accept_changed_parents)
-    run = SearchRun(config, root, run_dir, on_candidate=on_candidate, on_status=on_status)
+    try:
+        check_parents(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
+                      accept_changed=accept_changed_parents)
+        run = SearchRun(config, root, run_dir, on_candidate=on_candidate, on_status=on_status)
+    except EvomergeError:
+        if fresh:  # refused before any candidate ran: leave no half-made run directory behind
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     study = run.run() if workers == 1 else run_with_workers(run, workers, on_status=on_status)
     if on_status is not None:
         on_status("scoring parents, baselines and the selected candidates on the test split")
