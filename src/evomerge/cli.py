@@ -129,7 +129,7 @@ class _SearchDisplay:
 
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"), console=err_console, transient=False,
+            TextColumn("{task.fields[info]}"), console=err_console, transient=True,
         )
         self.task = self.progress.add_task("search", total=None, info="")
         self.best: float | None = None
