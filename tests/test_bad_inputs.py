@@ -119,6 +119,8 @@ MODEL_VARIANTS: dict[str, tuple[int, dict, Callable[[Path], None] | None]] = {
     "lying": (1, {}, lie_about_shape),
     "pickle": (1, {}, to_pickle),
     "remote": (0, {}, ask_for_remote_code),
+    # A private copy: the overwrite-a-parent case must not be able to touch a shared session model.
+    "ownparent": (0, {}, lambda path: None),
     "nanweights0": (0, {}, nan_weights),
     "nanweights1": (1, {}, nan_weights),
     "nanweights2": (2, {}, nan_weights),

@@ -90,7 +90,7 @@ def test_champion_is_the_best_fully_evaluated_candidate(finished_run):
     assert outcome.selection.champion == best.number
     results = outcome.test_results
     kinds = sorted(r["kind"] for r in results.values())
-    assert kinds.count("parent") == 3 and kinds.count("baseline") == 2
+    assert kinds.count("parent") == 3 and kinds.count("baseline") == 3
     champion = results[f"candidate:{best.number}"]
     assert "champion" in champion["roles"]
     assert champion["test"]["sum"]["n"] == 24
@@ -102,7 +102,7 @@ def test_baselines_are_scored_once_and_stored(finished_run):
     root, _ = finished_run
     _, study = load_run(root / "run")
     baselines = study.user_attrs["baselines"]
-    assert {"task_arithmetic_uniform", "dare_ties_defaults"} <= set(baselines)
+    assert {"task_arithmetic_uniform", "ties_defaults", "dare_ties_defaults"} <= set(baselines)
     assert sum(1 for b in baselines.values() if b["kind"] == "parent") == 3
     for record in baselines.values():
         assert record["search"]["sum"]["n"] == 24

@@ -212,7 +212,7 @@ def export(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the zoo, the run and the champion go."),
-    candidates: int = typer.Option(120, min=1, help="Evaluation budget of the search."),
+    candidates: int | None = typer.Option(None, min=1, help="Evaluation budget of the search (default: 400)."),
     seed: int = typer.Option(0, help="Seed of the zoo and the search."),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
@@ -220,9 +220,8 @@ def demo(
 
     display = _SearchDisplay()
     with display.progress:
-        outcome, summary = run_demo(
-            out, candidates=candidates, seed=seed, on_candidate=display.candidate, on_status=display.status
-        )
+        budget = {} if candidates is None else {"candidates": candidates}
+        outcome, summary = run_demo(out, seed=seed, on_candidate=display.candidate, on_status=display.status, **budget)
     _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
     console.print(f"summary: {out / 'summary.json'}   champion packet: {out / 'champion'}")
 

@@ -19,7 +19,7 @@ from evomerge.search.evolve import EvolveOutcome, evolve
 from evomerge.search.run import CandidateResult
 from evomerge.zoo.builder import Zoo, build_zoo
 
-DEMO_CANDIDATES = 120
+DEMO_CANDIDATES = 400
 
 
 def demo_config(zoo: Zoo, *, candidates: int = DEMO_CANDIDATES, seed: int = 0) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from evomerge.errors import ExportError
 from evomerge.merge.plan import Source, TensorJob, apply_job, job_parameters, output_num_layers, plan_jobs
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import OperatorSpec
@@ -191,6 +192,12 @@ def run_merge(
     """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras)."""
     started = time.perf_counter()
     merge = StreamingMerge(recipe, device=device, compute_dtype=compute_dtype, allow_pickle=allow_pickle)
+    target = Path(out_dir).resolve()
+    for checkpoint in merge.checkpoints.values():
+        source = Path(checkpoint.path).resolve()
+        if target == source or target in source.parents or source in target.parents:
+            # Overwriting (or nesting into) a parent would destroy the merge's own input.
+            raise ExportError(f"output directory {out_dir} overlaps the parent model {checkpoint.path}; choose another --out")
     if on_plan is not None:
         on_plan(len(merge))
     donor, compat = merge.donor, merge.compat

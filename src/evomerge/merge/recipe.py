@@ -208,7 +208,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if "merge_method" in data:
         data = _from_mergekit(data, source)
     elif "method" not in data:
-        raise ConfigError(f"{source}: missing field 'method' (or mergekit's 'merge_method')")
+        near = difflib.get_close_matches("method", [str(key) for key in data], n=1, cutoff=0.6)
+        hint = f"; is '{near[0]}' a misspelling of it?" if near else ""
+        raise ConfigError(f"{source}: missing field 'method' (or mergekit's 'merge_method'){hint}")
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:

@@ -35,10 +35,11 @@ from evomerge.evaluate import (
 from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
 from evomerge.merge.planner import DTYPES, StreamingMerge
 from evomerge.merge.recipe import ModelEntry, Recipe, parse_recipe
+from evomerge.merge.registry import get_operator
 from evomerge.models import Checkpoint
 from evomerge.search.config import EvolveConfig, resolve_path
 from evomerge.search.genome import ParameterGenome, genome_key
-from evomerge.search.racing import entry_threshold, optimistic_stderr, plan_race, still_competitive
+from evomerge.search.racing import entry_threshold, plan_race, race
 from evomerge.search.samplers import make_sampler, population_size
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -265,7 +266,8 @@ class SearchRun:
         self.session = open_session(self.config, self.root)
         self.genome = self.session.genome
         self.popsize = population_size(self.config, len(self.genome))
-        self.race = plan_race(self.session.sizes(), self.config.racing.first_fraction, self.config.seed)
+        racing = self.config.racing
+        self.race = plan_race(self.session.sizes(), racing.first_fraction, self.config.seed, racing.growth)
         self.top_k = self.config.racing.top_k or self.popsize
         self.distributions = {
             gene.name: optuna.distributions.FloatDistribution(gene.low, gene.high) for gene in self.genome.genes
@@ -308,20 +310,21 @@ class SearchRun:
         merged = self.genome.merged_models
         uniform = 1.0 / len(merged)
         common = {"base_model": self.session.base, "seed": self.config.seed}
-        recipes = {
-            "task_arithmetic_uniform": Recipe(
-                method="task_arithmetic",
-                models=[ModelEntry(model=m, parameters={"weight": uniform}) for m in merged],
+        methods = ["task_arithmetic", "ties", self.config.method] if self.session.base else [self.config.method]
+        recipes = {}
+        for method in dict.fromkeys(methods):  # ordered, without repeats
+            spec = get_operator(method)
+            # Parameters without a default get the untuned values people reach for: 1/N weights, mid-range.
+            required = {p.name: uniform if p.name == "weight" else sum(p.search_bounds()) / 2 for p in spec.params if p.required}
+            per_model = {name: value for name, value in required.items() if spec.param(name).per_model}
+            shared = {name: value for name, value in required.items() if not spec.param(name).per_model}
+            name = "task_arithmetic_uniform" if method == "task_arithmetic" else f"{method}_defaults"
+            recipes[name] = Recipe(
+                method=method,
+                models=[ModelEntry(model=m, parameters=dict(per_model)) for m in merged],
+                parameters=shared,
                 **common,
-            ),
-        }
-        spec = self.session.merger.spec
-        defaults = {"weight": uniform} if spec.param("weight").required else {}
-        recipes[f"{self.config.method}_defaults"] = Recipe(
-            method=self.config.method,
-            models=[ModelEntry(model=m, parameters=dict(defaults)) for m in merged],
-            **common,
-        )
+            )
         return recipes
 
     def expressible_baselines(self) -> dict[str, dict[str, float]]:
@@ -488,20 +491,20 @@ class SearchRun:
         started = time.perf_counter()
         total_examples = sum(self.session.sizes().values())
         if racing:
-            first = self.session.evaluate("search", self.race.first)
-            scores = dict(first.scores)
-            partial = objectives.fitness({n: s.score for n, s in scores.items()})
-            stderr = math.sqrt(
-                sum((w * optimistic_stderr(scores[t.name].values)) ** 2 for t, w in zip(objectives.tasks, objectives.weights))
-            )
+            scores: dict[str, TaskScore] = {}
+
+            def score_round(indices: dict[str, list[int]]) -> dict[str, list[float]]:
+                for name, score in self.session.evaluate("search", indices).scores.items():
+                    scores[name] = combine_scores(scores[name], score) if name in scores else score
+                return {name: score.values for name, score in scores.items()}
+
+            signed = {
+                t.name: w * (1.0 if d == "maximize" else -1.0)
+                for t, w, d in zip(objectives.tasks, objectives.weights, objectives.directions, strict=True)
+            }
             threshold = entry_threshold(self.full_fitnesses(), self.top_k)
-            status = "complete"
-            if still_competitive(partial, stderr, threshold, self.config.racing.confidence) and self.race.size(self.race.rest):
-                rest = self.session.evaluate("search", {k: v for k, v in self.race.rest.items() if v})
-                for name, score in rest.scores.items():
-                    scores[name] = combine_scores(scores[name], score)
-            elif self.race.size(self.race.rest):
-                status = "raced_out"
+            raced_out = race(self.race, score_round, signed, threshold, self.config.racing.confidence)
+            status = "raced_out" if raced_out else "complete"
         else:
             scores = dict(self.session.evaluate("search").scores)
             status = "complete"

@@ -216,6 +216,8 @@ def build_zoo(
     device type but not bit-identical to a CPU build.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"Zoo directory {out_dir} is a file; give a directory to build the zoo in.")
     size = "custom" if preset is not None else size
     chosen = resolve_preset(size, preset)
     parameters = build_parameters(size, seed, chosen)
