@@ -26,8 +26,8 @@ import optuna
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import make_llama  # noqa: E402  (the test fixtures' tiny-checkpoint builder)
-from postgres import postgres_server  # noqa: E402
+from conftest import make_llama
+from postgres import postgres_server
 
 EVALUATED = ("complete", "raced_out", "failed")
 

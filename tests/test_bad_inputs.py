@@ -68,7 +68,7 @@ def lie_about_shape(model: Path) -> None:
     """A well-formed header whose first tensor claims one more row than its byte range holds."""
     weights = model / "model.safetensors"
     header, data = split_header(weights)
-    name = sorted(k for k in header if k != "__metadata__")[0]
+    name = min(k for k in header if k != "__metadata__")
     header[name]["shape"][0] += 1
     weights.write_bytes(join_header(header, data))
 

@@ -89,8 +89,9 @@ def test_block_size_must_divide_the_depth(parents, tmp_path):
 
 
 def test_decoded_recipe_round_trips_through_yaml(parents, tmp_path):
-    from evomerge.merge.recipe import parse_recipe
     import yaml
+
+    from evomerge.merge.recipe import parse_recipe
 
     genome = make_genome(parents, tmp_path, {"weight": {"bounds": [0, 2], "granularity": "per_layer"}})
     recipe = genome.decode([0.3] * len(genome), seed=1)
