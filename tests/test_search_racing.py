@@ -7,17 +7,92 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evomerge.search.racing import entry_threshold, optimistic_stderr, plan_race, still_competitive
+from evomerge.search.racing import (
+    entry_threshold,
+    optimistic_stderr,
+    partial_fitness,
+    plan_race,
+    race,
+    still_competitive,
+)
 
 
-def test_plan_splits_every_task_into_disjoint_covering_parts():
-    plan = plan_race({"a": 10, "b": 3}, fraction=0.25, seed=0)
-    for task, size in {"a": 10, "b": 3}.items():
-        assert sorted(plan.first[task] + plan.rest[task]) == list(range(size))
-        assert not set(plan.first[task]) & set(plan.rest[task])
-    assert len(plan.first["a"]) == 3 and len(plan.first["b"]) == 1
-    assert plan == plan_race({"a": 10, "b": 3}, fraction=0.25, seed=0)
-    assert plan.first != plan_race({"a": 10, "b": 3}, fraction=0.25, seed=1).first
+def test_plan_rounds_partition_each_split_in_a_seeded_order():
+    plan = plan_race({"a": 300, "b": 3}, fraction=0.125, seed=0, growth=2.0)
+    # a: ceil(300/8)=38, ceil(300/4)=75, 150, 300; b: 1, 1, 2, 3 (b's empty second round is simply absent).
+    assert [cut["a"] for cut in plan.cuts] == [38, 75, 150, 300]
+    assert [cut["b"] for cut in plan.cuts] == [1, 1, 2, 3]
+    rounds = [plan.round_indices(r) for r in range(plan.rounds)]
+    assert "b" not in rounds[1]
+    for task, size in {"a": 300, "b": 3}.items():
+        scored = [i for r in rounds for i in r.get(task, [])]
+        assert sorted(scored) == list(range(size))  # every example exactly once
+    assert plan == plan_race({"a": 300, "b": 3}, fraction=0.125, seed=0, growth=2.0)
+    assert plan.order["a"] != plan_race({"a": 300, "b": 3}, fraction=0.125, seed=1).order["a"]
+
+
+def test_rounds_that_add_nothing_are_merged():
+    plan = plan_race({"a": 4}, fraction=0.1, seed=0, growth=1.5)
+    # shares 0.1, 0.15, 0.225, 0.3375 all cut at 1 or 2 examples of 4: distinct cuts only.
+    assert [cut["a"] for cut in plan.cuts] == [1, 2, 3, 4]
+    assert plan_race({"a": 4}, fraction=0.5, seed=0, growth=100.0).cuts == [{"a": 2}, {"a": 4}]
+
+
+def test_partial_fitness_uses_signed_weights_and_independent_errors():
+    values = {"x": [1.0, 0.0, 1.0, 1.0], "y": [0.0, 0.0, 1.0, 0.0]}
+    fitness, stderr = partial_fitness(values, {"x": 2.0, "y": -1.0})
+    assert math.isclose(fitness, 2 * 0.75 - 0.25)
+    assert math.isclose(stderr, math.hypot(2 * optimistic_stderr(values["x"]), optimistic_stderr(values["y"])))
+
+
+class Recorder:
+    """A candidate whose example values are fixed; records which examples the race asked for."""
+
+    def __init__(self, values: dict[str, list[float]]):
+        self.values = values
+        self.calls: list[dict[str, list[int]]] = []
+        self.seen: dict[str, list[float]] = {}
+
+    def __call__(self, indices):
+        self.calls.append(indices)
+        for task, idx in indices.items():
+            self.seen.setdefault(task, []).extend(self.values[task][i] for i in idx)
+        return self.seen
+
+
+def test_race_drops_a_hopeless_candidate_after_the_first_round():
+    plan = plan_race({"t": 200}, fraction=0.125, seed=0)
+    candidate = Recorder({"t": [0.0] * 200})
+    assert race(plan, candidate, {"t": 1.0}, threshold=0.6, z=2.0)
+    assert len(candidate.calls) == 1 and len(candidate.seen["t"]) == 25
+    # Agresti-Coull bound at 0/25: 1/14.5 + 2 * sqrt(...) is about 0.17, far below 0.6.
+
+
+def test_race_scores_everything_for_a_strong_candidate_and_without_threshold():
+    plan = plan_race({"t": 200}, fraction=0.125, seed=0)
+    strong = Recorder({"t": [1.0] * 200})
+    assert not race(plan, strong, {"t": 1.0}, threshold=0.6, z=2.0)
+    assert len(strong.calls) == plan.rounds == 4 and sorted(strong.seen["t"]) == [1.0] * 200
+    weak = Recorder({"t": [0.0] * 200})
+    assert not race(plan, weak, {"t": 1.0}, threshold=None, z=2.0)
+    assert weak.calls == [{"t": list(range(200))}]  # one call: nothing can be dropped yet
+
+
+def test_race_drops_only_once_the_bound_falls_below_the_threshold():
+    plan = plan_race({"t": 400}, fraction=0.125, seed=0)
+    values = [float(i % 2) for i in range(400)]  # a 50% candidate
+
+    def bound(n: int) -> float:  # Agresti-Coull optimistic bound on the first n examples of the order
+        hits = sum(values[i] for i in plan.order["t"][:n])
+        p = (hits + 2) / (n + 4)
+        return hits / n + 2.0 * math.sqrt(p * (1 - p) / (n + 4))
+
+    expected_rounds = next(r + 1 for r, cut in enumerate(plan.cuts) if bound(cut["t"]) < 0.64)
+    assert 1 < expected_rounds < plan.rounds  # the case is the interesting one: survives round one, dropped later
+    candidate = Recorder({"t": values})
+    assert race(plan, candidate, {"t": 1.0}, threshold=0.64, z=2.0)
+    assert len(candidate.calls) == expected_rounds
+    assert len(candidate.seen["t"]) == plan.cuts[expected_rounds - 1]["t"]
 
 
 def test_agresti_coull_error_stays_positive_at_zero_and_one():

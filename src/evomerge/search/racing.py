@@ -1,9 +1,11 @@
-"""Racing (successive halving) for fitness: score a slice of the search split first, go on only if the
+"""Racing (successive halving) for fitness: score growing slices of the search split, go on only while the
 candidate can still enter the top of the population.
 
-A candidate is dropped after its first slice when even an optimistic bound on its fitness,
-`partial + z · stderr`, stays below the k-th best full fitness seen so far. For 0/1 scores the standard
-error uses the Agresti–Coull estimate, which stays positive at 0% or 100% on a small slice, so a
+The search split of every task is put in a seeded random order once per run; round r scores the examples
+between the previous cut and `first_fraction · growth^r` of the split (the last round reaches the whole
+split). After each round but the last, a candidate is dropped when even an optimistic bound on its
+fitness, `partial + z · stderr`, stays below the k-th best full fitness seen so far. For 0/1 scores the
+standard error uses the Agresti–Coull estimate, which stays positive at 0% or 100% on a small slice, so a
 candidate is never dropped on the strength of a few lucky or unlucky examples.
 """
 
@@ -11,32 +13,47 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
 class RacePlan:
-    """Which search-split examples each task scores in the first round, and which afterwards."""
+    """A seeded example order per task and the cumulative number of examples scored after each round."""
 
-    first: dict[str, list[int]]
-    rest: dict[str, list[int]]
+    order: dict[str, list[int]]
+    cuts: list[dict[str, int]]  # one per round, non-decreasing; the last is every task's full size
 
-    def size(self, part: Mapping[str, list[int]]) -> int:
-        return sum(len(indices) for indices in part.values())
+    @property
+    def rounds(self) -> int:
+        return len(self.cuts)
+
+    def round_indices(self, r: int) -> dict[str, list[int]]:
+        """The examples new in round `r`, per task (tasks with none are left out)."""
+        previous = self.cuts[r - 1] if r else {task: 0 for task in self.order}
+        slices = {task: sorted(order[previous[task] : self.cuts[r][task]]) for task, order in self.order.items()}
+        return {task: indices for task, indices in slices.items() if indices}
+
+    def all_indices(self) -> dict[str, list[int]]:
+        """Every example of every task (a race without a threshold scores them in one go)."""
+        return {task: sorted(order) for task, order in self.order.items() if order}
 
 
-def plan_race(sizes: Mapping[str, int], fraction: float, seed: int) -> RacePlan:
-    """Split every task's examples into a seeded random first slice and the rest."""
-    first: dict[str, list[int]] = {}
-    rest: dict[str, list[int]] = {}
+def plan_race(sizes: Mapping[str, int], fraction: float, seed: int, growth: float = 2.0) -> RacePlan:
+    """Seeded per-task example orders, cut at `fraction · growth^r` of each split (rounds adding nothing are merged)."""
+    order: dict[str, list[int]] = {}
     for task, size in sizes.items():
-        order = list(range(size))
-        random.Random(f"{seed}:{task}").shuffle(order)
-        cut = max(1, min(size, math.ceil(fraction * size)))
-        first[task] = sorted(order[:cut])
-        rest[task] = sorted(order[cut:])
-    return RacePlan(first, rest)
+        order[task] = list(range(size))
+        random.Random(f"{seed}:{task}").shuffle(order[task])
+    cuts: list[dict[str, int]] = []
+    share = fraction
+    while True:
+        cut = {task: max(1, min(size, math.ceil(share * size))) for task, size in sizes.items()}
+        if not cuts or cut != cuts[-1]:
+            cuts.append(cut)
+        if all(cut[task] == size for task, size in sizes.items()):
+            return RacePlan(order, cuts)
+        share *= growth
 
 
 def optimistic_stderr(values: Sequence[float]) -> float:
@@ -51,6 +68,16 @@ def optimistic_stderr(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def partial_fitness(values: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> tuple[float, float]:
+    """Weighted-sum fitness of per-task partial scores and its standard error (tasks independent).
+
+    `weights` are signed (a minimised objective has a negative weight), matching `Objectives.fitness`.
+    """
+    fitness = sum(w * sum(values[task]) / len(values[task]) for task, w in weights.items())
+    stderr = math.sqrt(sum((w * optimistic_stderr(values[task])) ** 2 for task, w in weights.items()))
+    return fitness, stderr
+
+
 def entry_threshold(full_fitnesses: Sequence[float], top_k: int) -> float | None:
     """The fitness a candidate must be able to reach to enter the top `top_k` (None: not full yet)."""
     if len(full_fitnesses) < top_k:
@@ -61,3 +88,27 @@ def entry_threshold(full_fitnesses: Sequence[float], top_k: int) -> float | None
 def still_competitive(partial: float, stderr: float, threshold: float | None, z: float) -> bool:
     """True when the optimistic bound of a partial fitness reaches the entry threshold."""
     return threshold is None or partial + z * stderr >= threshold
+
+
+def race(
+    plan: RacePlan,
+    score_round: Callable[[dict[str, list[int]]], Mapping[str, Sequence[float]]],
+    weights: Mapping[str, float],
+    threshold: float | None,
+    z: float,
+) -> bool:
+    """Score a candidate round by round; True when it was raced out before the last round.
+
+    `score_round(indices)` scores the given examples and returns every task's values **so far** (all
+    rounds up to this one), so the caller keeps the evidence. Without a threshold nothing can be dropped,
+    so the whole split is scored in one call (fewer, larger batches).
+    """
+    if threshold is None:
+        score_round(plan.all_indices())
+        return False
+    for r in range(plan.rounds):
+        values = score_round(plan.round_indices(r))
+        last = r == plan.rounds - 1
+        if not last and not still_competitive(*partial_fitness(values, weights), threshold, z):
+            return True
+    return False
