@@ -223,7 +223,7 @@ def demo(
         budget = {} if candidates is None else {"candidates": candidates}
         outcome, summary = run_demo(out, seed=seed, on_candidate=display.candidate, on_status=display.status, **budget)
     _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
-    console.print(f"summary: {out / 'summary.json'}   champion packet: {out / 'champion'}")
+    console.print(f"summary: {out / 'summary.json'}   champion packet: {out / 'champion'}   report: {out / 'report.html'}")
 
 
 @app.command("eval")

@@ -1,8 +1,8 @@
 """`evomerge demo`: the whole product on the built-in tiny zoo, offline, in about ten minutes on 2 cores.
 
 Builds (or reuses) the default zoo, evolves a merge of its specialists for the target capability,
-exports the champion as a release packet and writes `summary.json` with the test-split scores of every
-parent, every baseline and the champion.
+exports the champion as a release packet, writes the HTML report and `summary.json` with the test-split
+scores of every parent, every baseline and the champion.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from evomerge.lineage.packet import export_candidate
+from evomerge.report import write_report
 from evomerge.search.evolve import EvolveOutcome, evolve
 from evomerge.search.run import CandidateResult
 from evomerge.zoo.builder import Zoo, build_zoo
@@ -63,6 +64,9 @@ def run_demo(
     if on_status is not None:
         on_status("exporting the champion")
     export_candidate(outcome.run_dir, "champion", out_dir / "champion", overwrite=True)
+    if on_status is not None:
+        on_status("writing the HTML report")
+    write_report(outcome.run_dir, out_dir / "report.html")
     summary = {
         "target_task": zoo.target_task.stem,
         "champion": f"candidate:{outcome.selection.champion}",

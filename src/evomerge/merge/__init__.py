@@ -1,1 +1,21 @@
+"""Merge operators, recipes, the streaming planner and the in-memory merger (see docs/ARCHITECTURE.md)."""
 
+from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
+from evomerge.merge.planner import MergeResult, StreamingMerge, run_merge
+from evomerge.merge.recipe import Recipe, load_recipe, parse_recipe
+from evomerge.merge.registry import OperatorSpec, ParamSpec, get_operator, operator_names
+
+__all__ = [
+    "InMemoryMerger",
+    "MergeResult",
+    "NonFiniteWeightsError",
+    "OperatorSpec",
+    "ParamSpec",
+    "Recipe",
+    "StreamingMerge",
+    "get_operator",
+    "load_recipe",
+    "operator_names",
+    "parse_recipe",
+    "run_merge",
+]
