@@ -207,7 +207,8 @@ def run_merge(
             # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
             first = job.inputs[0]
             target = out_dtype or merge.checkpoints[first.ref].dtype(first.tensor)
-            writer.add(job.out_name, tensor.to(dtype=target, device="cpu"))
+            # Merged tensors are fresh and copied ones are views of a per-job buffer: no defensive copy.
+            writer.add(job.out_name, tensor.to(dtype=target, device="cpu"), copy=False)
             if on_tensor is not None:
                 on_tensor(job.out_name)
         writer.copy_files(donor.path, [name for name in DONOR_FILES if (donor.path / name).exists()])

@@ -97,14 +97,18 @@ class CheckpointWriter:
         return False
 
     # --- writing ------------------------------------------------------------------------------
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor for writing (copied to CPU now, so the caller may reuse or free its buffer)."""
+    def add(self, name: str, tensor: torch.Tensor, *, copy: bool = True) -> None:
+        """Queue one tensor for writing.
+
+        It is copied to the CPU now, so the caller may reuse or free its buffer; a caller handing over a
+        fresh CPU tensor it will not touch again passes `copy=False` to save that copy.
+        """
         self._require_open()
         if name in self._names:
             raise ExportError(f"Tensor {name!r} was added twice to {self.out_dir}.")
         if tensor.dtype not in TORCH_TO_SAFETENSORS:
             raise ExportError(f"Tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store.")
-        stored = tensor.detach().to("cpu", copy=True).contiguous()
+        stored = tensor.detach().to("cpu", copy=copy).contiguous()
         nbytes = stored.numel() * stored.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
