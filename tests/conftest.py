@@ -124,17 +124,13 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def zoo():
-    """The default tiny zoo (seed 0), reused across runs from ``$EVOMERGE_CACHE`` or ``~/.cache/evomerge``.
-
-    A build takes minutes on 2 cores, so it is cached across sessions; `build_zoo` rebuilds it whenever
-    the zoo's source, preset, seed or torch/evomerge version changed, and locks against parallel builds.
+    """The default tiny zoo (seed 0), cached across runs in `default_zoo_dir()` (``$EVOMERGE_CACHE`` or
+    ``~/.cache/evomerge``): a build takes minutes on 2 cores; `build_zoo` rebuilds it whenever the zoo's
+    source, preset, seed or torch/evomerge version changed, and locks against parallel builds.
     """
-    import os
+    from evomerge.zoo import build_zoo, default_zoo_dir
 
-    from evomerge.zoo import build_zoo
-
-    cache = Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge")
-    return build_zoo(cache / "zoo-tiny-seed0", size="tiny", seed=0)
+    return build_zoo(default_zoo_dir("tiny", 0), size="tiny", seed=0)
 
 
 def write_task_files(

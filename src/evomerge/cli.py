@@ -214,6 +214,7 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the zoo, the run and the champion go."),
     candidates: int | None = typer.Option(None, min=1, help="Evaluation budget of the search (default: 400)."),
     seed: int = typer.Option(0, help="Seed of the zoo and the search."),
+    zoo: Path | None = typer.Option(None, help="Zoo directory (default: built once into ~/.cache/evomerge)."),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
     from evomerge.demo import run_demo
@@ -221,7 +222,9 @@ def demo(
     display = _SearchDisplay()
     with display.progress:
         budget = {} if candidates is None else {"candidates": candidates}
-        outcome, summary = run_demo(out, seed=seed, on_candidate=display.candidate, on_status=display.status, **budget)
+        outcome, summary = run_demo(
+            out, seed=seed, zoo_dir=zoo, on_candidate=display.candidate, on_status=display.status, **budget
+        )
     _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
     console.print(f"summary: {out / 'summary.json'}   champion packet: {out / 'champion'}   report: {out / 'report.html'}")
 

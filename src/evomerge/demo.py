@@ -18,7 +18,7 @@ from evomerge.lineage.packet import export_candidate
 from evomerge.report import write_report
 from evomerge.search.evolve import EvolveOutcome, evolve
 from evomerge.search.run import CandidateResult
-from evomerge.zoo.builder import Zoo, build_zoo
+from evomerge.zoo import Zoo, build_zoo, default_zoo_dir
 
 DEMO_CANDIDATES = 400
 
@@ -49,14 +49,18 @@ def run_demo(
     *,
     candidates: int = DEMO_CANDIDATES,
     seed: int = 0,
+    zoo_dir: str | Path | None = None,
     on_candidate: Callable[[CandidateResult], None] | None = None,
     on_status: Callable[[str], None] | None = None,
 ) -> tuple[EvolveOutcome, dict[str, Any]]:
-    """Run the demo into `out_dir`; returns the evolve outcome and the summary written to summary.json."""
+    """Run the demo into `out_dir`; returns the evolve outcome and the summary written to summary.json.
+
+    The zoo is built once per machine into the cache (`default_zoo_dir`) unless `zoo_dir` names another.
+    """
     out_dir = Path(out_dir)
     if on_status is not None:
         on_status("building (or reusing) the tiny model zoo")
-    zoo = build_zoo(out_dir / "zoo", seed=seed)
+    zoo = build_zoo(zoo_dir if zoo_dir is not None else default_zoo_dir("tiny", seed), seed=seed)
     config_path = out_dir / "evolve.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(demo_config(zoo, candidates=candidates, seed=seed), sort_keys=False))
@@ -68,6 +72,7 @@ def run_demo(
         on_status("writing the HTML report")
     write_report(outcome.run_dir, out_dir / "report.html")
     summary = {
+        "zoo": str(zoo.root),
         "target_task": zoo.target_task.stem,
         "champion": f"candidate:{outcome.selection.champion}",
         "candidates": outcome.candidates,

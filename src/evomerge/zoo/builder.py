@@ -199,6 +199,13 @@ def build_parameters(size: str, seed: int, preset: ZooPreset) -> dict[str, Any]:
     }
 
 
+def default_zoo_dir(size: str = "tiny", seed: int = 0) -> Path:
+    """Where a zoo is cached between runs: `$EVOMERGE_CACHE/zoo-<size>-seed<seed>` (default cache
+    `~/.cache/evomerge`), so the demo and the tests build it once per machine."""
+    cache = Path(os.environ.get("EVOMERGE_CACHE") or Path.home() / ".cache" / "evomerge")
+    return cache / f"zoo-{size}-seed{seed}"
+
+
 def build_zoo(
     out_dir: str | os.PathLike[str],
     *,
