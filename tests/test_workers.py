@@ -87,9 +87,8 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> None:
     assert process.returncode == 0, err.decode()[-2000:]
 
 
-def evaluated_keys(study: optuna.Study) -> Counter:
-    return Counter(t.user_attrs["genome_key"] for t in study.get_trials(deepcopy=False)
-                   if t.user_attrs.get("status") in EVALUATED)
+def evaluated_keys(trials: list[optuna.trial.FrozenTrial]) -> Counter:
+    return Counter(t.user_attrs["genome_key"] for t in trials if t.user_attrs.get("status") in EVALUATED)
 
 
 def assert_history_complete(study: optuna.Study, budget: int) -> None:
@@ -102,7 +101,9 @@ def assert_history_complete(study: optuna.Study, budget: int) -> None:
     counted = [t for t in trials if t.number not in retried]
     assert len(counted) == budget
     assert all(t.user_attrs.get("status") in (*EVALUATED, "duplicate") for t in counted)
-    assert max(evaluated_keys(study).values()) == 1
+    # A trial killed in flight may have written its scores before its result was told; it was re-queued,
+    # so only the trials that count may not share a genome.
+    assert max(evaluated_keys(counted).values()) == 1
     by_number = {t.number: t for t in trials}
     for trial in counted:
         if trial.user_attrs["status"] == "duplicate":
