@@ -12,7 +12,7 @@ hypervolume (reference point (0, 0), both scores in [0, 1]) of the search-split 
 and of the final front re-scored on test, plus the best equal-weight mean on the test front.
 
     python benchmarks/search_efficiency.py --zoo /tmp/demo1/zoo [--candidates 100] [--seeds 5]
-        [--pareto-candidates 80] [--part single|pareto|both] [--out results.json]
+        [--pareto-candidates 160] [--part single|pareto|both] [--out results.json]
 """
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("/tmp/demo1/zoo"))
     parser.add_argument("--candidates", type=int, default=100, help="evaluations per single-objective run")
-    parser.add_argument("--pareto-candidates", type=int, default=80, help="evaluations per two-objective run")
+    parser.add_argument("--pareto-candidates", type=int, default=160, help="evaluations per two-objective run")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--part", choices=("single", "pareto", "both"), default="both")
     parser.add_argument("--out", type=Path, default=None, help="write every curve as JSON here")
