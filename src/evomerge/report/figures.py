@@ -70,7 +70,7 @@ def task_scatter_figure(data: RunData) -> go.Figure:
             marker={"color": _COLORS[i % len(_COLORS)], "size": 9},
         )
     fig.update_layout(title=f"Per-task scores of the final population (generation {last}, search split)",
-                      xaxis_title="trial", yaxis_title="score ± stderr")
+                      xaxis={"title": "trial", "type": "category"}, yaxis_title="score ± stderr")
     return fig
 
 
@@ -101,6 +101,8 @@ def projection_figure(data: RunData, projection: Projection) -> go.Figure:
     ys = [*projection.coords[:, 1], *anchors.y]
     fig.update_layout(
         title="Population in genome space (PCA of genes scaled to their bounds)",
+        # A horizontal legend above the plot leaves the right margin to the fitness colorbar.
+        legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
         xaxis={"title": f"PC1 ({projection.explained[0]:.0%} of variance)", "range": [min(xs) - pad, max(xs) + pad]},
         yaxis={"title": f"PC2 ({projection.explained[1]:.0%} of variance)", "range": [min(ys) - pad, max(ys) + pad]},
     )
@@ -119,13 +121,15 @@ def _baseline_points(data: RunData, projection: Projection) -> go.Scatter:
 
 def _add_player(fig: go.Figure, names: Sequence[str], prefix: str) -> None:
     fig.update_layout(
-        updatemenus=[{"type": "buttons", "showactive": False, "x": 0, "y": -0.15, "xanchor": "left", "buttons": [
+        # Buttons left of the slider, not on top of its first step (found by the browser test).
+        updatemenus=[{"type": "buttons", "showactive": False, "x": 0.1, "y": -0.15, "xanchor": "right", "buttons": [
             {"label": "play", "method": "animate",
              "args": [None, {"frame": {"duration": 600, "redraw": True}, "fromcurrent": True}]},
             {"label": "pause", "method": "animate",
              "args": [[None], {"frame": {"duration": 0}, "mode": "immediate"}]},
         ]}],
-        sliders=[{"active": len(names) - 1, "currentvalue": {"prefix": prefix}, "pad": {"t": 40}, "steps": [
+        sliders=[{"active": len(names) - 1, "x": 0.1, "len": 0.9, "currentvalue": {"prefix": prefix}, "pad": {"t": 40},
+                  "steps": [
             {"label": name, "method": "animate",
              "args": [[name], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}]}
             for name in names
