@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -60,6 +61,10 @@ class CheckpointWriter:
         self._names: set[str] = set()
         self._total_bytes = 0
         self._open = False
+        # One shard is written on a background thread while the next one fills, so disk writes overlap
+        # with the caller's merging; at most two shards are in memory.
+        self._shard_writer: ThreadPoolExecutor | None = None
+        self._in_flight: Future | None = None
 
     # --- context manager ----------------------------------------------------------------------
     def __enter__(self) -> Self:
@@ -70,6 +75,7 @@ class CheckpointWriter:
             self.tmp_dir.mkdir(parents=True)
         except OSError as error:
             raise _export_error(self.out_dir, error) from error
+        self._shard_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-shard")
         self._open = True
         return self
 
@@ -81,6 +87,7 @@ class CheckpointWriter:
     ) -> bool:
         self._open = False
         if exc is not None:
+            self._stop_shard_writer()
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             if isinstance(exc, OSError):
                 raise _export_error(self.out_dir, exc) from exc
@@ -89,12 +96,31 @@ class CheckpointWriter:
             self._finish_shards()
             self._move_into_place()
         except OSError as error:
+            self._stop_shard_writer()
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             raise _export_error(self.out_dir, error) from error
         except BaseException:
+            self._stop_shard_writer()
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             raise
+        self._stop_shard_writer()
         return False
+
+    def _stop_shard_writer(self) -> None:
+        """Wait for the shard being written (its errors no longer matter) and end the thread."""
+        if self._shard_writer is not None:
+            self._shard_writer.shutdown(wait=True)
+            self._shard_writer = None
+        self._in_flight = None
+
+    def _wait_for_shard(self) -> None:
+        """Block until the shard in flight is on disk; its OSError surfaces here."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            try:
+                in_flight.result()
+            except OSError as error:
+                raise _export_error(self.out_dir, error) from error
 
     # --- writing ------------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor, *, copy: bool = True) -> None:
@@ -179,10 +205,9 @@ class CheckpointWriter:
         if not self._pending:
             return
         file = self.tmp_dir / f"shard-{len(self._shards) + 1:05d}.partial"
-        try:
-            write_safetensors(file, self._pending, self.metadata)
-        except OSError as error:
-            raise _export_error(self.out_dir, error) from error
+        self._wait_for_shard()
+        assert self._shard_writer is not None
+        self._in_flight = self._shard_writer.submit(write_safetensors, file, self._pending, self.metadata)
         self._shards.append((file, [name for name, _ in self._pending]))
         self._pending = []
         self._pending_bytes = 0
@@ -190,6 +215,7 @@ class CheckpointWriter:
     def _finish_shards(self) -> None:
         """Give shards their final names (the total is known only now) and write the index."""
         self._flush()
+        self._wait_for_shard()
         if not self._shards:
             raise ExportError(f"No tensors were added to {self.out_dir}.")
         if len(self._shards) == 1:
