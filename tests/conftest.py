@@ -47,6 +47,16 @@ def make_llama(
     return out_dir
 
 
+def tiny_gemma2_config():
+    """A tiny Gemma 2 config: its sandwich norms make it the architecture layer paths must refuse."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory of tiny Llama checkpoints, cached per (seed, options) for the whole session."""

@@ -19,12 +19,11 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
-    Gemma2Config,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
-from conftest import write_task_files
+from conftest import tiny_gemma2_config, write_task_files
 from evomerge.errors import ConfigError, ExportError
 from evomerge.evaluate import Evaluator, load_task
 from evomerge.flow import PathModel, PathSpec, export_path, fold_factors
@@ -191,15 +190,7 @@ def test_sandwich_norm_architecture_is_refused(tmp_path: Path) -> None:
     # Gemma 2 adds post-norms inside each block, which do not commute with a scale: no weights are needed
     # to refuse, only the config.
     gemma = tmp_path / "gemma2"
-    Gemma2Config(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=48,
-    ).save_pretrained(gemma)
+    tiny_gemma2_config().save_pretrained(gemma)
     with pytest.raises(ConfigError, match="model_type 'gemma2'"):
         export_path(PathSpec((2,), ((0, 1), (0, 0)), (1.0, 2.0)), [gemma], tmp_path / "out")
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, Gemma2ForCausalLM, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
+from conftest import tiny_gemma2_config
 from evomerge.errors import ConfigError
 from evomerge.flow import PathModel, PathSpec
 
@@ -156,15 +157,7 @@ def test_sources_of_different_hidden_size_are_refused(tiny_llama: Callable[..., 
 
 
 def test_unsupported_architecture_is_refused() -> None:
-    config = Gemma2Config(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
+    config = tiny_gemma2_config()
     gemma = Gemma2ForCausalLM(config)
     with pytest.raises(ConfigError, match="model_type 'gemma2'"):
         PathModel([gemma], PathSpec((2,), ((0, 0),), (1.0,)))
