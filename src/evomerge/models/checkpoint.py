@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -71,26 +73,34 @@ class TensorSource(Protocol):
 
 
 class SafetensorsSource:
-    """Tensors from one or more validated safetensors files, opened lazily with `safe_open`."""
+    """Tensors from one or more validated safetensors files, memory-mapped lazily on first read."""
 
     def __init__(self, tensors: dict[str, TensorInfo], headers: dict[Path, bytes]) -> None:
         self._tensors = tensors
         self._headers = headers
-        self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def infos(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         return {name: (info.dtype, info.shape) for name, info in self._tensors.items()}
 
     def load(self, name: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
+        """The tensor as a view of the file's memory map: no copy until the caller copies or casts it.
 
-        file = self._tensors[name].file
+        The mapping is private (copy-on-write), so a caller writing into the view never touches the file.
+        Headers were validated against the file size at open, so every view lies inside the file.
+        """
+        info = self._tensors[name]
         try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
-            return self._handles[file].get_tensor(name)  # type: ignore[attr-defined]
-        except (SafetensorError, OSError) as error:
-            raise ModelError(f"Cannot read tensor {name!r} from {file}: {error}.") from error
+            if info.file not in self._maps:
+                with info.file.open("rb") as handle:
+                    self._maps[info.file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            count = math.prod(info.shape)
+            if count == 0:
+                return torch.empty(info.shape, dtype=info.dtype)
+            flat = torch.frombuffer(self._maps[info.file], dtype=info.dtype, count=count, offset=info.offset)
+            return flat.view(info.shape)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"Cannot read tensor {name!r} from {info.file}: {error}.") from error
 
     def fingerprint_parts(self) -> list[bytes]:
         parts = []

@@ -51,6 +51,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+    offset: int  # absolute byte offset of the tensor's data in `file`
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,12 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise ModelError(f"{path} is corrupt: its safetensors header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
     data_size = file_size - 8 - header_len
-    tensors = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
+    tensors = {name: _parse_entry(path, name, entry, 8 + header_len) for name, entry in header.items()}
     _check_tiling(path, header, data_size)
     return SafetensorsHeader(tensors=tensors, metadata=dict(metadata), raw=raw)
 
 
-def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
+def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     """Validate one header entry's dtype, shape and byte span."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise ModelError(f"{path} is corrupt: header entry for tensor {name!r} is malformed.")
@@ -120,7 +121,7 @@ def _parse_entry(path: Path, name: str, entry: object) -> TensorInfo:
             f"{path} is corrupt: tensor {name!r} spans {offsets[1] - offsets[0]} bytes but its "
             f"shape {shape} of {code} needs {nbytes}."
         )
-    return TensorInfo(file=path, dtype=dtype, shape=tuple(shape), nbytes=nbytes)
+    return TensorInfo(file=path, dtype=dtype, shape=tuple(shape), nbytes=nbytes, offset=data_start + offsets[0])
 
 
 def _check_tiling(path: Path, header: dict, data_size: int) -> None:
