@@ -86,7 +86,7 @@ def write_config(path: Path, zoo: Path, candidates: int, seed: int, racing: bool
 def record_stream(config_path: Path, run_dir: Path) -> tuple[list[Candidate], int]:
     """Run the search, keeping each evaluated candidate's per-example values; returns them and the population."""
     config, root = load_evolve_config(config_path)
-    prepare_run_dir(config_path, config, run_dir)
+    prepare_run_dir(config, run_dir)
     run = SearchRun(config, root, run_dir)
     last: dict[str, list[float]] = {}
     evaluate = run.session.evaluate
@@ -208,7 +208,7 @@ def closed_loop(zoo: Path, candidates: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="racing-on-") as tmp:
         config_path = write_config(Path(tmp) / "racing-on.yaml", zoo, candidates, seed, racing=True)
         config, root = load_evolve_config(config_path)
-        prepare_run_dir(config_path, config, Path(tmp) / "run")
+        prepare_run_dir(config, Path(tmp) / "run")
         run = SearchRun(config, root, Path(tmp) / "run")
         run.run()
         trials = [t for t in run.finished_trials() if t.user_attrs.get("status") in ("complete", "raced_out")]

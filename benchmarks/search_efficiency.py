@@ -64,7 +64,7 @@ def write_config(
 def run_search(config_path: Path, run_dir: Path) -> SearchRun:
     """Run one search to its budget in-process (no selection, no test scoring: this script does its own)."""
     config, root = load_evolve_config(config_path)
-    prepare_run_dir(config_path, config, run_dir)
+    prepare_run_dir(config, run_dir)
     run = SearchRun(config, root, run_dir)
     run.run()
     return run

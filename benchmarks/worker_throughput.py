@@ -100,7 +100,7 @@ def run_sqlite(root: Path, parents: list[Path], candidates: int) -> dict:
 
     config_path = write_problem(root, parents, candidates, None, "sqlite")
     config, base = load_evolve_config(config_path)
-    prepare_run_dir(config_path, config, root / "run_sqlite")
+    prepare_run_dir(config, root / "run_sqlite")
     run = SearchRun(config, base, root / "run_sqlite")
     run.open_study(x0=None)
     totals = instrument()
@@ -121,7 +121,7 @@ def run_postgres(root: Path, parents: list[Path], candidates: int, workers: int,
     name = f"pg{workers}"
     config_path = write_problem(root, parents, candidates, url, name)
     config, base = load_evolve_config(config_path)
-    prepare_run_dir(config_path, config, root / f"run_{name}")
+    prepare_run_dir(config, root / f"run_{name}")
     study = SearchRun(config, base, root / f"run_{name}").open_study(x0=None)
     publish_config(study, config, base)
     context = multiprocessing.get_context("spawn")

@@ -69,7 +69,7 @@ def write_problem(root: Path, parents: list[Path], *, candidates: int, examples:
 def coordinate(config_path: Path, run_dir: Path) -> optuna.Study:
     """The coordinator's bookkeeping without baselines: the study exists and holds the frozen config."""
     config, root = load_evolve_config(config_path)
-    prepare_run_dir(config_path, config, run_dir)
+    prepare_run_dir(config, run_dir)
     run = SearchRun(config, root, run_dir)
     study = run.open_study(x0=None)
     publish_config(study, config, root)
@@ -202,7 +202,7 @@ def test_nan_recipe_is_recorded_failed_and_the_run_goes_on(tiny_llama, tmp_path)
     save_file(tensors, hot / "model.safetensors", metadata={"format": "pt"})
     config_path = write_problem(tmp_path, [tiny_llama(0), hot, tiny_llama(2)], candidates=3)
     config, root = load_evolve_config(config_path)
-    prepare_run_dir(config_path, config, tmp_path / "run")
+    prepare_run_dir(config, tmp_path / "run")
     study = SearchRun(config, root, tmp_path / "run").open_study(x0=None)
     study.enqueue_trial({"weight.m0.all": 1.5, "weight.m1.all": 0.5})  # inf in the merged weights
     study.enqueue_trial({"weight.m0.all": 0.0, "weight.m1.all": 0.5})  # the hot task vector switched off

@@ -84,6 +84,7 @@ def _load_inputs(
     *,
     checkpoints: Mapping[str, Checkpoint],
     compat: CompatReport,
+    tokenizer_donor: Checkpoint,
     device: str | torch.device,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -92,8 +93,7 @@ def _load_inputs(
         for alignment in compat.row_alignments:
             # Parents with another vocabulary size: rows follow the tokenizer donor (see check_compatible).
             if alignment.tensor == job.out_name and alignment.model == checkpoints[source.ref].path:
-                donor = Checkpoint.open(compat.tokenizer_donor)
-                filler = donor.get(job.out_name, device=device, dtype=dtype)
+                filler = tokenizer_donor.get(job.out_name, device=device, dtype=dtype)
                 return align_rows(tensor, alignment.target_rows, filler)
         return tensor
 
@@ -141,8 +141,11 @@ class StreamingMerge:
         return len(self.jobs)
 
     def __iter__(self) -> Iterator[tuple[TensorJob, torch.Tensor]]:
-        load = partial(_load_inputs, checkpoints=self.checkpoints, compat=self.compat, device=self.device,
-                       dtype=self.compute_dtype)
+        # The tokenizer donor is one of the opened parents (rows are only aligned with a tokenizer_source).
+        load = partial(
+            _load_inputs, checkpoints=self.checkpoints, compat=self.compat, tokenizer_donor=self.donor,
+            device=self.device, dtype=self.compute_dtype,
+        )
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as reader:
             pending: Future | None = None
             for index, job in enumerate(self.jobs):

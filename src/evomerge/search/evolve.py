@@ -45,7 +45,7 @@ def evolve(
     config, root = load_evolve_config(config_path)
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
-    prepare_run_dir(config_path, config, run_dir)
+    prepare_run_dir(config, run_dir)
     try:
         check_parents(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
                       accept_changed=accept_changed_parents)

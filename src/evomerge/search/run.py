@@ -98,7 +98,7 @@ def storage_url(config: EvolveConfig, run_dir: Path) -> str:
     return config.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def prepare_run_dir(config_path: Path | None, config: EvolveConfig, run_dir: Path) -> None:
+def prepare_run_dir(config: EvolveConfig, run_dir: Path) -> None:
     """Create the run directory with a frozen copy of its config; refuse to resume a different config."""
     run_dir.mkdir(parents=True, exist_ok=True)
     frozen = run_dir / CONFIG_FILE
@@ -110,8 +110,6 @@ def prepare_run_dir(config_path: Path | None, config: EvolveConfig, run_dir: Pat
             )
         return
     frozen.write_text(text)
-    if config_path is not None:
-        (run_dir / "source_config.path").write_text(str(config_path.resolve()))
 
 
 class SessionBase:
