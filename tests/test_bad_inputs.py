@@ -1,6 +1,7 @@
-"""The bad-input corpus (`tests/bad_inputs/manifest.yaml`) through the real CLI, one subprocess per case.
+"""The bad-input corpus (`tests/bad_inputs/manifest.yaml`) through the real CLI, one process per case.
 
-Every case must exit 2 with exactly one line on stderr — one sentence containing the case's fragment —
+Each case runs the console script's entry point in its own process, forked from one that imported the
+CLI's modules once (`cli_forkserver`: start-up would otherwise be most of the time). Every case must exit 2 with exactly one line on stderr — one sentence containing the case's fragment —
 no traceback anywhere, and nothing written: the case's scratch directory and every model directory are
 listed (names, sizes, mtimes) before and after. Broken checkpoints are derived at test time from the
 `tiny_llama` fixture by editing bytes, so no binary blobs live in git.
@@ -13,10 +14,7 @@ import os
 import re
 import shutil
 import struct
-import subprocess
-import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +23,12 @@ import torch
 import yaml
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from cli_forkserver import CliServer
 from conftest import TEST_CHARACTERS, read_tensors
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "manifest.yaml").read_text())["cases"]
-EVOMERGE = Path(sys.executable).parent / "evomerge"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-# Start-up dominates each case (~3-6 s on the shared 2-core machine), so a few run at once.
-PARALLEL = 4
 
 
 def split_header(weights: Path) -> tuple[dict, bytes]:
@@ -173,7 +169,7 @@ class Outcome:
     args: list[str]
 
 
-def run_case(case: dict, work: Path, models: dict[str, Path]) -> Outcome:
+def run_case(case: dict, work: Path, models: dict[str, Path], cli: CliServer) -> Outcome:
     """Copy the corpus into `work` (placeholders filled in), run the case there, list before and after."""
     values = {"work": work, **models}
     work.mkdir(parents=True)
@@ -183,18 +179,19 @@ def run_case(case: dict, work: Path, models: dict[str, Path]) -> Outcome:
     args = [substitute(str(arg), values) for arg in case["args"]]
     watched = (work, *(path for path in models.values()))
     before = listing(*watched)
-    done = subprocess.run([str(EVOMERGE), *args], cwd=work, capture_output=True, text=True, env=ENV,
-                          timeout=300, check=False)
-    return Outcome(done.returncode, done.stdout, done.stderr, before, listing(*watched), args)
+    returncode, stdout, stderr = cli.run(args, cwd=work)
+    return Outcome(returncode, stdout, stderr, before, listing(*watched), args)
 
 
 @pytest.fixture(scope="module")
 def outcomes(models, tmp_path_factory) -> dict[str, Outcome]:
-    """All cases, run a few at a time (each is an independent process in its own scratch directory)."""
+    """All cases, one after the other (each in its own process and scratch directory)."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        futures = {case["id"]: pool.submit(run_case, case, root / case["id"], models) for case in CASES}
-        return {case_id: future.result() for case_id, future in futures.items()}
+    cli = CliServer(ENV, tmp_path_factory.mktemp("cli_streams"))
+    try:
+        return {case["id"]: run_case(case, root / case["id"], models, cli) for case in CASES}
+    finally:
+        cli.close()
 
 
 def test_manifest_is_a_catalogue_of_distinct_cases() -> None:
