@@ -248,3 +248,26 @@ def test_pickle_checkpoints_are_refused_unless_allowed(tiny_llama, tmp_path):
     torch.save({"weight": torch.zeros(1), "payload": os.system}, path / "pytorch_model.bin")
     with pytest.raises(ModelError, match="Cannot load pickle checkpoint"):
         Checkpoint.open(path, allow_pickle=True)
+
+
+def _resident_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="resident memory is read from /proc")
+def test_release_unmaps_a_read_tensor_and_its_views_still_read_the_file(tmp_path):
+    big = torch.arange(16 * 2**20, dtype=torch.float32).reshape(4096, 4096)  # 64 MiB
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    save_file({"a.weight": torch.ones(3), "big.weight": big}, str(tmp_path / "model.safetensors"))
+    del big
+    checkpoint = Checkpoint.open(tmp_path)
+    view = checkpoint.get("big.weight")
+    before = _resident_bytes()
+    expected_sum = float(view.sum(dtype=torch.float64))  # touches every page of the mapping
+    mapped = _resident_bytes()
+    checkpoint.release("big.weight")
+    released = _resident_bytes()
+    assert mapped - before > 48 * 2**20
+    assert mapped - released > 48 * 2**20
+    assert float(view.sum(dtype=torch.float64)) == expected_sum  # the view maps the file's pages again
+    assert torch.equal(checkpoint.get("a.weight"), torch.ones(3))

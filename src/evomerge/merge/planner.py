@@ -9,6 +9,7 @@ Reading the next job's tensors overlaps with merging the current one (one thread
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -87,6 +88,7 @@ def _load_inputs(
     tokenizer_donor: Checkpoint,
     device: str | torch.device,
     dtype: torch.dtype,
+    buffer: _ReusedBuffer | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     def load(source: Source) -> torch.Tensor:
         tensor = checkpoints[source.ref].get(source.tensor, device=device, dtype=dtype)
@@ -100,13 +102,42 @@ def _load_inputs(
     # Fill one preallocated [N, *shape] buffer instead of `torch.stack` over a list: the list would hold
     # every input twice at the peak (a 32k x 1024 embedding is 131 MB per parent in float32).
     first = load(job.inputs[0])
-    stacked = first.new_empty((len(job.inputs), *first.shape))
+    shape = (len(job.inputs), *first.shape)
+    stacked = first.new_empty(shape) if buffer is None else buffer.take(shape, first.dtype, first.device)
     stacked[0].copy_(first)
     del first
     for index, source in enumerate(job.inputs[1:], start=1):
         stacked[index].copy_(load(source))
+    for source in job.inputs:
+        checkpoints[source.ref].release(source.tensor)
     base = load(job.base) if job.base is not None else None
     return base, stacked
+
+
+class _ReusedBuffer:
+    """Memory for one job's stacked inputs, kept from job to job instead of allocated afresh.
+
+    Freshly allocated memory is page-faulted in and zeroed by the kernel on first touch, and for a linear
+    merge (no arithmetic to speak of) those faults were most of the time: 3 x 271M float32 parameters
+    took 830k faults with a new buffer per job, 480k with two reused ones (benchmarks/RESULTS.md). The
+    buffer grows to the largest job seen; nothing that leaves the merge may point into it.
+    """
+
+    def __init__(self) -> None:
+        self._storage: torch.Tensor | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        count = math.prod(shape)
+        storage = self._storage
+        if storage is None or storage.numel() < count or storage.dtype != dtype or storage.device != device:
+            storage = self._storage = torch.empty(count, dtype=dtype, device=device)
+        return storage[:count].view(shape)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor` shares this buffer's memory (a view the caller must copy out)."""
+        return self._storage is not None and tensor.untyped_storage().data_ptr() == (
+            self._storage.untyped_storage().data_ptr()
+        )
 
 
 class StreamingMerge:
@@ -146,18 +177,33 @@ class StreamingMerge:
             _load_inputs, checkpoints=self.checkpoints, compat=self.compat, tokenizer_donor=self.donor,
             device=self.device, dtype=self.compute_dtype,
         )
+        # Two buffers take turns: job i is merged from one while job i + 1 is read into the other, which
+        # job i - 1 no longer needs (its result was copied out of it, if it pointed into it). Copied
+        # tensors leave the merge as they are read, so they get memory of their own.
+        buffers = (_ReusedBuffer(), _ReusedBuffer())
+
+        def read(index: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+            job = self.jobs[index]
+            return load(job, buffer=None if job.copy else buffers[index % 2])
+
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-read") as reader:
             pending: Future | None = None
             for index, job in enumerate(self.jobs):
-                base, stacked = pending.result() if pending is not None else load(job)
+                base, stacked = pending.result() if pending is not None else read(index)
                 if index + 1 < len(self.jobs):
-                    pending = reader.submit(load, self.jobs[index + 1])
+                    pending = reader.submit(read, index + 1)
                 if job.copy:
-                    yield job, stacked[0]
-                    continue
-                yield job, apply_job(
-                    self.spec, base, stacked, self.parameters[index], seed=self.recipe.seed, out_name=job.out_name
-                )
+                    merged = stacked[0]
+                else:
+                    merged = apply_job(
+                        self.spec, base, stacked, self.parameters[index], seed=self.recipe.seed,
+                        out_name=job.out_name,
+                    )
+                    if buffers[index % 2].holds(merged):  # e.g. passthrough returns its input
+                        merged = merged.clone()
+                    if job.base is not None:
+                        self.checkpoints[job.base.ref].release(job.base.tensor)
+                yield job, merged
 
 
 def merged_config(recipe: Recipe, donor: Checkpoint, compat: CompatReport) -> dict[str, Any]:

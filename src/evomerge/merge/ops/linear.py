@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from evomerge.errors import ConfigError
+from evomerge.merge.ops.reduce import weighted_sum
 from evomerge.merge.registry import ParamSpec, operator
 
 # mergekit 0.1.5 SLERP constants: above this |cos| the pair counts as colinear and is lerped;
@@ -41,15 +42,11 @@ def linear(
     Wortsman et al., "Model soups", ICML 2022 (arXiv:2203.05482). `base` is ignored, as in mergekit;
     list the base among `tensors` to give it a weight. Accumulates in float32 (float64 for float64).
     """
-    dtype = accumulate_dtype(tensors)
-    w = torch.tensor(weight, dtype=dtype, device=tensors.device)
-    merged = w @ tensors.reshape(tensors.shape[0], -1).to(dtype)
-    if normalize:
-        total = float(w.sum())
-        if total == 0:
-            raise ConfigError("Linear merge with normalize needs weights whose sum is not zero.")
-        merged /= total
-    return merged.view(tensors.shape[1:]).to(tensors.dtype)
+    total = sum(weight) if normalize else 1.0
+    if total == 0:
+        raise ConfigError("Linear merge with normalize needs weights whose sum is not zero.")
+    merged = weighted_sum(tensors, [w / total for w in weight], dtype=accumulate_dtype(tensors))
+    return merged.to(tensors.dtype)
 
 
 @operator(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from evomerge.merge.ops.reduce import weighted_sum
 from evomerge.merge.ops.sparsify import drop_della, drop_random, trim_magnitude, trim_outliers, work_dtype
 from evomerge.merge.registry import ParamSpec, check_params, operator
 
@@ -68,22 +69,21 @@ def generalized_task_arithmetic(
     else:
         rows = deltas.reshape(n, -1).to(dtype)  # read only below; no copy unless a cast is needed
     dtype = rows.dtype
-    w = torch.tensor(weight, dtype=dtype, device=rows.device)
-
     if not consensus:
-        mixed = w @ rows  # one fused reduction, no [N, ...] temporary
-        if normalize:
-            total = w.sum()
-            mixed /= torch.where(total.abs() < _DIVISOR_EPS, torch.ones_like(total), total)
-    else:
-        rows.mul_(w[:, None])  # tau_i
-        majority = rows.sum(dim=0).ge_(0).to(dtype).mul_(2).sub_(1)
-        # tau_i * s > 0 exactly where sign(tau_i) == s; clamping leaves |kept tau_i|, so no bool mask.
-        rows.mul_(majority).clamp_(min=0)
-        mixed = rows.sum(dim=0).mul_(majority)
-        if normalize:
-            divisor = w @ rows.sign_()  # sum of the weights of the models that agree
-            mixed /= divisor.masked_fill_(divisor == 0, 1)
+        total = sum(weight) if normalize else 1.0
+        coefficients = [scale * w / (1.0 if abs(total) < _DIVISOR_EPS else total) for w in weight]
+        # theta_base + sum_i c_i delta_i in one pass per model, no [N, ...] temporary.
+        merged = weighted_sum(rows, coefficients, dtype=dtype, start=base.reshape(-1))
+        return merged.view(base.shape).to(base.dtype)
+    w = torch.tensor(weight, dtype=dtype, device=rows.device)
+    rows.mul_(w[:, None])  # tau_i
+    majority = rows.sum(dim=0).ge_(0).to(dtype).mul_(2).sub_(1)
+    # tau_i * s > 0 exactly where sign(tau_i) == s; clamping leaves |kept tau_i|, so no bool mask.
+    rows.mul_(majority).clamp_(min=0)
+    mixed = rows.sum(dim=0).mul_(majority)
+    if normalize:
+        divisor = weighted_sum(rows.sign_(), weight, dtype=dtype)  # sum of the weights of the models that agree
+        mixed /= divisor.masked_fill_(divisor == 0, 1)
     if scale != 1:
         mixed *= scale
     return (base.to(dtype) + mixed.view(base.shape)).to(base.dtype)
