@@ -7,7 +7,6 @@ its data completely up front, so a bad file fails in one sentence before any mod
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from evomerge.evaluate.scorers import (
     get_scorer_spec,
     scorer_names,
 )
+from evomerge.validation import suggestion, validation_sentence
 
 SPLITS: tuple[str, str] = ("search", "test")
 Split = Literal["search", "test"]
@@ -105,46 +105,6 @@ class TaskSpec(_Strict):
     scorer_args: dict[str, Any] = Field(default_factory=dict)
     answer_charset: str | None = None
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
-
-
-# Where each nested model sits, to suggest the nearest valid key for an unknown one.
-_MODELS_AT: dict[tuple[str, ...], type[BaseModel]] = {
-    (): TaskSpec,
-    ("data",): SplitFiles,
-    ("data", "files"): SplitFiles,
-    ("data", "split_field"): SplitColumn,
-    ("data", "dataset"): CachedDataset,
-    ("generation",): GenerationSpec,
-}
-_TAGS = {"files", "split_field", "dataset"}
-
-
-def _suggest(word: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}" if close else f"; valid keys are {', '.join(options)}"
-
-
-def _first_error(error: ValidationError) -> dict[str, Any]:
-    """The most useful pydantic error: an unknown key first, since a misspelt key also causes a 'missing'."""
-    errors = error.errors()
-    return next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-
-
-def _validation_sentence(path: Path, error: ValidationError) -> str:
-    """One sentence for the first pydantic error: which field, what is wrong, what to write instead."""
-    first = _first_error(error)
-    loc = tuple(str(part) for part in first["loc"])
-    # Drop the discriminator tag pydantic inserts after "data" (it is our internal name, not a key).
-    shown = tuple(
-        part for index, part in enumerate(loc) if not (index == 1 and loc[0] == "data" and part in _TAGS)
-    )
-    field = ".".join(shown) or "<root>"
-    if first["type"] == "extra_forbidden":
-        model = _MODELS_AT.get(loc[:-1], TaskSpec)
-        return f"task file {path}: unknown key {field!r}{_suggest(loc[-1], list(model.model_fields))}"
-    if first["type"] == "missing":
-        return f"task file {path}: missing required field {field!r}"
-    return f"task file {path}: field {field!r} is invalid ({first['msg']}, got {first.get('input')!r})"
 
 
 def _read_yaml(path: Path) -> tuple[Any, bytes]:
@@ -379,20 +339,15 @@ def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
     try:
         scorer_spec = get_scorer_spec(spec.scorer)
     except KeyError:
-        raise TaskError(
-            f"task file {path}: unknown scorer {spec.scorer!r}{_suggest(spec.scorer, scorer_names())}"
-        ) from None
+        hint = suggestion(spec.scorer, scorer_names(), "scorers")
+        raise TaskError(f"task file {path}: unknown scorer {spec.scorer!r}{hint}") from None
     try:
         args = scorer_spec.args_model.model_validate(spec.scorer_args)
     except ValidationError as error:
-        first = _first_error(error)
-        key = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "extra_forbidden":
-            hint = _suggest(key, list(scorer_spec.args_model.model_fields))
-            raise TaskError(
-                f"task file {path}: unknown key 'scorer_args.{key}' for scorer {spec.scorer!r}{hint}"
-            ) from None
-        raise TaskError(f"task file {path}: field 'scorer_args.{key}' is invalid ({first['msg']})") from None
+        source = f"task file {path} (scorer {spec.scorer!r})"
+        raise TaskError(
+            validation_sentence(error, source, scorer_spec.args_model, prefix=("scorer_args",))
+        ) from None
     try:
         return scorer_spec.build(args)
     except re.error as error:
@@ -452,7 +407,7 @@ def load_task(path: str | os.PathLike[str]) -> Task:
     try:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as error:
-        raise TaskError(_validation_sentence(path, error)) from None
+        raise TaskError(validation_sentence(error, f"task file {path}", TaskSpec)) from None
     splits, data_fingerprint = _load_data(spec, path)
     fingerprint = hashlib.sha256(task_bytes + data_fingerprint.encode()).hexdigest()
     return Task(spec, path, splits, fingerprint)
