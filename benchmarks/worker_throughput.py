@@ -235,7 +235,7 @@ def run_postgres(root: Path, zoo_dir: Path, tasks: Sequence[str], candidates: in
     study = SearchRun(config, base, root / f"run_{name}").open_study(x0=None)
     publish_config(study, config, base)
     spawned, marks = run_processes(worker_process, [(url, name, i) for i in range(workers)])
-    return summarise(f"PostgreSQL, {workers} worker(s)", study, candidates, spawned, marks)
+    return summarise(f"PostgreSQL, {workers} worker{'s' if workers > 1 else ''}", study, candidates, spawned, marks)
 
 
 def print_table(rows: Sequence[Row]) -> None:
