@@ -128,6 +128,16 @@ def trim_outliers(
     return l1_rescale_(trimmed, deltas) if rescale else trimmed
 
 
+def bernoulli_mask(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """A fresh 0/1 tensor like `probs` (floating), 1 with probability `probs`: ``u < p``, u ~ U[0, 1).
+
+    Thresholding `uniform_` rather than calling `bernoulli_`: the same distribution, and 3.3x faster on
+    CPU (268 vs 81 million draws/s, 2 threads; a DARE-TIES merge of 3 x 271M parameters spent 9.3 s of
+    its 15 s in `bernoulli_`, benchmarks/RESULTS.md).
+    """
+    return torch.empty_like(probs, memory_format=torch.contiguous_format).uniform_(generator=generator).lt_(probs)
+
+
 def drop_random(
     deltas: Tensor, density: Sequence[float], *, rescale: bool, generator: torch.Generator | None
 ) -> Tensor:
@@ -140,8 +150,7 @@ def drop_random(
     n, numel = flat.shape
     dtype = work_dtype(flat)
     probs = torch.tensor(density, dtype=dtype, device=flat.device).clamp_(0, 1)[:, None]
-    keep = torch.empty((n, numel), dtype=dtype, device=flat.device)
-    keep.bernoulli_(probs.expand(n, numel), generator=generator)
+    keep = bernoulli_mask(probs.expand(n, numel), generator)
     if rescale:
         # density 0 keeps nothing; the 0 factor avoids 0 * inf = nan
         keep.mul_(torch.where(probs > 0, probs.reciprocal(), torch.zeros_like(probs)))
@@ -189,5 +198,5 @@ def drop_della(
     del rank
     as_col = {"dtype": dtype, "device": rows.device}
     probs.mul_(torch.tensor(width, **as_col)[:, None, None]).add_(torch.tensor(low, **as_col)[:, None, None])
-    kept = torch.bernoulli(probs, generator=generator).mul_(rows).view(deltas.shape)
+    kept = bernoulli_mask(probs, generator).mul_(rows).view(deltas.shape)
     return l1_rescale_(kept, deltas) if rescale else kept
