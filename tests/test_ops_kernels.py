@@ -215,3 +215,15 @@ def test_half_precision_on_cpu_matches_float32(name: str) -> None:
     half = spec.kernel(base.half(), deltas.half(), generator=torch.Generator().manual_seed(1), **params)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), full, atol=5e-3, rtol=5e-3)
+
+
+def test_dare_masks_are_the_ones_bernoulli_draws_from_the_same_cpu_generator():
+    # Runs recorded before masks were drawn by thresholding `uniform_` must keep their weights.
+    from evomerge.merge.ops.sparsify import bernoulli_mask
+
+    probs = torch.tensor([0.5, 0.3, 1.0, 0.0])[:, None].expand(4, 50_000)
+    drawn = bernoulli_mask(probs, torch.Generator().manual_seed(11))
+    expected = torch.bernoulli(probs, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(drawn, expected)
+    assert drawn[2].all() and not drawn[3].any()
+    torch.testing.assert_close(drawn[:2].mean(dim=1), torch.tensor([0.5, 0.3]), atol=0.01, rtol=0)

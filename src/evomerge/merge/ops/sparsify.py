@@ -131,9 +131,10 @@ def trim_outliers(
 def bernoulli_mask(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """A fresh 0/1 tensor like `probs` (floating), 1 with probability `probs`: ``u < p``, u ~ U[0, 1).
 
-    Thresholding `uniform_` rather than calling `bernoulli_`: the same distribution, and 3.3x faster on
-    CPU (268 vs 81 million draws/s, 2 threads; a DARE-TIES merge of 3 x 271M parameters spent 9.3 s of
-    its 15 s in `bernoulli_`, benchmarks/RESULTS.md).
+    Thresholding `uniform_` rather than calling `bernoulli_`: on CPU it draws the very same masks from the
+    same generator state (`bernoulli_` compares one uniform per entry too, serially), 3.3x faster (268 vs
+    81 million draws/s on 2 threads; a DARE-TIES merge of 3 x 271M parameters spent 9.3 s of its 15 s in
+    `bernoulli_`, benchmarks/RESULTS.md), so recipes evolved before keep their weights.
     """
     return torch.empty_like(probs, memory_format=torch.contiguous_format).uniform_(generator=generator).lt_(probs)
 
