@@ -99,11 +99,12 @@ def test_dare_masks_depend_on_seed_and_tensor_name_only(tiny_family) -> None:
     assert not torch.equal(other_seed[q], in_order[q])
 
 
-def test_non_finite_weights_raise_naming_the_tensor(tiny_family, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_weights_raise_naming_the_tensor(tiny_family, tmp_path: Path, bad: float) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_family["ft1"], broken)
     tensors = read_tensors(broken)
-    tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = float("inf")
+    tensors["model.layers.2.mlp.up_proj.weight"][0, 0] = bad
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     recipe = parse_recipe(
         {

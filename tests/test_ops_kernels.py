@@ -227,3 +227,21 @@ def test_dare_masks_are_the_ones_bernoulli_draws_from_the_same_cpu_generator():
     assert torch.equal(drawn, expected)
     assert drawn[2].all() and not drawn[3].any()
     torch.testing.assert_close(drawn[:2].mean(dim=1), torch.tensor([0.5, 0.3]), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_trims_keep_what_float32_kthvalue_keeps(dtype: torch.dtype) -> None:
+    # Half-precision thresholds are counted from bit patterns; the same values held in float32 go
+    # through kthvalue. Coarse values make many ties at the thresholds; -0.0 and 0.0 must count alike.
+    from evomerge.merge.ops.sparsify import trim_magnitude, trim_outliers
+
+    generator = torch.Generator().manual_seed(3)
+    deltas = (torch.randint(-40, 41, (3, 64, 33), generator=generator) / 8).to(dtype)
+    deltas[0, 0, :5] = -0.0
+    deltas[1, 2, :3] = torch.tensor([1e-7, 5e4, -5e4]).to(dtype)  # subnormal / large
+    for density in ([0.5, 0.5, 0.5], [0.1, 0.73, 1.0], [0.0, 0.002, 0.999]):
+        half = trim_magnitude(deltas, density)
+        full = trim_magnitude(deltas.float(), density)
+        assert torch.equal(half, full), density
+        gamma = [0.01, 0.05, 0.2]
+        assert torch.equal(trim_outliers(deltas, density, gamma), trim_outliers(deltas.float(), density, gamma))
