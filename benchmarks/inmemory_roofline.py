@@ -48,12 +48,12 @@ from pathlib import Path
 # Read when torch first allocates, so it is set before torch is imported.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from torch import Tensor
 
-from evomerge.merge import InMemoryMerger, Recipe, parse_recipe  # noqa: E402
-from evomerge.merge.plan import tensor_seed  # noqa: E402
-from evomerge.models import Checkpoint, CheckpointWriter  # noqa: E402
+from evomerge.merge import InMemoryMerger, Recipe, parse_recipe
+from evomerge.merge.plan import tensor_seed
+from evomerge.models import Checkpoint, CheckpointWriter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 METHODS = ("task_arithmetic", "ties", "dare_ties")
@@ -143,7 +143,9 @@ def build_parents(work: Path, shape: LlamaShape) -> dict[str, Path]:
     config = json.dumps(_config(shape), indent=2)
     generator = torch.Generator().manual_seed(0)
     with contextlib.ExitStack() as stack:
-        writers = {name: stack.enter_context(CheckpointWriter(path, overwrite=True)) for name, path in paths.items()}
+        writers = {
+            name: stack.enter_context(CheckpointWriter(path, overwrite=True)) for name, path in paths.items()
+        }
         for name, size in shape.tensors():
             base = torch.randn(size, generator=generator).mul_(0.02) if len(size) > 1 else torch.ones(size)
             writers["base"].add(name, base.to(torch.bfloat16), copy=False)
@@ -269,10 +271,14 @@ def live_model(paths: dict[str, Path], dtype: torch.dtype, device: torch.device)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--shape", default="1b", help="7b | 1b | hidden=..,intermediate=..,layers=..,vocab=..,kv=..")
+    parser.add_argument(
+        "--shape", default="1b", help="7b | 1b | hidden=..,intermediate=..,layers=..,vocab=..,kv=.."
+    )
     parser.add_argument("--layers", type=int, default=None, help="keep only the first K decoder layers")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3)
@@ -289,45 +295,74 @@ def main() -> None:
     params = shape.num_params()
     size = torch.empty((), dtype=dtype).element_size()
     n = len(WEIGHTS)
-    print(f"shape {asdict(shape)}: {params / 1e9:.3f}B parameters, {args.dtype}, device {device}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}")
+    print(
+        f"shape {asdict(shape)}: {params / 1e9:.3f}B parameters, {args.dtype}, device {device}, "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}"
+    )
 
     paths = build_parents(args.work, shape)
     bandwidth = copy_bandwidth(device, min(params * size, 1 << 30), args.repeats)
     bytes_min = (n + 2) * params * size
     roofline = bytes_min / bandwidth
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bytes that must move (N+2)*P*s = {bytes_min / 1e9:.2f} GB;"
-          f" roofline {roofline * 1e3:.1f} ms")
+    print(
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; bytes that must move (N+2)*P*s = {bytes_min / 1e9:.2f} GB;"
+        f" roofline {roofline * 1e3:.1f} ms"
+    )
 
     reference_inputs = None if args.no_reference else load_reference_inputs(paths, dtype, device)
     model = None if args.no_merge_into else live_model(paths, dtype, device)
     rows = []
     for method in args.methods.split(","):
-        recipe = recipe_for(method, paths, args.seed)
-        merger = InMemoryMerger(recipe, device=device, dtype=dtype)
-
-        def consume(merger: InMemoryMerger = merger, recipe: Recipe = recipe) -> None:
-            for _ in merger.tensors(recipe):
-                pass
-
-        t_merge = best_seconds(consume, device, args.repeats)
-        row = {"method": method, "tensors_s": t_merge, "fraction": roofline / t_merge}
-        if model is not None:
-            row["merge_into_s"] = best_seconds(lambda: merger.merge_into(model, recipe), device, args.repeats)
-        if reference_inputs is not None:
-            row.update(compare(method, merger, recipe, reference_inputs, args.seed))
-
-            def reference(inputs: dict[str, tuple[Tensor, list[Tensor]]] = reference_inputs) -> None:
-                for name, (base, deltas) in inputs.items():
-                    reference_merge(method, base, deltas, seed=args.seed, name=name)
-
-            row["reference_s"] = best_seconds(reference, device, args.repeats)
+        row = measure(method, paths, args.seed, device, dtype, args.repeats, reference_inputs, model)
+        row["fraction"] = roofline / row["tensors_s"]
         rows.append(row)
         print(format_row(row, roofline), flush=True)
-        del merger
         gc.collect()
-    print(json.dumps({"shape": asdict(shape), "params": params, "dtype": args.dtype, "device": str(device),
-                      "copy_bandwidth_GBps": bandwidth / 1e9, "roofline_ms": roofline * 1e3, "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "shape": asdict(shape),
+                "params": params,
+                "dtype": args.dtype,
+                "device": str(device),
+                "copy_bandwidth_GBps": bandwidth / 1e9,
+                "roofline_ms": roofline * 1e3,
+                "rows": rows,
+            }
+        )
+    )
+
+
+def measure(
+    method: str,
+    paths: dict[str, Path],
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    repeats: int,
+    reference_inputs: dict[str, tuple[Tensor, list[Tensor]]] | None,
+    model: torch.nn.Module | None,
+) -> dict[str, object]:
+    """Timings (and the reference comparison) of one method; the merger's parents are freed on return."""
+    recipe = recipe_for(method, paths, seed)
+    merger = InMemoryMerger(recipe, device=device, dtype=dtype)
+
+    def consume() -> None:
+        for _ in merger.tensors(recipe):
+            pass
+
+    row: dict[str, object] = {"method": method, "tensors_s": best_seconds(consume, device, repeats)}
+    if model is not None:
+        row["merge_into_s"] = best_seconds(lambda: merger.merge_into(model, recipe), device, repeats)
+    if reference_inputs is not None:
+        row.update(compare(method, merger, recipe, reference_inputs, seed))
+
+        def reference() -> None:
+            for name, (base, deltas) in reference_inputs.items():
+                reference_merge(method, base, deltas, seed=seed, name=name)
+
+        row["reference_s"] = best_seconds(reference, device, repeats)
+    return row
 
 
 def compare(
@@ -354,14 +389,18 @@ def compare(
 
 
 def format_row(row: dict[str, object], roofline: float) -> str:
-    parts = [f"{row['method']:>16}: tensors {row['tensors_s'] * 1e3:9.1f} ms ({row['fraction']:.1%} of roofline)"]
+    parts = [
+        f"{row['method']:>16}: tensors {row['tensors_s'] * 1e3:9.1f} ms ({row['fraction']:.1%} of roofline)"
+    ]
     if "merge_into_s" in row:
         parts.append(f"merge_into {row['merge_into_s'] * 1e3:9.1f} ms ({roofline / row['merge_into_s']:.1%})")
     if "reference_s" in row:
-        parts.append(f"reference {row['reference_s'] * 1e3:9.1f} ms ({roofline / row['reference_s']:.1%}),"
-                     f" evomerge {row['reference_s'] / row['tensors_s']:.2f}x faster;"
-                     f" identical {row['identical']} (max |diff| {row['max_abs_diff']:.3g},"
-                     f" {row['differing_entries']} entries)")
+        parts.append(
+            f"reference {row['reference_s'] * 1e3:9.1f} ms ({roofline / row['reference_s']:.1%}),"
+            f" evomerge {row['reference_s'] / row['tensors_s']:.2f}x faster;"
+            f" identical {row['identical']} (max |diff| {row['max_abs_diff']:.3g},"
+            f" {row['differing_entries']} entries)"
+        )
     return "; ".join(parts)
 
 

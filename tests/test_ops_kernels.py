@@ -244,4 +244,5 @@ def test_half_precision_trims_keep_what_float32_kthvalue_keeps(dtype: torch.dtyp
         full = trim_magnitude(deltas.float(), density)
         assert torch.equal(half, full), density
         gamma = [0.01, 0.05, 0.2]
-        assert torch.equal(trim_outliers(deltas, density, gamma), trim_outliers(deltas.float(), density, gamma))
+        outliers = trim_outliers(deltas, density, gamma)
+        assert torch.equal(outliers, trim_outliers(deltas.float(), density, gamma))
