@@ -1,15 +1,15 @@
 """Run many `evomerge` command lines, each in its own process, paying the CLI's import cost once.
 
 A fresh `evomerge` process spends 2-6 s importing torch, transformers and optuna before it looks at its
-arguments; the bad-input corpus runs dozens of command lines that each fail within milliseconds after
-that. This server imports what the commands import, then forks one child per request: the child is a
-fresh process from the command's point of view (its own exit code, cwd, stdout and stderr files at the
-descriptor level, atexit handlers), it just starts with the modules loaded.
-Anything the imports themselves print would appear on every real run's stderr, so the server must be
-silent until its first request (`CliServer` checks that).
+arguments; the bad-input corpus alone runs dozens of command lines that each fail within milliseconds
+after that. This server imports what the commands import, then forks one child per command line: the
+child is a fresh process from the command's point of view (its own pid to signal, exit code, cwd,
+stdout and stderr files at the descriptor level, atexit handlers), it just starts with the modules
+loaded. Anything the imports themselves print would appear on every real run's stderr, so the server
+must be silent until it is ready (`CliServer` checks that).
 
-Protocol, one JSON line each way: request `{"args": [...], "cwd": ..., "stdout": path, "stderr": path, "timeout": s}`,
-reply `{"returncode": n}`.
+Protocol, one JSON line each way: `{"op": "start", "args": [...], "cwd": ..., "stdout": path, "stderr":
+path, "timeout": s}` -> `{"pid": n}`; `{"op": "poll" | "wait", "pid": n}` -> `{"returncode": n | null}`.
 """
 
 from __future__ import annotations
@@ -32,13 +32,41 @@ PRELOAD = (
     "evomerge.lineage.packet",
     "evomerge.merge.planner",
     "evomerge.search.evolve",
+    "evomerge.search.worker",
     "evomerge.zoo.builder",
 )
 READY = "ready"
 
 
+class CliProcess:
+    """One running command line: `poll()`, `wait()`, `kill()` like `subprocess.Popen`, then `output()`."""
+
+    def __init__(self, server: CliServer, pid: int, stdout: Path, stderr: Path) -> None:
+        self.server, self.pid, self.stdout, self.stderr = server, pid, stdout, stderr
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.request({"op": "poll", "pid": self.pid})["returncode"]
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            self.returncode = self.server.request({"op": "wait", "pid": self.pid})["returncode"]
+        return self.returncode
+
+    def kill(self) -> None:
+        """SIGKILL, unless the process is known to have ended (as `Popen.kill`: its pid may be reused)."""
+        if self.returncode is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def output(self) -> tuple[str, str]:
+        """What the command wrote to stdout and stderr."""
+        return self.stdout.read_text(), self.stderr.read_text()
+
+
 class CliServer:
-    """Client side: start the server, then `run(args, cwd)` -> (returncode, stdout, stderr) per request."""
+    """Client side: `start(args, cwd)` -> `CliProcess`, or `run(args, cwd)` -> (returncode, stdout, stderr)."""
 
     def __init__(self, env: dict[str, str], scratch: Path) -> None:
         self.scratch = scratch
@@ -58,18 +86,27 @@ class CliServer:
         assert self.process.stdout is not None
         return self.process.stdout.readline().strip()
 
-    def run(self, args: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str, str]:
-        """Run `evomerge *args` in `cwd` in a forked child; its stdout/stderr go through files in `scratch`."""
-        self.count += 1
-        out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
-        request = {"args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err), "timeout": timeout}
+    def request(self, message: dict) -> dict:
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.write(json.dumps(message) + "\n")
         self.process.stdin.flush()
         reply = self._reply_line()
         if not reply:
             raise RuntimeError(f"the CLI server died with exit code {self.process.wait()}")
-        return json.loads(reply)["returncode"], out.read_text(), err.read_text()
+        return json.loads(reply)
+
+    def start(self, args: list[str], cwd: Path, timeout: float = 300) -> CliProcess:
+        """Start `evomerge *args` in `cwd` in a forked child; its stdout/stderr go to files in `scratch`."""
+        self.count += 1
+        out, err = self.scratch / f"{self.count}.out", self.scratch / f"{self.count}.err"
+        request = {"op": "start", "args": args, "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                   "timeout": timeout}
+        return CliProcess(self, self.request(request)["pid"], out, err)
+
+    def run(self, args: list[str], cwd: Path, timeout: float = 300) -> tuple[int, str, str]:
+        """Run `evomerge *args` in `cwd` to the end: (returncode, stdout, stderr)."""
+        process = self.start(args, cwd, timeout)
+        return process.wait(), *process.output()
 
     def close(self) -> None:
         assert self.process.stdin is not None
@@ -117,6 +154,12 @@ def _exit_code(entry_point: Callable[[], None]) -> int:
     return code
 
 
+def _reap(pid: int, block: bool) -> int | None:
+    """The child's exit code (negative signal number when killed), or None while it runs."""
+    done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
 def serve(imports_log: str) -> None:
     # Replies go to a private copy of stdout; whatever the imports print goes to `imports_log`.
     replies = os.fdopen(os.dup(1), "w")
@@ -132,11 +175,14 @@ def serve(imports_log: str) -> None:
     replies.flush()
     for line in sys.stdin:
         request = json.loads(line)
-        pid = os.fork()
-        if pid == 0:
-            _child(request, replies)
-        _, status = os.waitpid(pid, 0)
-        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+        if request["op"] == "start":
+            pid = os.fork()
+            if pid == 0:
+                _child(request, replies)
+            reply: dict = {"pid": pid}
+        else:
+            reply = {"returncode": _reap(request["pid"], block=request["op"] == "wait")}
+        replies.write(json.dumps(reply) + "\n")
         replies.flush()
 
 

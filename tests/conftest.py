@@ -58,6 +58,22 @@ def tiny_gemma2_config():
 
 
 @pytest.fixture(scope="session")
+def evomerge_cli(tmp_path_factory: pytest.TempPathFactory):
+    """`evomerge_cli.run(args, cwd) -> (returncode, stdout, stderr)`: the console script's entry point, each
+    command line in its own process, forked from one that imported the CLI once (tests/cli_forkserver.py);
+    offline, one torch thread, a 200-column terminal."""
+    import os
+
+    from cli_forkserver import CliServer
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "COLUMNS": "200"}
+    server = CliServer(env, tmp_path_factory.mktemp("cli_streams"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory of tiny Llama checkpoints, cached per (seed, options) for the whole session."""
     cache: dict[tuple, Path] = {}

@@ -1,8 +1,9 @@
 """The bad-input corpus (`tests/bad_inputs/manifest.yaml`) through the real CLI, one process per case.
 
 Each case runs the console script's entry point in its own process, forked from one that imported the
-CLI's modules once (`cli_forkserver`: start-up would otherwise be most of the time). Every case must exit 2 with exactly one line on stderr — one sentence containing the case's fragment —
-no traceback anywhere, and nothing written: the case's scratch directory and every model directory are
+CLI's modules once (the `evomerge_cli` fixture: start-up would otherwise be most of the time). Every case
+must exit 2 with exactly one line on stderr — one sentence containing the case's fragment — no
+traceback anywhere, and nothing written: the case's scratch directory and every model directory are
 listed (names, sizes, mtimes) before and after. Broken checkpoints are derived at test time from the
 `tiny_llama` fixture by editing bytes, so no binary blobs live in git.
 """
@@ -10,7 +11,6 @@ listed (names, sizes, mtimes) before and after. Broken checkpoints are derived a
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import struct
@@ -28,7 +28,6 @@ from conftest import TEST_CHARACTERS, read_tensors
 
 CORPUS = Path(__file__).parent / "bad_inputs"
 CASES = yaml.safe_load((CORPUS / "manifest.yaml").read_text())["cases"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def split_header(weights: Path) -> tuple[dict, bytes]:
@@ -184,14 +183,10 @@ def run_case(case: dict, work: Path, models: dict[str, Path], cli: CliServer) ->
 
 
 @pytest.fixture(scope="module")
-def outcomes(models, tmp_path_factory) -> dict[str, Outcome]:
+def outcomes(models, evomerge_cli, tmp_path_factory) -> dict[str, Outcome]:
     """All cases, one after the other (each in its own process and scratch directory)."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    cli = CliServer(ENV, tmp_path_factory.mktemp("cli_streams"))
-    try:
-        return {case["id"]: run_case(case, root / case["id"], models, cli) for case in CASES}
-    finally:
-        cli.close()
+    return {case["id"]: run_case(case, root / case["id"], models, evomerge_cli) for case in CASES}
 
 
 def test_manifest_is_a_catalogue_of_distinct_cases() -> None:

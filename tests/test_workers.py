@@ -1,4 +1,4 @@
-"""Crash-safety and many workers, as real scenarios: subprocesses, real signals, a real PostgreSQL server.
+"""Crash-safety and many workers, as real scenarios: separate processes, real signals, a real PostgreSQL server.
 
 Every scenario checks the run's history against what must hold whatever the timing: each trial that was
 told stays told with the same values, the budget is spent exactly, and no genome is evaluated twice.
@@ -7,12 +7,9 @@ told stays told with the same values, the budget is spent exactly, and no genome
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +21,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from cli_forkserver import CliProcess, CliServer
 from evomerge.search.config import load_evolve_config
 from evomerge.search.evolve import evolve
 from evomerge.search.run import SearchRun, prepare_run_dir
@@ -31,7 +29,6 @@ from evomerge.search.worker import publish_config
 from postgres import postgres_server
 
 EVALUATED = ("complete", "raced_out", "failed")  # statuses of trials that really ran an evaluation
-CLI = [sys.executable, "-m", "evomerge.cli"]
 
 
 @pytest.fixture(scope="session")
@@ -76,15 +73,14 @@ def coordinate(config_path: Path, run_dir: Path) -> optuna.Study:
     return study
 
 
-def start_worker(target: str, study: str, index: int, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*CLI, "worker", target, "--study", study, "--index", str(index), "--heartbeat", "1",
-                             "--grace", "3", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+def start_worker(cli: CliServer, target: str, study: str, index: int) -> CliProcess:
+    """`evomerge worker` in its own process (one torch thread), as a user on another machine starts it."""
+    args = ["worker", target, "--study", study, "--index", str(index), "--heartbeat", "1", "--grace", "3"]
+    return cli.start(args, Path.cwd(), timeout=240)
 
 
-def finish(process: subprocess.Popen, timeout: float = 240) -> None:
-    _, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, err.decode()[-2000:]
+def finish(process: CliProcess) -> None:
+    assert process.wait() == 0, process.output()[1][-2000:]
 
 
 def evaluated_keys(trials: list[optuna.trial.FrozenTrial]) -> Counter:
@@ -112,22 +108,22 @@ def assert_history_complete(study: optuna.Study, budget: int) -> None:
             assert original.values == trial.values
 
 
-def test_killed_worker_candidate_is_requeued_and_completed_elsewhere(tiny_llama, tmp_path, postgres_url):
+def test_killed_worker_candidate_is_requeued_and_completed_elsewhere(tiny_llama, tmp_path, postgres_url, evomerge_cli):
     # Many examples make one candidate take seconds, so the kill lands mid-evaluation.
     config_path = write_problem(tmp_path, [tiny_llama(0), tiny_llama(1), tiny_llama(2)], candidates=3,
                                 examples=400, storage=postgres_url, name="killed")
     study = coordinate(config_path, tmp_path / "run")
-    victim = start_worker(postgres_url, "killed", 0)
+    victim = start_worker(evomerge_cli, postgres_url, "killed", 0)
     deadline = time.monotonic() + 120
     in_flight = []
     while not in_flight and time.monotonic() < deadline:
         time.sleep(0.2)
         in_flight = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "recipe" in t.user_attrs]
     assert in_flight, "the worker never started a candidate"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    victim.kill()
+    assert victim.wait() == -signal.SIGKILL
     killed = in_flight[0]
-    finish(start_worker(postgres_url, "killed", 1))
+    finish(start_worker(evomerge_cli, postgres_url, "killed", 1))
 
     trials = {t.number: t for t in study.get_trials()}
     assert trials[killed.number].state == optuna.trial.TrialState.FAIL
@@ -139,7 +135,8 @@ def test_killed_worker_candidate_is_requeued_and_completed_elsewhere(tiny_llama,
     assert_history_complete(study, 3)
 
 
-def test_four_workers_share_one_study_without_loss_or_double_evaluation(tiny_llama, tmp_path, postgres_url):
+def test_four_workers_share_one_study_without_loss_or_double_evaluation(tiny_llama, tmp_path, postgres_url,
+                                                                        evomerge_cli):
     config_path = write_problem(tmp_path, [tiny_llama(0), tiny_llama(1), tiny_llama(2)], candidates=10,
                                 storage=postgres_url, name="four")
     study = coordinate(config_path, tmp_path / "run")
@@ -147,7 +144,7 @@ def test_four_workers_share_one_study_without_loss_or_double_evaluation(tiny_lla
     twin = {"weight.m0.all": 0.25, "weight.m1.all": 0.75}
     for _ in range(3):
         study.enqueue_trial(twin, skip_if_exists=False)
-    workers = [start_worker(postgres_url, "four", index) for index in range(4)]
+    workers = [start_worker(evomerge_cli, postgres_url, "four", index) for index in range(4)]
     for worker in workers:
         finish(worker)
     # Each ask spends a reserved budget slot, so four racing workers still stop at exactly the budget.
@@ -158,7 +155,7 @@ def test_four_workers_share_one_study_without_loss_or_double_evaluation(tiny_lla
     assert devices == Counter({"cpu": sum(devices.values())})
 
 
-def test_coordinator_killed_repeatedly_then_resumed_loses_nothing(tiny_llama, tmp_path):
+def test_coordinator_killed_repeatedly_then_resumed_loses_nothing(tiny_llama, tmp_path, evomerge_cli):
     budget = 9
     config_path = write_problem(tmp_path, [tiny_llama(0), tiny_llama(1), tiny_llama(2)], candidates=budget)
     run_dir = tmp_path / "run"
@@ -166,8 +163,7 @@ def test_coordinator_killed_repeatedly_then_resumed_loses_nothing(tiny_llama, tm
     rng = random.Random(11)
     told: dict[int, tuple] = {}
     for kill in range(3):
-        process = subprocess.Popen([*CLI, "evolve", str(config_path), "--run", str(run_dir)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = evomerge_cli.start(["evolve", str(config_path), "--run", str(run_dir)], tmp_path)
         target = len(told) + 1 + rng.randint(0, 1)  # a random point: after one or two more candidates
         while process.poll() is None:
             time.sleep(0.1)
@@ -178,14 +174,14 @@ def test_coordinator_killed_repeatedly_then_resumed_loses_nothing(tiny_llama, tm
             if sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= target:
                 time.sleep(rng.uniform(0, 0.5))
                 break
-        process.send_signal(signal.SIGKILL)
+        process.kill()
         process.wait()
         study = optuna.load_study(study_name="w", storage=url)
         for trial in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
             # Whatever was told before a kill is never re-told differently afterwards.
             assert told.setdefault(trial.number, tuple(trial.values)) == tuple(trial.values)
-    resumed = subprocess.run([*CLI, "evolve", str(config_path), "--run", str(run_dir)], capture_output=True, text=True, check=False)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    code, _, err = evomerge_cli.run(["evolve", str(config_path), "--run", str(run_dir)], tmp_path)
+    assert code == 0, err[-2000:]
     study = optuna.load_study(study_name="w", storage=url)
     final = {t.number: tuple(t.values) for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
     assert all(final[number] == values for number, values in told.items())
@@ -217,21 +213,25 @@ def test_nan_recipe_is_recorded_failed_and_the_run_goes_on(tiny_llama, tmp_path)
     assert len(trials) == 3
 
 
-def test_changed_parent_is_refused_on_resume_unless_accepted(tiny_llama, tmp_path):
+def test_changed_parent_is_refused_on_resume_unless_accepted(tiny_llama, tmp_path, evomerge_cli):
     parent = tmp_path / "parent"
     shutil.copytree(tiny_llama(1), parent)
     config_path = write_problem(tmp_path, [tiny_llama(0), parent, tiny_llama(2)], candidates=1)
-    command = [*CLI, "evolve", str(config_path), "--run", str(tmp_path / "run")]
-    assert subprocess.run(command, capture_output=True, check=False).returncode == 0
+
+    def evolve_cli(*extra: str) -> tuple[int, str]:
+        code, _, err = evomerge_cli.run(["evolve", str(config_path), "--run", str(tmp_path / "run"), *extra], tmp_path)
+        return code, err
+
+    assert evolve_cli()[0] == 0
     # Same weights rewritten (new mtime): the fingerprint differs, the content does not — accepted silently.
     tensors = load_file(parent / "model.safetensors")
     save_file(tensors, parent / "model.safetensors", metadata={"format": "pt"})
-    assert subprocess.run(command, capture_output=True, check=False).returncode == 0
+    assert evolve_cli()[0] == 0
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1
     save_file(tensors, parent / "model.safetensors", metadata={"format": "pt"})
-    refused = subprocess.run(command, capture_output=True, text=True, check=False)
-    assert refused.returncode == 2
-    assert "changed since run" in refused.stderr and "--accept-changed-parents" in refused.stderr
-    assert "Traceback" not in refused.stderr
-    accepted = subprocess.run([*command, "--accept-changed-parents"], capture_output=True, text=True, check=False)
-    assert accepted.returncode == 0, accepted.stderr[-2000:]
+    code, err = evolve_cli()
+    assert code == 2
+    assert "changed since run" in err and "--accept-changed-parents" in err
+    assert "Traceback" not in err
+    code, err = evolve_cli("--accept-changed-parents")
+    assert code == 0, err[-2000:]
