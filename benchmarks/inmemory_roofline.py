@@ -204,8 +204,11 @@ def reference_merge(method: str, base: Tensor, deltas: list[Tensor], *, seed: in
         sparse = flat * mask
     else:  # DARE: Bernoulli(density) keep mask from the tensor's own seed, survivors scaled by 1/density
         generator = torch.Generator(device=base.device).manual_seed(tensor_seed(seed, name))
-        probs = torch.full_like(flat, DENSITY)
-        mask = torch.bernoulli(probs, generator=generator)
+        # u < p with u ~ U[0, 1) in the working dtype: torch.bernoulli's own rule on CPU, and the one
+        # rule that draws the same numbers on every device (CUDA's bernoulli_ kernel draws differently)
+        mask = (
+            torch.rand(flat.shape, generator=generator, dtype=flat.dtype, device=flat.device) < DENSITY
+        ).to(flat.dtype)
         sparse = flat * mask / DENSITY
     tau = w[:, None] * sparse
     sign = torch.sign(tau.sum(dim=0))
