@@ -184,6 +184,7 @@ def serve(imports_log: str) -> None:
             reply = {"returncode": _reap(request["pid"], block=request["op"] == "wait")}
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
+    os._exit(0)  # stdin closed: done; tearing down torch & co. would only cost another second or so
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`evomerge merge` as a user runs it: the installed console script, in a subprocess, offline."""
+"""`evomerge merge` as a user runs it: the installed console script exists and starts; every merge runs
+its entry point in a process of its own (the `evomerge_cli` fixture), offline."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -15,18 +17,16 @@ from conftest import read_tensors
 from evomerge.merge.recipe import load_recipe, parse_recipe
 
 EVOMERGE = Path(sys.executable).parent / "evomerge"  # the console script `pip install` created
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def evomerge(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(EVOMERGE), *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=OFFLINE,
-        timeout=300,
-        check=False,
-    )
+@pytest.fixture
+def evomerge(evomerge_cli, tmp_path):
+    """`evomerge(*args) -> (returncode, stdout, stderr)`."""
+
+    def run(*args: str | Path) -> tuple[int, str, str]:
+        return evomerge_cli.run([str(arg) for arg in args], tmp_path)
+
+    return run
 
 
 def write_recipe(directory: Path, recipe: dict | str, name: str = "recipe.yaml") -> Path:
@@ -50,17 +50,18 @@ def seeded_dare_ties(family: dict[str, Path]) -> dict:
 
 def test_console_script_is_installed() -> None:
     assert EVOMERGE.is_file() and os.access(EVOMERGE, os.X_OK)
-    assert "merge" in evomerge("--help").stdout
+    started = subprocess.run([str(EVOMERGE), "--help"], capture_output=True, text=True, timeout=60, check=False)
+    assert started.returncode == 0 and "merge" in started.stdout
 
 
-def test_merge_writes_a_loadable_model_with_card_and_recipes(tiny_family, tmp_path: Path) -> None:
+def test_merge_writes_a_loadable_model_with_card_and_recipes(tiny_family, tmp_path: Path, evomerge) -> None:
     from huggingface_hub import ModelCard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "merged"
-    result = evomerge("merge", write_recipe(tmp_path, seeded_dare_ties(tiny_family)), "--out", out)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
+    code, _, err = evomerge("merge", write_recipe(tmp_path, seeded_dare_ties(tiny_family)), "--out", out)
+    assert code == 0, err
+    assert "Traceback" not in err
 
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -76,7 +77,7 @@ def test_merge_writes_a_loadable_model_with_card_and_recipes(tiny_family, tmp_pa
     saved = out / "recipe.yaml"
     assert load_recipe(saved) == parse_recipe(seeded_dare_ties(tiny_family))
     again = tmp_path / "again"
-    assert evomerge("merge", saved, "--out", again).returncode == 0
+    assert evomerge("merge", saved, "--out", again)[0] == 0
     first, second = read_tensors(out), read_tensors(again)
     assert set(first) == set(second) and all(torch.equal(first[n], second[n]) for n in first)
 
@@ -89,7 +90,7 @@ def test_merge_writes_a_loadable_model_with_card_and_recipes(tiny_family, tmp_pa
 # User errors (exit code 2, one sentence, nothing written) are the bad-input corpus's job: test_bad_inputs.py.
 
 
-def test_allow_pickle_merges_a_pickled_checkpoint(tiny_family, tmp_path: Path) -> None:
+def test_allow_pickle_merges_a_pickled_checkpoint(tiny_family, tmp_path: Path, evomerge) -> None:
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_family["ft1"], pickled)
     torch.save(read_tensors(pickled), pickled / "pytorch_model.bin")
@@ -99,8 +100,8 @@ def test_allow_pickle_merges_a_pickled_checkpoint(tiny_family, tmp_path: Path) -
         "method": "linear",
         "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (tiny_family["ft2"], pickled)],
     }
-    result = evomerge("merge", write_recipe(tmp_path, recipe), "--out", out, "--allow-pickle")
-    assert result.returncode == 0, result.stderr
+    code, _, err = evomerge("merge", write_recipe(tmp_path, recipe), "--out", out, "--allow-pickle")
+    assert code == 0, err
     a, c = read_tensors(tiny_family["ft1"]), read_tensors(tiny_family["ft2"])
     merged = read_tensors(out)
     assert set(merged) == set(a)

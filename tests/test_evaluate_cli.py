@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -36,34 +34,14 @@ def test_cuda_device_without_cuda_exits_2(tmp_path, tiny_llama, monkeypatch, cap
     assert code == 2 and "CUDA is not available" in " ".join(err.split())
 
 
-def test_eval_prints_table_and_writes_json_in_a_subprocess(tmp_path, tiny_llama):
+def test_eval_prints_table_and_writes_json_in_a_process_of_its_own(tmp_path, tiny_llama, evomerge_cli):
     task = write_task_files(tmp_path, SEARCH, TEST, generation={"max_new_tokens": 3})
     out_json = tmp_path / "scores.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "evomerge.cli",
-            "eval",
-            str(tiny_llama(seed=0)),
-            "--task",
-            str(task),
-            "--split",
-            "test",
-            "--limit",
-            "2",
-            "--json",
-            str(out_json),
-        ],
-        capture_output=True,
-        check=False,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "score ± stderr" in result.stdout and "│ t " in result.stdout
+    args = ["eval", str(tiny_llama(seed=0)), "--task", str(task), "--split", "test", "--limit", "2",
+            "--json", str(out_json)]
+    code, stdout, stderr = evomerge_cli.run(args, tmp_path)
+    assert code == 0, stderr
+    assert "score ± stderr" in stdout and "│ t " in stdout
     data = json.loads(out_json.read_text())
     assert data["split"] == "test"
     assert data["tasks"]["t"]["n"] == 2 and data["tasks"]["t"]["indices"] == [0, 1]
