@@ -184,6 +184,21 @@ def write_task_files(
     return path
 
 
+def write_sum_task(directory: Path, examples: int) -> Path:
+    """`sum.yaml`: a perplexity task on `a+b=` (continuous scores, so different merges rank differently);
+    search and test draw the first operand from disjoint ranges (10-99, 100-999), so they never overlap."""
+    import random
+
+    rng = random.Random(0)
+    splits = {
+        split: [{"question": f"{a}+{b}=", "answer": str(a + b)}
+                for a, b in ((rng.randint(low, high), rng.randint(10, 99)) for _ in range(examples))]
+        for split, low, high in (("search", 10, 99), ("test", 100, 999))
+    }
+    return write_task_files(directory, splits["search"], splits["test"], name="sum", prompt="{question}",
+                            scorer="perplexity")
+
+
 def evolve_tiny_run(run_dir: Path, base: Path, parents: list[Path], task: Path) -> Path:
     """A 4-candidate dare_ties evolve (random sampler, population 2: two generations) of `parents` over `base`."""
     import yaml

@@ -7,7 +7,6 @@ logits by ~6e-4 on these tiny random models (see tests/test_flow_export.py); ass
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from conftest import write_sum_task
 from evomerge.cli import run as cli_run
 from evomerge.evaluate import Evaluator, load_causal_lm, load_task
 from evomerge.flow import PathModel, PathSpec
@@ -88,19 +88,6 @@ def test_paths_not_genes_identify_candidates():
     assert PathCandidate.from_json(candidate.to_json()) == candidate
 
 
-def write_sum_task(directory: Path) -> Path:
-    """A perplexity task: continuous scores, so different paths rank differently."""
-    rng = random.Random(0)
-    for split in ("search", "test"):
-        rows = [{"question": f"{a}+{b}=", "answer": str(a + b)} for a, b in
-                ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(16))]
-        (directory / f"sum_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    spec = {"name": "sum", "data": {"search": "sum_search.jsonl", "test": "sum_test.jsonl"},
-            "prompt": "{question}", "answer_field": "answer", "scorer": "perplexity"}
-    (directory / "sum.yaml").write_text(yaml.safe_dump(spec))
-    return directory / "sum.yaml"
-
-
 def write_config(directory: Path, dfs: dict, name: str = "paths") -> Path:
     config = {
         "name": name,
@@ -119,7 +106,7 @@ def write_config(directory: Path, dfs: dict, name: str = "paths") -> Path:
 @pytest.fixture(scope="module")
 def dfs_run(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("dfs")
-    write_sum_task(root)
+    write_sum_task(root, examples=16)
     sources = [str(tiny_llama(31)), str(tiny_llama(32))]
     config = write_config(root, {"sources": sources, "repeats": 2, "max_path_length": 8})
     outcome = evolve(config, root / "run")
@@ -215,7 +202,7 @@ def gpt2_source(tiny_llama, directory: Path) -> Path:
 
 @pytest.mark.parametrize("case", ["too long", "hidden size", "architecture", "ps_run not finished"])
 def test_config_errors_exit_2_in_one_sentence(case, tiny_llama, tmp_path, monkeypatch, capsys):
-    write_sum_task(tmp_path)
+    write_sum_task(tmp_path, examples=16)
     a, b = str(tiny_llama(31)), str(tiny_llama(32))
     dfs, expected = {
         "too long": ({"sources": [a, b], "max_path_length": 3},

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
+from conftest import write_sum_task
 from evomerge.search.evolve import evolve
 from evomerge.search.results import fully_evaluated
 from evomerge.search.run import load_run, recipe_of
@@ -17,34 +16,10 @@ from evomerge.search.run import load_run, recipe_of
 BUDGET = 8
 
 
-def write_task(directory: Path) -> Path:
-    """A perplexity task: continuous scores, so different merges rank differently."""
-    rng = random.Random(0)
-    for split in ("search", "test"):
-        rows = []
-        for _ in range(24):
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-            rows.append({"question": f"{a}+{b}=", "answer": str(a + b)})
-        (directory / f"sum_{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    task = directory / "sum.yaml"
-    task.write_text(
-        yaml.safe_dump(
-            {
-                "name": "sum",
-                "data": {"search": "sum_search.jsonl", "test": "sum_test.jsonl"},
-                "prompt": "{question}",
-                "answer_field": "answer",
-                "scorer": "perplexity",
-            }
-        )
-    )
-    return task
-
-
 @pytest.fixture(scope="module")
 def finished_run(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("evolve")
-    write_task(root)
+    write_sum_task(root, examples=24)
     config = {
         "name": "small",
         "base_model": str(tiny_llama(0)),

@@ -22,6 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cli_forkserver import CliProcess, CliServer
+from conftest import write_sum_task
 from evomerge.search.config import load_evolve_config
 from evomerge.search.evolve import evolve
 from evomerge.search.run import SearchRun, prepare_run_dir
@@ -41,15 +42,7 @@ def postgres_url():
 def write_problem(root: Path, parents: list[Path], *, candidates: int, examples: int = 24, storage: str | None = None,
                   method: str = "task_arithmetic", name: str = "w") -> Path:
     """A tiny search: two task vectors over a base, one weight per parent, a perplexity task."""
-    rng = random.Random(0)
-    for split, low, high in (("search", 10, 99), ("test", 100, 999)):  # disjoint splits by construction
-        rows = [{"question": f"{a}+{b}=", "answer": str(a + b)}
-                for a, b in ((rng.randint(low, high), rng.randint(10, 99)) for _ in range(examples))]
-        (root / f"sum_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "sum.yaml").write_text(yaml.safe_dump({
-        "name": "sum", "data": {"search": "sum_search.jsonl", "test": "sum_test.jsonl"},
-        "prompt": "{question}", "answer_field": "answer", "scorer": "perplexity",
-    }))
+    write_sum_task(root, examples)
     config = {
         "name": name, "base_model": str(parents[0]), "parents": [str(p) for p in parents[1:]], "method": method,
         "genome": {"weight": {"bounds": [0.0, 1.5]}}, "objectives": [{"task": "sum.yaml"}],
