@@ -103,6 +103,8 @@ class Recipe(BaseModel):
     parameters: Parameters = Field(default_factory=dict)
     dtype: DType | None = None
     out_dtype: DType | None = None
+    # Also donates config.json and generation_config.json, whose special-token ids must match its tokenizer
+    # (mergekit takes the config from the base instead; the merged tensors are the same).
     tokenizer_source: str | None = None
     seed: int = 0
     submodule: Submodule | None = None

@@ -35,10 +35,11 @@ class RowAlignment:
 class CompatReport:
     """Outcome of `check_compatible` for parents that *can* be merged.
 
-    `config_donor` is the directory whose config.json / generation_config.json the merged model uses
-    (the base, else the first listed model); `tokenizer_donor` the one whose tokenizer files it uses (the
-    `tokenizer_source` when given, else `config_donor`). `config_updates` lists config fields the writer
-    must change (e.g. `vocab_size` when the tokenizer donor has a different row count). Models are keyed
+    `tokenizer_donor` is the directory whose tokenizer files the merged model uses (the `tokenizer_source`
+    when given, else the base, else the first listed model); `config_donor` the one whose config.json /
+    generation_config.json it uses: the same model, because those files carry the special-token ids
+    (bos/eos/pad) that must agree with the tokenizer shipped beside them. `config_updates` lists config
+    fields the writer must change (e.g. `vocab_size` when the donor's config disagrees with its rows). Models are keyed
     by their directory in `tokenizer_fingerprints`, in the order base, then the listed models.
     """
 
@@ -103,7 +104,7 @@ def check_compatible(
     _check_tokenizers(parents, fingerprints, tokenizer_source, target_rows)
     tokenizer_donor = tokenizer_source or reference
     config_updates = {}
-    if target_rows is not None and tokenizer_source is not None and _config_vocab(reference) != target_rows:
+    if target_rows is not None and tokenizer_source is not None and _config_vocab(tokenizer_donor) != target_rows:
         config_updates["vocab_size"] = target_rows
     verdict = _verdict(parents, names, tokenizer_source, alignments)
     return CompatReport(
@@ -112,7 +113,7 @@ def check_compatible(
         num_layers=count_layers(names) if prefix_map else reference.num_layers,
         tensor_names=tuple(names),
         tokenizer_fingerprints=fingerprints,
-        config_donor=reference.config_dir,
+        config_donor=tokenizer_donor.config_dir,
         tokenizer_donor=tokenizer_donor.tokenizer_dir,
         row_alignments=tuple(alignments),
         config_updates=config_updates,
