@@ -314,7 +314,11 @@ def test_recipe_errors_surface_before_any_output(tiny_family, tmp_path: Path) ->
             {"model": str(tiny_family["ft2"])},
         ],
     }
-    with pytest.raises(ConfigError, match=r"'weight' for model '.*ft2.*' is required"):
+    with pytest.raises(ConfigError, match=r"models\[1\]\.parameters: parameter 'weight' of method 'linear' is required"):
+        parse_recipe(missing_weight)
+    # A filter rule that misses some tensors is only caught per tensor, still before anything is written.
+    missing_weight["models"][1]["parameters"] = {"weight": [{"filter": "mlp", "value": 0.5}]}
+    with pytest.raises(ConfigError, match=r"'weight' for model '.*ft2.*' is required but not given \(tensor "):
         run_merge(parse_recipe(missing_weight), out)
     too_deep = {
         "method": "passthrough",

@@ -277,6 +277,25 @@ def _check_parameters(spec: OperatorSpec, parameters: Parameters, where: str, *,
                 )
 
 
+def _check_required(spec: OperatorSpec, recipe: Recipe, source: str) -> None:
+    """A required parameter given nowhere for a merged model fails here, naming the file and the entry.
+
+    Filter rules that miss some tensors are only found per tensor, by the planner.
+    """
+    if recipe.slices is not None:
+        return
+    for param in spec.params:
+        if not param.required or param.name in recipe.parameters:
+            continue
+        for index, entry in enumerate(recipe.models):
+            merged = not (spec.space == "delta" and entry.model == recipe.base_model)
+            if merged and param.name not in entry.parameters:
+                raise ConfigError(
+                    f"{source}: models[{index}].parameters: parameter '{param.name}' of method '{spec.name}' is "
+                    "required; set it there or under the top-level `parameters`"
+                )
+
+
 def check_against_operator(recipe: Recipe, source: str = "recipe") -> None:
     """Method exists, parameters belong to it and lie in range, base model present when needed."""
     try:
@@ -293,6 +312,7 @@ def check_against_operator(recipe: Recipe, source: str = "recipe") -> None:
             _check_parameters(spec, src.parameters, where, per_model=True)
     if spec.needs_base and not recipe.base_model:
         raise ConfigError(f"{source}: method '{spec.name}' needs a `base_model`")
+    _check_required(spec, recipe, source)
     if recipe.tokenizer_source not in (None, "base") and recipe.tokenizer_source not in recipe.parent_refs():
         raise ConfigError(
             f"{source}: field 'tokenizer_source' names '{recipe.tokenizer_source}', which is not one of the models"

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import Number
 from evomerge.merge.registry import get_operator
+from evomerge.models import Checkpoint
 from evomerge.validation import validation_sentence
 
 Granularity = Literal["global", "per_layer", "per_block", "per_kind", "per_layer_kind", "per_block_kind"]
@@ -153,7 +154,10 @@ class EvolveConfig(BaseModel):
 
 def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
     if config.dfs is None:
-        spec = get_operator(config.method)
+        try:
+            spec = get_operator(config.method)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: field 'method': {error}") from None
         names = spec.param_names()
         for field, entries in (("genome", config.genome), ("fixed", config.fixed)):
             for name in entries:
@@ -189,6 +193,23 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
         path = resolve_path(objective.task, root)
         if not Path(path).is_file():
             raise ConfigError(f"{source}: objectives[{index}].task names {objective.task}, which does not exist")
+    blocked = {name: gene for name, gene in config.genome.items() if gene.block_size is not None}
+    if blocked and config.dfs is None:
+        # The depth comes from config.json and the weight headers: no tensor is read yet.
+        donor = Checkpoint.open(
+            resolve_path(config.base_model or config.parents[0], root), allow_pickle=config.allow_pickle
+        )
+        for name, gene in blocked.items():
+            try:
+                check_block_size(gene, donor.num_layers)
+            except ConfigError as error:
+                raise ConfigError(f"{source}: genome.{name}: {error}") from None
+
+
+def check_block_size(gene: GeneSpec, num_layers: int) -> None:
+    """Refuse a layer-block size that does not tile the model's depth."""
+    if gene.block_size is not None and num_layers % gene.block_size != 0:
+        raise ConfigError(f"block_size {gene.block_size} does not divide the model's {num_layers} layers")
 
 
 def resolve_path(ref: str, root: Path) -> str:

@@ -15,11 +15,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from evomerge.errors import ConfigError
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.merge.registry import OperatorSpec
 from evomerge.models import tensor_role
-from evomerge.search.config import EvolveConfig, GeneSpec
+from evomerge.search.config import EvolveConfig, GeneSpec, check_block_size
 
 _LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.\d+\.)")
 OUTSIDE = "outside"  # tensors outside the decoder layers (embeddings, final norm, lm_head)
@@ -48,10 +47,7 @@ class TensorGroups:
 
 def group_tensors(names: Sequence[str], model_type: str | None, num_layers: int, gene: GeneSpec) -> TensorGroups:
     """Partition the donor's tensors into the gene's groups (raises ConfigError for a bad block size)."""
-    if gene.block_size is not None and num_layers % gene.block_size != 0:
-        raise ConfigError(
-            f"genome block_size {gene.block_size} does not divide the model's {num_layers} layers"
-        )
+    check_block_size(gene, num_layers)
     members: dict[str, list[str]] = {}
     for name in names:
         role = tensor_role(name, model_type)
