@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+TRANSPARENT_HUGEPAGE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
@@ -317,8 +318,10 @@ def run() -> None:
     # PyTorch's switch for transparent huge pages on CPU tensors of 2 MiB and more, read when torch first
     # allocates (torch is not imported yet). A merge allocates gigabytes of fresh tensors, and with 4 KiB
     # pages it spent most of its time in page faults: 10 fresh 128 MiB tensors took 328k faults and
-    # 0.99 s, with huge pages 6k and 0.36 s (benchmarks/RESULTS.md). A user's own setting wins.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # 0.99 s, with huge pages 6k and 0.36 s (benchmarks/RESULTS.md). A user's own setting wins, and
+    # kernels without transparent huge pages are left alone (torch would warn that its madvise failed).
+    if Path(TRANSPARENT_HUGEPAGE).exists():
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         app()
     except EvomergeError as error:
