@@ -7,6 +7,7 @@ told stays told with the same values, the budget is spent exactly, and no genome
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -101,21 +102,44 @@ def assert_history_complete(study: optuna.Study, budget: int) -> None:
             assert original.values == trial.values
 
 
+def freeze(pid: int) -> None:
+    """SIGSTOP `pid` and return once it is really stopped (the signal is delivered asynchronously)."""
+    os.kill(pid, signal.SIGSTOP)
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+        time.sleep(0.001)
+
+
+def kill_mid_candidate(victim: CliProcess, study: optuna.Study, timeout: float = 120) -> optuna.trial.FrozenTrial:
+    """SIGKILL `victim` while it has a candidate in flight; returns that candidate's trial.
+
+    A candidate on a tiny model lasts a fraction of a second, so polling the database and then killing
+    can land after the result was told. Instead the victim is frozen first, then the database is read:
+    a trial seen running there is still running when the kill lands. Otherwise the victim resumes and
+    is sampled again a moment later.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if victim.poll() is not None:
+            raise AssertionError(f"the worker ended (exit {victim.returncode}) before it could be killed "
+                                 f"mid-candidate: {victim.output()}")
+        freeze(victim.pid)
+        time.sleep(0.05)  # a commit the victim sent just before it stopped is applied by the server first
+        in_flight = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "recipe" in t.user_attrs]
+        if in_flight:
+            victim.kill()
+            assert victim.wait() == -signal.SIGKILL
+            return in_flight[0]
+        os.kill(victim.pid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"the worker had no candidate in flight within {timeout} s")
+
+
 def test_killed_worker_candidate_is_requeued_and_completed_elsewhere(tiny_llama, tmp_path, postgres_url, evomerge_cli):
-    # Many examples make one candidate take seconds, so the kill lands mid-evaluation.
+    # Many examples keep each candidate in flight longer, so the first samples already find one.
     config_path = write_problem(tmp_path, [tiny_llama(0), tiny_llama(1), tiny_llama(2)], candidates=3,
                                 examples=400, storage=postgres_url, name="killed")
     study = coordinate(config_path, tmp_path / "run")
-    victim = start_worker(evomerge_cli, postgres_url, "killed", 0)
-    deadline = time.monotonic() + 120
-    in_flight = []
-    while not in_flight and time.monotonic() < deadline:
-        time.sleep(0.2)
-        in_flight = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)) if "recipe" in t.user_attrs]
-    assert in_flight, "the worker never started a candidate"
-    victim.kill()
-    assert victim.wait() == -signal.SIGKILL
-    killed = in_flight[0]
+    killed = kill_mid_candidate(start_worker(evomerge_cli, postgres_url, "killed", 0), study)
     finish(start_worker(evomerge_cli, postgres_url, "killed", 1))
 
     trials = {t.number: t for t in study.get_trials()}
