@@ -71,7 +71,7 @@ def optimistic_stderr(values: Sequence[float]) -> float:
 def partial_fitness(values: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> tuple[float, float]:
     """Weighted-sum fitness of per-task partial scores and its standard error (tasks independent).
 
-    `weights` are signed (a minimised objective has a negative weight), matching `Objectives.fitness`.
+    `weights` are signed (a minimised objective has a negative weight), as `Objectives.signed_weights` gives them.
     """
     fitness = sum(w * sum(values[task]) / len(values[task]) for task, w in weights.items())
     stderr = math.sqrt(sum((w * optimistic_stderr(values[task])) ** 2 for task, w in weights.items()))

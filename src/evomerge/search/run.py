@@ -74,12 +74,19 @@ class Objectives:
     directions: list[str]
     pareto: bool
 
+    @property
+    def signed_weights(self) -> list[tuple[str, float]]:
+        """(task name, weight) per objective, the weight negated for a minimised one."""
+        return [
+            (task.name, weight * (1.0 if direction == "maximize" else -1.0))
+            for task, weight, direction in zip(self.tasks, self.weights, self.directions, strict=True)
+        ]
+
     def fitness(self, scores: Mapping[str, float]) -> float:
         """Weighted sum, with minimised objectives negated, so larger is always better."""
         total = 0.0
-        for task, weight, direction in zip(self.tasks, self.weights, self.directions, strict=True):
-            sign = 1.0 if direction == "maximize" else -1.0
-            total += weight * sign * scores[task.name]
+        for name, weight in self.signed_weights:
+            total += weight * scores[name]
         return total
 
     def values(self, scores: Mapping[str, float]) -> tuple[float, ...]:
@@ -496,12 +503,9 @@ class SearchRun:
                     scores[name] = combine_scores(scores[name], score) if name in scores else score
                 return {name: score.values for name, score in scores.items()}
 
-            signed = {
-                t.name: w * (1.0 if d == "maximize" else -1.0)
-                for t, w, d in zip(objectives.tasks, objectives.weights, objectives.directions, strict=True)
-            }
             threshold = entry_threshold(self.full_fitnesses(), self.top_k)
-            raced_out = race(self.race, score_round, signed, threshold, self.config.racing.confidence)
+            raced_out = race(self.race, score_round, dict(objectives.signed_weights), threshold,
+                             self.config.racing.confidence)
             status = "raced_out" if raced_out else "complete"
         else:
             scores = dict(self.session.evaluate("search").scores)
