@@ -87,8 +87,7 @@ class CheckpointWriter:
     ) -> bool:
         self._open = False
         if exc is not None:
-            self._stop_shard_writer()
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._discard()
             if isinstance(exc, OSError):
                 raise _export_error(self.out_dir, exc) from exc
             return False
@@ -96,15 +95,18 @@ class CheckpointWriter:
             self._finish_shards()
             self._move_into_place()
         except OSError as error:
-            self._stop_shard_writer()
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._discard()
             raise _export_error(self.out_dir, error) from error
         except BaseException:
-            self._stop_shard_writer()
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self._discard()
             raise
         self._stop_shard_writer()
         return False
+
+    def _discard(self) -> None:
+        """Abandon the write: the shard thread first (it may still be writing into it), then the temp dir."""
+        self._stop_shard_writer()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def _stop_shard_writer(self) -> None:
         """Wait for the shard being written (its errors no longer matter) and end the thread."""
