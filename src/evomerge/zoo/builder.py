@@ -45,7 +45,6 @@ from evomerge.zoo.tokenizer import build_char_tokenizer
 from evomerge.zoo.train import TrainConfig, deterministic_torch, train
 
 MANIFEST = "zoo.json"
-TARGET_TASK = TARGET
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def _specialists(steps: int, lr: float, batch_size: int) -> tuple[tuple[str, str
 def _splits(target_test: int) -> tuple[tuple[str, int, int], ...]:
     return (
         ("add", 200, 300), ("translate", 200, 300), ("reverse", 200, 300), ("l2_add", 200, 300),
-        (TARGET_TASK, 300, target_test),
+        (TARGET, 300, target_test),
     )
 
 
@@ -153,7 +152,7 @@ class Zoo:
     @property
     def target_task(self) -> Path:
         """The composed task no parent can solve alone."""
-        return self.tasks[TARGET_TASK]
+        return self.tasks[TARGET]
 
     @classmethod
     def load(cls, root: Path) -> Zoo:
@@ -310,7 +309,7 @@ def _build_into(root: Path, preset: ZooPreset, parameters: dict[str, Any], seed:
             }
             for name, path in task_paths.items()
         },
-        "target": TARGET_TASK,
+        "target": TARGET,
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -194,8 +194,9 @@ def draw_splits(
             chosen: list[object] = []
             while len(chosen) < sizes[name][split]:
                 key = spec.draw_key(rng)
-                if spec.pool_of(key) not in used:
-                    used.add(spec.pool_of(key))
+                member = spec.pool_of(key)
+                if member not in used:
+                    used.add(member)
                     chosen.append(key)
             keys[name][split] = chosen
     return keys
