@@ -16,7 +16,7 @@ itself completed. Per setting:
 Caveat: the replay is open-loop — the optimizer's trajectory is the no-racing one; with racing on, CMA-ES
 would be told the noisier partial estimates and move differently.
 
-    python benchmarks/racing.py --zoo /tmp/demo1/zoo [--candidates 120] [--seed 0] [--out racing.json]
+    python benchmarks/racing.py [--zoo DIR] [--candidates 120] [--seed 0] [--out racing.json]
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from scipy.stats import spearmanr
 from evomerge.search.config import load_evolve_config
 from evomerge.search.racing import entry_threshold, partial_fitness, plan_race, race
 from evomerge.search.run import CandidateResult, SearchRun, prepare_run_dir
+from evomerge.zoo import build_zoo, default_zoo_dir
 
 # (first_fraction, growth, z, top_k as a share of the population): growth 1e9 makes a single round
 # after the first slice (the scheme before multi-round racing); top_k 0.5 is CMA-ES's parent count mu.
@@ -224,13 +225,15 @@ def closed_loop(zoo: Path, candidates: int, seed: int) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", type=Path, default=Path("/tmp/demo1/zoo"))
+    parser.add_argument("--zoo", type=Path, default=None,
+                        help="zoo directory (default: the demo's, built once into the cache)")
     parser.add_argument("--candidates", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream", type=Path, default=None, help="reuse (or save) the recorded stream as JSON")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--closed-loop", action="store_true", help="also run the search with racing on (defaults)")
     args = parser.parse_args(argv)
+    args.zoo = args.zoo or build_zoo(default_zoo_dir()).root
     if args.stream is not None and args.stream.exists():
         saved = json.loads(args.stream.read_text())
         stream = [Candidate(c["number"], c["values"]) for c in saved["stream"]]

@@ -11,7 +11,7 @@ Two objectives: `add` and `translate` kept apart (`combine: pareto`), NSGA-II vs
 hypervolume (reference point (0, 0), both scores in [0, 1]) of the search-split front at each checkpoint,
 and of the final front re-scored on test, plus the best equal-weight mean on the test front.
 
-    python benchmarks/search_efficiency.py --zoo /tmp/demo1/zoo [--candidates 100] [--seeds 5]
+    python benchmarks/search_efficiency.py [--zoo DIR] [--candidates 100] [--seeds 5]
         [--pareto-candidates 160] [--part single|pareto|both] [--out results.json]
 """
 
@@ -30,6 +30,7 @@ import yaml
 
 from evomerge.search.config import load_evolve_config
 from evomerge.search.run import SearchRun, prepare_run_dir, recipe_of
+from evomerge.zoo import build_zoo, default_zoo_dir
 
 SINGLE = ("cmaes", "tpe", "random")
 PARETO = ("nsga2", "random")
@@ -73,6 +74,15 @@ def run_search(config_path: Path, run_dir: Path) -> SearchRun:
 def evaluated_in_order(run: SearchRun) -> list:
     """Finished candidates in the order they were asked (their index + 1 is the evaluations spent)."""
     return sorted(run.finished_trials(), key=lambda t: t.number)
+
+
+def search(run_dir: Path, zoo: Path, *, optimizer: str, seed: int, candidates: int, tasks: Sequence[str],
+           pareto: bool) -> tuple[SearchRun, list]:
+    """One (optimizer, seed) search into `run_dir`: the run and its finished candidates in asked order."""
+    config = write_config(run_dir.with_suffix(".yaml"), zoo, optimizer=optimizer, seed=seed, candidates=candidates,
+                          tasks=tasks, pareto=pareto)
+    run = run_search(config, run_dir)
+    return run, evaluated_in_order(run)
 
 
 def best_so_far(values: Sequence[float | None]) -> list[float]:
@@ -133,10 +143,8 @@ def single_objective(zoo: Path, work: Path, candidates: int, seeds: int, checkpo
     for optimizer in SINGLE:
         for seed in range(seeds):
             started = time.perf_counter()
-            config = write_config(work / f"{optimizer}-{seed}.yaml", zoo, optimizer=optimizer, seed=seed,
-                                  candidates=candidates, tasks=["target"], pareto=False)
-            run = run_search(config, work / f"{optimizer}-{seed}")
-            trials = evaluated_in_order(run)
+            run, trials = search(work / f"{optimizer}-{seed}", zoo, optimizer=optimizer, seed=seed,
+                                 candidates=candidates, tasks=["target"], pareto=False)
             fitness = [t.user_attrs.get("fitness") if t.state.name == "COMPLETE" else None for t in trials]
             incumbents = incumbent_indices(fitness, checkpoints)
             tested = {i: test_scores(run, trials[i])["target"] for i in sorted(set(incumbents.values()))}
@@ -183,10 +191,8 @@ def two_objective(zoo: Path, work: Path, candidates: int, seeds: int, checkpoint
     for optimizer in PARETO:
         for seed in range(seeds):
             started = time.perf_counter()
-            config = write_config(work / f"p-{optimizer}-{seed}.yaml", zoo, optimizer=optimizer, seed=seed,
-                                  candidates=candidates, tasks=["add", "translate"], pareto=True)
-            run = run_search(config, work / f"p-{optimizer}-{seed}")
-            trials = [t for t in evaluated_in_order(run)]
+            run, trials = search(work / f"p-{optimizer}-{seed}", zoo, optimizer=optimizer, seed=seed,
+                                 candidates=candidates, tasks=["add", "translate"], pareto=True)
             points = [tuple(t.values) if t.state.name == "COMPLETE" else None for t in trials]
             search_hv = {n: hypervolume_2d([p for p in points[:n] if p is not None]) for n in checkpoints}
             scored = [(i, p) for i, p in enumerate(points) if p is not None]
@@ -220,13 +226,15 @@ def checkpoints_for(candidates: int) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--zoo", type=Path, default=Path("/tmp/demo1/zoo"))
+    parser.add_argument("--zoo", type=Path, default=None,
+                        help="zoo directory (default: the demo's, built once into the cache)")
     parser.add_argument("--candidates", type=int, default=100, help="evaluations per single-objective run")
     parser.add_argument("--pareto-candidates", type=int, default=160, help="evaluations per two-objective run")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--part", choices=("single", "pareto", "both"), default="both")
     parser.add_argument("--out", type=Path, default=None, help="write every curve as JSON here")
     args = parser.parse_args(argv)
+    args.zoo = args.zoo or build_zoo(default_zoo_dir()).root
     output: dict = {"args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="search-eff-") as tmp:
         work = Path(tmp)
