@@ -86,10 +86,10 @@ def evaluate_on_test(run: SearchRun, selection: Selection) -> dict[str, Any]:
     parents = ([session.base] if session.base else []) + run.genome.merged_models
     for ref in parents:
         session.load_checkpoint(ref)
-        results[f"parent:{Path(ref).name}"] = {"kind": "parent", "test": score_table(session.evaluate("test").scores)}
+        results[f"parent:{Path(ref).name}"] = {"kind": "parent", "test": score_table(session.evaluate("test").scores, per_example=True)}
     for name, recipe in run.baseline_recipes().items():
         session.load_streamed(recipe)
-        results[name] = {"kind": "baseline", "test": score_table(session.evaluate("test").scores)}
+        results[name] = {"kind": "baseline", "test": score_table(session.evaluate("test").scores, per_example=True)}
     roles: dict[int, list[str]] = {selection.champion: ["champion"]}
     for task, number in selection.specialists.items():
         roles.setdefault(number, []).append(f"specialist:{task}")
@@ -104,7 +104,7 @@ def evaluate_on_test(run: SearchRun, selection: Selection) -> dict[str, Any]:
             "roles": labels,
             "trial": number,
             "search": trial.user_attrs["scores"],
-            "test": score_table(session.evaluate("test").scores),
+            "test": score_table(session.evaluate("test").scores, per_example=True),
         }
     study.set_user_attr("test_results", results)
     study.set_user_attr(
