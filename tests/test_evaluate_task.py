@@ -11,6 +11,7 @@ import pytest
 from conftest import write_task_files
 from evomerge.errors import TaskError
 from evomerge.evaluate import load_task
+from evomerge.evaluate.task import MAX_PROMPT_CHARACTERS
 
 SEARCH = [{"question": f"{i}+1", "answer": str(i + 1)} for i in range(6)]
 TEST = [{"question": f"{i}+2", "answer": str(i + 2)} for i in range(4)]
@@ -148,3 +149,27 @@ def test_choice_answers_must_name_a_choice(tmp_path):
     test = [{"question": "q3", "choices": ["a", "b"], "answer": "c"}]
     path = write_task_files(tmp_path, rows, test, scorer="choice", scorer_args={"choices_field": "choices"})
     assert "answer 'c' is neither an index into nor the text of one of its 'choices'" in _error(path)
+
+
+def test_data_that_is_not_utf8_is_a_task_error(tmp_path):
+    path = write_task_files(tmp_path, [{"question": "1", "answer": "1"}], [{"question": "2", "answer": "2"}])
+    (tmp_path / "t_test.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(TaskError, match=r"data file .*t_test.jsonl is not UTF-8 text \(byte 14 cannot be decoded\)"):
+        load_task(path)
+
+
+def test_an_oversized_example_is_refused_at_load(tmp_path):
+    huge = "9" * (MAX_PROMPT_CHARACTERS + 1)
+    path = write_task_files(tmp_path, [{"question": "1", "answer": "1"}], [{"question": huge, "answer": "2"}])
+    with pytest.raises(TaskError, match=r"test example 1 renders to 200,002 characters, over the limit of 200,000"):
+        load_task(path)
+
+
+def test_a_catastrophic_regex_times_out_with_a_task_error(tmp_path):
+    path = write_task_files(
+        tmp_path, [{"question": "1", "answer": "1"}], [{"question": "2", "answer": "2"}],
+        scorer="regex", scorer_args={"pattern": "(a|aa)+$", "group": 0},
+    )
+    scorer = load_task(path).scorer
+    with pytest.raises(TaskError, match=r"regex scorer pattern '\(a\|aa\)\+\$' took over 1 s"):
+        scorer.score("a" * 40 + "!", "a")

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
+import regex
 from pydantic import BaseModel, ConfigDict
+
+from evomerge.errors import TaskError
 
 # A number: optional sign, digits with optional thousands commas, optional decimal part;
 # or a bare decimal like ".5". Commas are only accepted between digit groups ("1,234"), so a
@@ -197,13 +200,34 @@ def _build_number(args: NumberArgs) -> Scorer:
     return GenerativeScorer(extract=last_number, matches=numbers_equal)
 
 
+#: Seconds one regex search may take on one generation; a pattern that backtracks catastrophically
+#: (``(a|aa)+$``) would otherwise hang a whole search without a word.
+REGEX_TIMEOUT_SECONDS = 1.0
+
+
 @register_scorer("regex", RegexArgs)
 def _build_regex(args: RegexArgs) -> Scorer:
-    """A group of the first match of `pattern` in the generation equals the answer."""
-    pattern = re.compile(args.pattern, re.IGNORECASE if args.ignore_case else 0)
+    """A group of the first match of `pattern` in the generation equals the answer.
+
+    Matched with the `regex` package (Python's `re` syntax), which can stop a search after a timeout.
+    """
+    try:
+        pattern = regex.compile(args.pattern, regex.IGNORECASE if args.ignore_case else 0)
+    except regex.error as error:
+        raise ValueError(f"field 'scorer_args.pattern' is not a valid regex ({error})") from None
+    named = isinstance(args.group, str)
+    if (named and args.group not in pattern.groupindex) or (not named and not 0 <= args.group <= pattern.groups):
+        groups = f"groups 0-{pattern.groups}" + (f" and {', '.join(pattern.groupindex)}" if pattern.groupindex else "")
+        raise ValueError(f"field 'scorer_args.group' {args.group!r} is not a group of the pattern (it has {groups})")
 
     def extract(generation: str) -> str | None:
-        match = pattern.search(generation)
+        try:
+            match = pattern.search(generation, timeout=REGEX_TIMEOUT_SECONDS)
+        except TimeoutError:
+            raise TaskError(
+                f"regex scorer pattern {args.pattern!r} took over {REGEX_TIMEOUT_SECONDS:g} s on one "
+                "generation (catastrophic backtracking); simplify the pattern"
+            ) from None
         return None if match is None else match.group(args.group)
 
     return GenerativeScorer(extract=extract, matches=_same_text(args.ignore_case))

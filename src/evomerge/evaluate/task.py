@@ -32,6 +32,9 @@ from evomerge.evaluate.scorers import (
 from evomerge.validation import suggestion, validation_sentence
 
 SPLITS: tuple[str, str] = ("search", "test")
+#: A rendered prompt longer than this is refused at load: no model evomerge merges reads 200,000
+#: characters of prompt, and tokenising and batching such rows is how an evaluation runs out of memory.
+MAX_PROMPT_CHARACTERS = 200_000
 Split = Literal["search", "test"]
 Row = dict[str, Any]
 
@@ -133,22 +136,14 @@ def _read_rows(path: Path, task_file: Path) -> list[Row]:
     if not path.is_file():
         raise TaskError(f"task file {task_file}: data file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise TaskError(f"data file {path}: line {number} is not valid JSON") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"data file {path}: line {number} is not a JSON object")
-            rows.append(row)
-        return rows
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [dict(row) for row in csv.DictReader(handle)]
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            return _read_jsonl(path)
+        if suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as handle:
+                return [dict(row) for row in csv.DictReader(handle)]
+    except UnicodeDecodeError as error:
+        raise TaskError(f"data file {path} is not UTF-8 text (byte {error.start} cannot be decoded)") from None
     if suffix == ".parquet":
         try:
             import pyarrow
@@ -160,6 +155,21 @@ def _read_rows(path: Path, task_file: Path) -> list[Row]:
         except (pyarrow.ArrowException, OSError, ValueError) as error:
             raise TaskError(f"data file {path} is not a readable Parquet file ({error})") from None
     raise TaskError(f"task file {task_file}: data file {path} must be .jsonl, .csv or .parquet")
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise TaskError(f"data file {path}: line {number} is not valid JSON") from None
+        if not isinstance(row, dict):
+            raise TaskError(f"data file {path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 def _load_cached_dataset(spec: CachedDataset, task_file: Path) -> tuple[dict[str, list[Row]], str]:
@@ -308,11 +318,21 @@ class Task:
                 "search examples (shots come from the search split only)"
             )
         self._check_disjoint()
+        # Every row, not only the first: "{choices[3]}" fails only on the rows with fewer choices, and
+        # would otherwise stop a search hours in.
         for split in SPLITS:
-            try:
-                self._format(self._splits[split][0])
-            except (KeyError, IndexError, AttributeError, ValueError) as error:
-                raise TaskError(f"task file {path}: field 'prompt' cannot be rendered ({error!r})") from None
+            for number, row in enumerate(self._splits[split], start=1):
+                try:
+                    rendered = self._format(row)
+                except (KeyError, IndexError, AttributeError, ValueError, TypeError) as error:
+                    raise TaskError(
+                        f"task file {path}: field 'prompt' cannot be rendered for {split} example {number} ({error!r})"
+                    ) from None
+                if len(rendered) > MAX_PROMPT_CHARACTERS:
+                    raise TaskError(
+                        f"task file {path}: {split} example {number} renders to {len(rendered):,} characters, "
+                        f"over the limit of {MAX_PROMPT_CHARACTERS:,}"
+                    )
 
     def _check_disjoint(self) -> None:
         fields = self._fields or [self.spec.answer_field]
@@ -355,10 +375,8 @@ def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
         ) from None
     try:
         return scorer_spec.build(args)
-    except re.error as error:
-        raise TaskError(
-            f"task file {path}: field 'scorer_args.pattern' is not a valid regex ({error})"
-        ) from None
+    except ValueError as error:  # a factory's own check of its arguments, naming the field
+        raise TaskError(f"task file {path}: {error}") from None
 
 
 def _compile_charset(pattern: str | None, field: str, path: Path) -> re.Pattern[str] | None:
