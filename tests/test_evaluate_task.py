@@ -154,7 +154,7 @@ def test_choice_answers_must_name_a_choice(tmp_path):
 def test_data_that_is_not_utf8_is_a_task_error(tmp_path):
     path = write_task_files(tmp_path, [{"question": "1", "answer": "1"}], [{"question": "2", "answer": "2"}])
     (tmp_path / "t_test.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "2"}\n')
-    with pytest.raises(TaskError, match=r"data file .*t_test.jsonl is not UTF-8 text \(byte 14 cannot be decoded\)"):
+    with pytest.raises(TaskError, match=r"data file .*t_test.jsonl is not UTF-8 text \(byte 17 cannot be decoded\)"):
         load_task(path)
 
 
