@@ -30,7 +30,7 @@ PRELOAD = (
     "evomerge.cli",
     "evomerge.evaluate",
     "evomerge.lineage.packet",
-    "evomerge.merge.planner",
+    "evomerge.merge.stream",
     "evomerge.search.evolve",
     "evomerge.search.worker",
     "evomerge.zoo.builder",

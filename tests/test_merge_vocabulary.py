@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TEST_CHARACTERS, read_tensors
-from evomerge.merge.planner import run_merge
+from evomerge.merge.stream import run_merge
 from evomerge.merge.recipe import parse_recipe
 
 # Characters that sort after every test character: the larger vocabulary is the smaller one plus three

@@ -280,7 +280,7 @@ def merge(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evomerge.lineage.card import CardInfo, render_model_card
-    from evomerge.merge.planner import run_merge
+    from evomerge.merge.stream import run_merge
     from evomerge.merge.recipe import load_recipe
 
     parsed = load_recipe(recipe)

@@ -11,7 +11,7 @@ import optuna
 
 from evomerge import __version__
 from evomerge.lineage.card import CardInfo, CardScore, render_model_card
-from evomerge.merge.planner import run_merge
+from evomerge.merge.stream import run_merge
 from evomerge.models import Checkpoint
 from evomerge.search.config import EvolveConfig
 from evomerge.search.run import find_trial, load_run, recipe_of

@@ -1,6 +1,6 @@
 """From a recipe to per-tensor jobs, and from a job to merged weights.
 
-Both the streaming CLI merge (`planner.run_merge`) and the in-memory merger of the search use this one
+Both the streaming CLI merge (`stream.run_merge`) and the in-memory merger of the search use this one
 module, so the same recipe gives the same numbers on both paths. Everything a recipe can get wrong
 (a missing required parameter, a slice beyond a model's depth, an unknown tensor) is found while
 planning, before the first tensor is read.

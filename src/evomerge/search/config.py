@@ -23,7 +23,6 @@ from evomerge.validation import validation_sentence
 
 Granularity = Literal["global", "per_layer", "per_block", "per_kind", "per_layer_kind", "per_block_kind"]
 Optimizer = Literal["cmaes", "nsga2", "tpe", "gp", "random"]
-BLOCK_KINDS = ("embedding", "attention", "mlp", "norm", "head")
 
 
 class GeneSpec(BaseModel):

@@ -33,7 +33,7 @@ from evomerge.evaluate import (
     mean_and_stderr,
 )
 from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
-from evomerge.merge.planner import DTYPES, StreamingMerge
+from evomerge.merge.stream import DTYPES, StreamingMerge
 from evomerge.merge.recipe import ModelEntry, Recipe, parse_recipe
 from evomerge.merge.registry import get_operator
 from evomerge.models import Checkpoint
