@@ -280,8 +280,8 @@ def merge(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evomerge.lineage.card import CardInfo, render_model_card
-    from evomerge.merge.stream import run_merge
     from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.stream import run_merge
 
     parsed = load_recipe(recipe)
     if dtype is not None:

@@ -7,20 +7,19 @@ place between calls.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import TaskError
 from evomerge.evaluate.decoding import Generated, continuation_logprobs, greedy_generate
-from evomerge.evaluate.scorers import GenerativeScorer, LoglikScorer, choice_index, truncate_at_stop
 from evomerge.evaluate.report import EvalReport, TaskScore, mean_and_stderr
+from evomerge.evaluate.scorers import GenerativeScorer, LoglikScorer, choice_index, truncate_at_stop
 from evomerge.evaluate.task import Task, check_split
+
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 on CUDA (the speed/accuracy sweet spot for evaluation), float32 elsewhere."""

@@ -3,7 +3,7 @@
 from evomerge.models.checkpoint import Checkpoint
 from evomerge.models.compat import CompatReport, RowAlignment, align_rows, check_compatible
 from evomerge.models.lora import LoraTaskVectors, load_lora_task_vectors
-from evomerge.models.roles import TensorRole, tensor_role
+from evomerge.models.roles import TensorRole, tensor_role, with_layer
 from evomerge.models.writer import CheckpointWriter
 
 __all__ = [
@@ -17,4 +17,5 @@ __all__ = [
     "check_compatible",
     "load_lora_task_vectors",
     "tensor_role",
+    "with_layer",
 ]

@@ -33,9 +33,9 @@ from evomerge.evaluate import (
     mean_and_stderr,
 )
 from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
-from evomerge.merge.stream import DTYPES, StreamingMerge
 from evomerge.merge.recipe import ModelEntry, Recipe, parse_recipe
 from evomerge.merge.registry import get_operator
+from evomerge.merge.stream import DTYPES, StreamingMerge
 from evomerge.models import Checkpoint
 from evomerge.search.config import EvolveConfig, resolve_path
 from evomerge.search.genome import ParameterGenome, genome_key
