@@ -23,10 +23,10 @@ from evomerge.cli import run as cli_run
 from evomerge.evaluate import Evaluator, load_causal_lm, load_task
 from evomerge.flow import PathModel, PathSpec
 from evomerge.lineage.packet import export_candidate
+from evomerge.pipelines import evolve
+from evomerge.search import load_run
 from evomerge.search.config import DfsConfig
 from evomerge.search.dfs import DfsGenome, PathCandidate
-from evomerge.search.evolve import evolve
-from evomerge.search.run import load_run
 
 LAYERS = (4, 4)  # two tiny Llamas of 4 layers: M = 8, T = 24 slots with r = 3
 BUDGET = 6
@@ -115,7 +115,7 @@ def dfs_run(tiny_llama, tmp_path_factory):
 
 def test_short_dfs_run_stores_paths_and_selects_a_champion(dfs_run):
     root, sources, outcome = dfs_run
-    _, study = load_run(root / "run")
+    study = load_run(root / "run")[1].study
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
     assert len(done) == BUDGET == outcome.candidates
     for trial in done:
@@ -151,7 +151,7 @@ def test_parent_baseline_is_the_source_model_itself(dfs_run):
 def test_exported_champion_loads_with_transformers_and_matches_the_path(dfs_run, tmp_path):
     root, sources, outcome = dfs_run
     out = export_candidate(root / "run", "champion", tmp_path / "champion")
-    _, study = load_run(root / "run")
+    study = load_run(root / "run")[1].study
     spec = PathCandidate.from_json(study.trials[outcome.selection.champion].user_attrs["path"]).spec
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert exported.config.num_hidden_layers == len(spec)
@@ -180,7 +180,7 @@ def test_export_refuses_a_path_with_a_non_positive_scale(dfs_run, tmp_path, monk
     root, sources, _ = dfs_run
     # The search bounds keep scales positive, so plant such a path as an extra trial in a copy of the run.
     run_dir = Path(shutil.copytree(root / "run", tmp_path / "run"))
-    _, study = load_run(run_dir)
+    study = load_run(run_dir)[1].study
     spec = PathSpec(LAYERS, ((0, 0), (1, 2)), (-1.0, 1.0), tuple(sources))
     planted = optuna.trial.create_trial(value=0.0, user_attrs={"path": PathCandidate(spec).to_json()})
     study.add_trial(planted)

@@ -186,7 +186,7 @@ def evolve(
     ),
 ) -> None:
     """Search merge recipes with an evolutionary algorithm; resumable after any crash."""
-    from evomerge.search.evolve import evolve as run_evolve
+    from evomerge.pipelines.evolve import evolve as run_evolve
 
     display = _SearchDisplay()
     with display.progress:
@@ -219,7 +219,7 @@ def demo(
     zoo: Path | None = typer.Option(None, help="Zoo directory (default: built once into ~/.cache/evomerge)."),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
-    from evomerge.demo import run_demo
+    from evomerge.pipelines.demo import run_demo
 
     display = _SearchDisplay()
     with display.progress:
