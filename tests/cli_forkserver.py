@@ -31,7 +31,7 @@ PRELOAD = (
     "evomerge.evaluate",
     "evomerge.lineage.packet",
     "evomerge.merge.stream",
-    "evomerge.search.evolve",
+    "evomerge.pipelines.evolve",
     "evomerge.search.worker",
     "evomerge.zoo.builder",
 )

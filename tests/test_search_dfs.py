@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from conftest import write_sum_task
 from evomerge.cli import run as cli_run
+from evomerge.errors import ConfigError
 from evomerge.evaluate import Evaluator, load_causal_lm, load_task
 from evomerge.flow import PathModel, PathSpec
 from evomerge.lineage.packet import export_candidate
@@ -218,3 +219,22 @@ def test_config_errors_exit_2_in_one_sentence(case, tiny_llama, tmp_path, monkey
     code, err = invoke(monkeypatch, capsys, "evolve", str(config), "--run", str(tmp_path / "run"))
     assert code == 2, err
     assert err.count("error:") == 1 and expected in err.split("error:")[1] and "Traceback" not in err
+
+
+def test_ps_run_champion_is_exported_once_and_becomes_model_a(lineage_runs, tiny_llama, tmp_path):
+    ps_run = tmp_path / "ps_run"
+    shutil.copytree(lineage_runs["run_a"], ps_run)
+    champion = load_run(ps_run)[1].selection["champion"]
+    write_sum_task(tmp_path, examples=8)
+    config = write_config(tmp_path, {"sources": [str(tiny_llama(1))], "ps_run": str(ps_run), "max_path_length": 8})
+    evolve(config, tmp_path / "run")
+    model_a = ps_run / "dfs_model_a"
+    assert json.loads((model_a / "lineage.json").read_text())["run"]["trial"] == champion
+    evidence = load_run(tmp_path / "run")[1].evidence
+    assert [p["path"] for p in evidence["parents"]] == [str(model_a.resolve()), str(tiny_llama(1).resolve())]
+    # A stale export (the PS run's champion changed since) is refused rather than reused.
+    record = json.loads((model_a / "lineage.json").read_text())
+    record["run"]["trial"] = champion + 1
+    (model_a / "lineage.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=f"holds candidate {champion + 1} but the champion"):
+        evolve(config, tmp_path / "run")
