@@ -226,7 +226,8 @@ def test_ps_run_champion_is_exported_once_and_becomes_model_a(lineage_runs, tiny
     shutil.copytree(lineage_runs["run_a"], ps_run)
     champion = load_run(ps_run)[1].selection["champion"]
     write_sum_task(tmp_path, examples=8)
-    config = write_config(tmp_path, {"sources": [str(tiny_llama(1))], "ps_run": str(ps_run), "max_path_length": 8})
+    config = write_config(tmp_path, {"sources": [str(tiny_llama(1))], "ps_run": str(ps_run), "repeats": 2,
+                                     "max_path_length": 8})
     evolve(config, tmp_path / "run")
     model_a = ps_run / "dfs_model_a"
     assert json.loads((model_a / "lineage.json").read_text())["run"]["trial"] == champion
