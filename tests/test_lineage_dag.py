@@ -13,9 +13,8 @@ from evomerge.cli import app
 from evomerge.errors import ConfigError
 from evomerge.evaluate import load_task
 from evomerge.lineage.dag import checkpoint_id, lineage, render_tree, to_dot
-from evomerge.models import Checkpoint, check_compatible, hub_revision
+from evomerge.models import Checkpoint, check_compatible
 from evomerge.search import RunStore, load_run
-from evomerge.search.evidence import changed_inputs
 
 
 def test_evidence_matches_the_parents_and_tasks_on_disk(lineage_runs):
@@ -123,17 +122,3 @@ def test_cli_formats(lineage_runs):
     missing = runner.invoke(app, ["lineage", str(lineage_runs["root"] / "nothing")])
     # `app` raises user errors; the `evomerge` entry point turns them into exit code 2.
     assert isinstance(missing.exception, ConfigError) and "neither an exported model" in str(missing.exception)
-
-
-def test_changed_inputs_names_only_what_changed():
-    before = {"parents": {"a": "1", "b": "2"}, "suite": {"t": "x"}}
-    now = {"parents": {"a": "1", "b": "3"}, "suite": {"t": "x"}}
-    assert changed_inputs(before, now) == {"parents": {"b": "3"}, "suite": {}}
-
-
-def test_hub_revision_reads_snapshot_commits(tmp_path):
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = tmp_path / "models--org--name" / "snapshots" / sha
-    snapshot.mkdir(parents=True)
-    assert hub_revision(snapshot) == sha
-    assert hub_revision(tmp_path) is None
