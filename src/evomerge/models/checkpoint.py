@@ -162,7 +162,7 @@ class Checkpoint:
         """sha256 over (name, dtype, shape, raw bytes) in sorted name order; cached after the first call.
 
         Independent of file layout (sharding, safetensors vs pickle), so it identifies the weights
-        themselves — the model identity used by the lineage store.
+        themselves — the model identity of `models.identity`.
         """
         if self._content_hash is None:
             digest = hashlib.sha256()
