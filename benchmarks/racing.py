@@ -35,7 +35,7 @@ import yaml
 from scipy.stats import spearmanr
 
 from evomerge.search.config import load_evolve_config
-from evomerge.search.racing import entry_threshold, partial_fitness, plan_race, race
+from evomerge.search.racing import entry_threshold, plan_race, race
 from evomerge.search.run import CandidateResult, SearchRun
 from evomerge.search.store import prepare_run_dir
 from evomerge.zoo import build_zoo, default_zoo_dir
@@ -58,6 +58,11 @@ SETTINGS = [
 ]
 
 
+def weighted_mean(values: dict[str, list[float]], weights: dict[str, float]) -> float:
+    """The weighted-sum fitness of per-task mean scores (what a raced-out candidate is told with)."""
+    return sum(w * sum(values[task]) / len(values[task]) for task, w in weights.items())
+
+
 @dataclass(frozen=True)
 class Candidate:
     """One evaluated candidate of the stream: every task's per-example values on the full search split."""
@@ -66,7 +71,7 @@ class Candidate:
     values: dict[str, list[float]]  # indexed by example index
 
     def fitness(self, weights: dict[str, float]) -> float:
-        return partial_fitness(self.values, weights)[0]
+        return weighted_mean(self.values, weights)
 
 
 def write_config(path: Path, zoo: Path, candidates: int, seed: int, racing: bool = False) -> Path:
@@ -134,7 +139,7 @@ def replay(
             return seen
 
         raced_out = race(plan, score_round, weights, entry_threshold(completed, top_k), z)
-        estimate = partial_fitness(seen, weights)[0]
+        estimate = weighted_mean(seen, weights)
         examples += sum(len(v) for v in seen.values())
         told.append(estimate)
         full.append(candidate.fitness(weights))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from collections.abc import Callable
 from pathlib import Path
@@ -150,13 +151,15 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def zoo():
-    """The default tiny zoo (seed 0), cached across runs in `default_zoo_dir()` (``$EVOMERGE_CACHE`` or
+    """The default tiny zoo (seed 0 unless EVOMERGE_TEST_ZOO_SEED says otherwise), cached across runs in `default_zoo_dir()` (``$EVOMERGE_CACHE`` or
     ``~/.cache/evomerge``): a build takes minutes on 2 cores; `build_zoo` rebuilds it whenever the zoo's
     source, preset, seed or torch/evomerge version changed, and locks against parallel builds.
     """
     from evomerge.zoo import build_zoo, default_zoo_dir
 
-    return build_zoo(default_zoo_dir("tiny", 0), size="tiny", seed=0)
+    # Another seed (EVOMERGE_TEST_ZOO_SEED) checks that no test leans on one build's weights.
+    seed = int(os.environ.get("EVOMERGE_TEST_ZOO_SEED", "0"))
+    return build_zoo(default_zoo_dir("tiny", seed), size="tiny", seed=seed)
 
 
 def write_task_files(

@@ -4,6 +4,7 @@ every untuned merge on the target capability, measured on the test split the sea
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from huggingface_hub import ModelCard
@@ -37,6 +38,28 @@ def test_champion_beats_every_parent_and_baseline_on_the_test_split(demo):
         # Paired on the same test items, so the unpaired stderr is a conservative yardstick.
         margin = champion["score"] - score["score"]
         assert margin > max(champion["stderr"], score["stderr"]), (name, champion, score)
+
+
+def test_summary_compares_the_champion_pairwise_with_the_best_parent_and_baseline(demo):
+    _, outcome, summary = demo
+    target = summary["target_task"]
+    champion = outcome.test_results[summary["champion"]]["test"][target]["values"]
+    assert len(champion) == summary["test"][summary["champion"]][target]["n"]
+    for label, kind in (("best_parent", "parent"), ("best_baseline", "baseline")):
+        paired = summary["comparison"][label]
+        rivals = {n: r["test"][target]["score"] for n, r in outcome.test_results.items() if r["kind"] == kind}
+        assert paired["name"] == max(rivals, key=rivals.get)
+        rival = outcome.test_results[paired["name"]]["test"][target]["values"]
+        # Independently: the discordant pairs, the mean difference, and an exact binomial tail.
+        a_better = sum(x > y for x, y in zip(champion, rival))
+        b_better = sum(y > x for x, y in zip(champion, rival))
+        assert (paired["a_better"], paired["b_better"]) == (a_better, b_better)
+        assert paired["difference"] == pytest.approx((a_better - b_better) / len(champion))
+        assert paired["ci95"][0] <= paired["difference"] <= paired["ci95"][1]
+        m, k = a_better + b_better, min(a_better, b_better)
+        assert paired["p_value"] == pytest.approx(min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2**m))
+    # The champion beats the best parent beyond doubt even at this reduced budget.
+    assert summary["comparison"]["best_parent"]["p_value"] < 0.01
 
 
 def test_search_never_scored_the_test_split(demo):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -58,6 +59,18 @@ def test_greedy_matches_generate_per_example(lm, tmp_path):
     produced = Evaluator(tokenizer, [task], batch_size=4).generate(model, "t", range(11))
     for i, prompt in enumerate(task.prompts("search")):
         assert produced[i].ids == _reference(model, tokenizer, prompt), prompt
+
+
+def test_decoding_uses_the_current_cache_api_without_deprecation_warnings(lm, tmp_path):
+    """transformers deprecates keyword names a release ahead of removing them: any such warning from a
+    call our decoding loop makes (a `past_key_values=` left behind, say) is a break waiting to happen."""
+    model, tokenizer = lm
+    task = load_task(write_task_files(tmp_path, _rows(1, 6), _rows(2, 3), generation={"max_new_tokens": MAX_NEW}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Evaluator(tokenizer, [task], batch_size=4).evaluate(model)
+    deprecations = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, [str(w.message) for w in deprecations]
 
 
 def test_per_row_eos_stops_like_generate(lm, tmp_path):

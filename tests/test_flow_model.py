@@ -45,7 +45,7 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
 def greedy_with_cache(model, ids, mask, new_tokens: int, cache) -> torch.Tensor:
     """Prefill once, then feed one token at a time through the cache."""
     pos = positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
     generated = []
     for _ in range(new_tokens):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -56,7 +56,7 @@ def greedy_with_cache(model, ids, mask, new_tokens: int, cache) -> torch.Tensor:
             input_ids=token,
             attention_mask=mask,
             position_ids=pos,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             use_cache=True,
         )
     return torch.cat(generated, dim=1)
@@ -123,7 +123,7 @@ def test_cached_logits_match_uncached_logits(sources: list[PreTrainedModel]) -> 
     cache = DynamicCache(config=path.config)
     with torch.no_grad():
         out = path(
-            ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache, use_cache=True
+            ids, attention_mask=mask, position_ids=positions(mask), cache=cache, use_cache=True
         )
         torch.testing.assert_close(out.logits[:, -1], full_logits[0], rtol=0, atol=1e-5)
         for step in range(1, 4):
@@ -132,7 +132,7 @@ def test_cached_logits_match_uncached_logits(sources: list[PreTrainedModel]) -> 
                 tokens[:, step - 1 : step],
                 attention_mask=mask,
                 position_ids=positions(mask)[:, -1:],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             torch.testing.assert_close(out.logits[:, -1], full_logits[step], rtol=0, atol=1e-5)

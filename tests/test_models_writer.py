@@ -90,7 +90,8 @@ def test_existing_output_is_refused_or_replaced_only_when_complete(tiny_llama, t
 def test_any_exception_removes_the_temporary_directory(tmp_path, interrupt):
     with pytest.raises(type(interrupt)), CheckpointWriter(tmp_path / "out", max_shard_bytes=8) as writer:
         writer.add("a", torch.ones(4))
-        writer.add("b", torch.ones(4))  # forces the first shard onto disk
+        writer.add("b", torch.ones(4))  # hands the first shard to the shard thread
+        writer._in_flight.result()  # synchronise with that thread instead of racing it
         assert len(list(tmp_path.glob(".out.tmp-*/*.partial"))) == 1
         raise interrupt
     assert list(tmp_path.iterdir()) == []

@@ -100,6 +100,37 @@ def test_charset_counts_only_answers_in_the_required_script():
     assert build("number").score("-12", "-12", charset=digits) == 0.0  # '-' is outside the charset
 
 
+def test_response_charset_checks_the_whole_response_not_only_the_answer():
+    japanese_or_digits = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff0-9。、]")
+    number = build("number")
+    english = "Let me think in English. The answer is 42"
+    # The extracted answer "42" is in the allowed script, so only the whole-response check catches it.
+    assert number.score(english, "42", charset=japanese_or_digits) == 1.0
+    assert number.score(english, "42", response_charset=japanese_or_digits) == 0.0
+    assert number.score("答えは42です。", "42", response_charset=japanese_or_digits) == 1.0
+    # Only the response up to the stop string is checked.
+    assert number.score("答えは42\nThe answer is 42", "42", stop=["\n"], response_charset=japanese_or_digits) == 1.0
+
+
+def test_a_task_with_response_charset_scores_a_correct_answer_in_the_wrong_script_zero(zoo, tmp_path):
+    """End to end on a real model: the math specialist writes sums in language-1 digits, correctly."""
+    import json
+
+    import torch
+
+    from conftest import write_task_files
+    from evomerge.evaluate import Evaluator, load_causal_lm, load_task
+
+    rows = [json.loads(line) for line in (zoo.tasks["add"].parent / "add_test.jsonl").read_text().splitlines()][:64]
+    model, tokenizer = load_causal_lm(zoo.specialists["math"], device="cpu", dtype=torch.float32)
+    scores = {}
+    for name, extra in (("plain", {}), ("l2_only", {"response_charset": "[a-j]"})):
+        path = write_task_files(tmp_path / name, rows[60:], rows[:60], name=name, scorer="number", **extra)
+        scores[name] = Evaluator(tokenizer, [load_task(path)], split="test").evaluate(model)[name].score
+    assert scores["plain"] > 0.3  # right answers...
+    assert scores["l2_only"] == 0.0  # ...in the wrong script
+
+
 @given(st.integers(min_value=-(10**12), max_value=10**12), st.text(alphabet="abc xyz:=", max_size=12))
 def test_last_number_recovers_any_formatted_integer(value, prefix):
     assert last_number(f"{prefix} 7 then {value:,}") == str(value)

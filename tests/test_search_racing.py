@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from evomerge.search.racing import (
     entry_threshold,
-    optimistic_stderr,
-    partial_fitness,
+    interval_centre_and_stderr,
+    optimistic_bound,
     plan_race,
     race,
     still_competitive,
@@ -38,11 +38,24 @@ def test_rounds_that_add_nothing_are_merged():
     assert plan_race({"a": 4}, fraction=0.5, seed=0, growth=100.0).cuts == [{"a": 2}, {"a": 4}]
 
 
-def test_partial_fitness_uses_signed_weights_and_independent_errors():
-    values = {"x": [1.0, 0.0, 1.0, 1.0], "y": [0.0, 0.0, 1.0, 0.0]}
-    fitness, stderr = partial_fitness(values, {"x": 2.0, "y": -1.0})
-    assert math.isclose(fitness, 2 * 0.75 - 0.25)
-    assert math.isclose(stderr, math.hypot(2 * optimistic_stderr(values["x"]), optimistic_stderr(values["y"])))
+def test_one_binary_task_gets_the_agresti_coull_upper_bound():
+    # 0 of 4 at z = 2: n~ = 8, p~ = 2/8, bound = 0.25 + 2 * sqrt(0.25 * 0.75 / 8) = 0.556 (by hand).
+    assert math.isclose(optimistic_bound({"t": [0.0] * 4}, {"t": 1.0}, 2.0), 0.25 + 2 * math.sqrt(0.1875 / 8))
+    assert math.isclose(optimistic_bound({"t": [0.0] * 4}, {"t": 1.0}, 2.0), 0.5562, abs_tol=1e-4)
+    # 30 of 40 at z = 1.96 (textbook Agresti-Coull): n~ = 43.84, p~ = 31.92 / 43.84.
+    n_adj = 40 + 1.96**2
+    p_adj = (30 + 1.96**2 / 2) / n_adj
+    expected = p_adj + 1.96 * math.sqrt(p_adj * (1 - p_adj) / n_adj)
+    assert math.isclose(optimistic_bound({"t": [1.0] * 30 + [0.0] * 10}, {"t": 1.0}, 1.96), expected)
+
+
+def test_bound_combines_signed_weights_and_independent_errors():
+    values = {"x": [1.0, 0.0, 1.0, 1.0], "y": [0.5, 0.25, 1.0, 0.25]}
+    (cx, sx), (cy, sy) = interval_centre_and_stderr(values["x"], 2.0), interval_centre_and_stderr(values["y"], 2.0)
+    assert math.isclose(cy, 0.5)  # continuous values: the plain mean and its standard error
+    assert math.isclose(sy, math.sqrt(sum((v - 0.5) ** 2 for v in values["y"]) / 3 / 4))
+    bound = optimistic_bound(values, {"x": 2.0, "y": -1.0}, 2.0)
+    assert math.isclose(bound, 2 * cx - cy + 2 * math.hypot(2 * sx, sy))
 
 
 class Recorder:
@@ -84,8 +97,8 @@ def test_race_drops_only_once_the_bound_falls_below_the_threshold():
 
     def bound(n: int) -> float:  # Agresti-Coull optimistic bound on the first n examples of the order
         hits = sum(values[i] for i in plan.order["t"][:n])
-        p = (hits + 2) / (n + 4)
-        return hits / n + 2.0 * math.sqrt(p * (1 - p) / (n + 4))
+        p = (hits + 2) / (n + 4)  # Agresti-Coull at z = 2, written out independently
+        return p + 2.0 * math.sqrt(p * (1 - p) / (n + 4))
 
     expected_rounds = next(r + 1 for r, cut in enumerate(plan.cuts) if bound(cut["t"]) < 0.64)
     assert 1 < expected_rounds < plan.rounds  # the case is the interesting one: survives round one, dropped later
@@ -97,9 +110,9 @@ def test_race_drops_only_once_the_bound_falls_below_the_threshold():
 
 def test_agresti_coull_error_stays_positive_at_zero_and_one():
     # (0 + 2) / (10 + 4) = 1/7; sqrt(1/7 * 6/7 / 14)
-    assert math.isclose(optimistic_stderr([0.0] * 10), math.sqrt((1 / 7) * (6 / 7) / 14))
-    assert math.isclose(optimistic_stderr([1.0] * 10), optimistic_stderr([0.0] * 10))
-    assert math.isclose(optimistic_stderr([0.5, 1.5]), math.sqrt(0.5 / 2))
+    assert interval_centre_and_stderr([0.0] * 10, 2.0) == (1 / 7, math.sqrt((1 / 7) * (6 / 7) / 14))
+    assert math.isclose(interval_centre_and_stderr([1.0] * 10, 2.0)[1], interval_centre_and_stderr([0.0] * 10, 2.0)[1])
+    assert math.isclose(interval_centre_and_stderr([0.5, 1.5], 2.0)[1], math.sqrt(0.5 / 2))
 
 
 def test_threshold_is_the_kth_best_once_k_are_known():
@@ -108,12 +121,12 @@ def test_threshold_is_the_kth_best_once_k_are_known():
 
 
 def test_competitive_when_optimistic_bound_reaches_threshold():
-    assert still_competitive(0.2, 0.05, None, 2.0)
-    assert still_competitive(0.2, 0.05, 0.3, 2.0)
-    assert not still_competitive(0.2, 0.04, 0.3, 2.0)
+    assert still_competitive(0.2, None)
+    assert still_competitive(0.3, 0.3)
+    assert not still_competitive(0.29, 0.3)
 
 
 @given(st.lists(st.sampled_from([0.0, 1.0]), min_size=1, max_size=200))
 def test_binary_stderr_is_finite_and_positive(values):
-    error = optimistic_stderr(values)
+    _, error = interval_centre_and_stderr(values, 2.0)
     assert 0 < error < 0.5

@@ -114,9 +114,32 @@ def zoo(
     force: bool = typer.Option(False, help="Rebuild even if an identical zoo exists."),
 ) -> None:
     """Build the tiny model family (base, specialists, task files) deterministically."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     from evomerge.zoo.builder import PRESETS, build_zoo
 
-    built = build_zoo(out, size=_choice(size, tuple(PRESETS), "--size"), seed=seed, force=force)
+    preset = PRESETS[_choice(size, tuple(PRESETS), "--size")]
+    total = preset.base.steps + sum(config.steps for _, _, config in preset.specialists)
+    finished: dict[str, int] = {}
+    progress = Progress(
+        TextColumn("[bold]training {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(), console=err_console, transient=True,
+    )
+
+    def advance(model: str, done: int, steps: int) -> None:
+        finished[model] = done
+        progress.update(bar, description=model, completed=sum(finished.values()))
+
+    with progress:
+        bar = progress.add_task("zoo", total=total)
+        built = build_zoo(out, size=size, seed=seed, force=force, on_progress=advance)
     console.print(f"zoo ({size}, seed {seed}) at {built.root}: base {built.base}")
     for name, path in built.specialists.items():
         console.print(f"  specialist {name} ({built.skills[name]}): {path}")
@@ -228,6 +251,13 @@ def demo(
             out, seed=seed, zoo_dir=zoo, on_candidate=display.candidate, on_status=display.status, **budget
         )
     _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
+    for label, paired in summary["comparison"].items():
+        low, high = paired["ci95"]
+        console.print(
+            f"champion - {label.replace('_', ' ')} ({paired['name']}): {paired['difference']:+.3f} "
+            f"(95% CI {low:+.3f} to {high:+.3f}, {paired['test'].replace('_', ' ')} p = {paired['p_value']:.2g}, "
+            f"n = {paired['n']} test examples)"
+        )
     console.print(f"summary: {out / 'summary.json'}   champion packet: {out / 'champion'}   report: {out / 'report.html'}")
 
 
@@ -322,6 +352,9 @@ def run() -> None:
     # kernels without transparent huge pages are left alone (torch would warn that its madvise failed).
     if Path(TRANSPARENT_HUGEPAGE).exists():
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    # Our own rich progress display is the one the user watches; transformers' tqdm bars ("Writing model
+    # shards", once per saved model) would scroll through it. Read by huggingface_hub, which transformers asks.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except EvomergeError as error:

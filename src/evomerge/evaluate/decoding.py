@@ -69,7 +69,7 @@ def greedy_generate(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=_positions(mask),
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
@@ -104,7 +104,7 @@ def greedy_generate(
             input_ids=next_ids[:, None],
             attention_mask=mask,
             position_ids=position,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         next_ids = out.logits[:, -1, :].argmax(-1)

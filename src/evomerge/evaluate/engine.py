@@ -233,7 +233,9 @@ class Evaluator:
         for i in chosen:
             text = truncate_at_stop(self.tokenizer.decode(produced[i].ids, skip_special_tokens=True), stops)
             outputs.append(text)
-            values.append(task.scorer.score(text, answers[i], charset=task.charset))
+            values.append(
+                task.scorer.score(text, answers[i], charset=task.charset, response_charset=task.response_charset)
+            )
         prompt_tokens = sum(len(prepared.prompt_ids[i]) for i in chosen)
         # Count every token the model produced, the final EOS included (throughput accounting).
         generated = sum(len(produced[i].ids) + (produced[i].stopped_by == "eos") for i in chosen)

@@ -56,8 +56,10 @@ def numbers_equal(extracted: str, reference: Any) -> bool:
 def charset_ok(answer: str, charset: re.Pattern[str] | None) -> bool:
     """True when every non-space character of `answer` fully matches `charset` (None: no check).
 
-    This is the paper's language check (an answer counted only if it was in Japanese), made
-    deterministic: e.g. `charset: "[\\u3040-\\u30ff\\u4e00-\\u9fff0-9]"` for Japanese with digits.
+    A deterministic script check, e.g. `"[\\u3040-\\u30ff\\u4e00-\\u9fff0-9]"` for Japanese with digits.
+    The paper counted an answer only if a language identifier (fastText) found the *whole response* in
+    Japanese; a task's `response_charset` applies this check to the whole response, its `answer_charset`
+    only to the extracted answer (weaker: "Let me think in English. The answer is 42" passes it).
     """
     if charset is None:
         return True
@@ -111,9 +113,14 @@ class GenerativeScorer:
         *,
         stop: Sequence[str] = (),
         charset: re.Pattern[str] | None = None,
+        response_charset: re.Pattern[str] | None = None,
     ) -> float:
-        """1.0 if the (stop-truncated) generation's extracted answer matches and passes the charset."""
-        extracted = self.extract(truncate_at_stop(generation, stop))
+        """1.0 if the (stop-truncated) generation passes `response_charset` and its extracted answer
+        matches and passes `charset`."""
+        response = truncate_at_stop(generation, stop)
+        if not charset_ok(response, response_charset):
+            return 0.0
+        extracted = self.extract(response)
         if extracted is None or not extracted.strip():
             return 0.0
         if not charset_ok(extracted, charset):

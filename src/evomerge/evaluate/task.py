@@ -104,6 +104,10 @@ class TaskSpec(_Strict):
     scorer: str
     scorer_args: dict[str, Any] = Field(default_factory=dict)
     answer_charset: str | None = None
+    """Regex every non-space character of the *extracted answer* must match."""
+    response_charset: str | None = None
+    """Regex every non-space character of the *whole response* (up to the stop string) must match: the
+    deterministic stand-in for the paper's language identification of the full answer."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
 
 
@@ -224,7 +228,8 @@ class Task:
         self._splits = splits
         self._fingerprint = fingerprint
         self.scorer: Scorer = _build_scorer(spec, path)
-        self.charset: re.Pattern[str] | None = _compile_charset(spec, path)
+        self.charset: re.Pattern[str] | None = _compile_charset(spec.answer_charset, "answer_charset", path)
+        self.response_charset = _compile_charset(spec.response_charset, "response_charset", path)
         self._fields = _prompt_fields(spec.prompt, path)
         self._validate_rows()
 
@@ -356,13 +361,13 @@ def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
         ) from None
 
 
-def _compile_charset(spec: TaskSpec, path: Path) -> re.Pattern[str] | None:
-    if spec.answer_charset is None:
+def _compile_charset(pattern: str | None, field: str, path: Path) -> re.Pattern[str] | None:
+    if pattern is None:
         return None
     try:
-        return re.compile(spec.answer_charset)
+        return re.compile(pattern)
     except re.error as error:
-        raise TaskError(f"task file {path}: field 'answer_charset' is not a valid regex ({error})") from None
+        raise TaskError(f"task file {path}: field '{field}' is not a valid regex ({error})") from None
 
 
 def check_split(split: str) -> str:

@@ -174,7 +174,7 @@ class PathModel(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         position_ids: torch.Tensor,
     ) -> dict[str, Any]:
         """One attention mask per attention kind on the path, built the way the source models build them."""
@@ -187,7 +187,7 @@ class PathModel(nn.Module):
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
+                cache=cache,
                 position_ids=position_ids,
             )
             for kind in set(self._step_kinds)
@@ -198,22 +198,22 @@ class PathModel(nn.Module):
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Run the path; with a cache, only the new tokens are fed and their keys/values appended per step."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         hidden_states = self.embed_tokens(input_ids)
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen = cache.get_seq_length() if cache is not None else 0
             position_ids = (
                 torch.arange(hidden_states.shape[1], device=hidden_states.device) + past_seen
             ).unsqueeze(0)
-        masks = self._masks(hidden_states, attention_mask, past_key_values, position_ids)
+        masks = self._masks(hidden_states, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for step, (scale, kind) in enumerate(zip(self.spec.scales, self._step_kinds)):
             hidden_states = self.step_layer(step)(
@@ -221,11 +221,11 @@ class PathModel(nn.Module):
                 attention_mask=masks[kind],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=None if past_key_values is None else _StepCache(past_key_values, step),
+                cache=None if cache is None else _StepCache(cache, step),
                 use_cache=use_cache,
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
         # logits_to_keep = 0 keeps every position (slice(-0, None)), as in transformers.
         logits = self.lm_head(hidden_states[:, -logits_to_keep:, :])
-        return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values if use_cache else None)
+        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)

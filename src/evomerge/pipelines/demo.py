@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from evomerge.evaluate.stats import paired_comparison
 from evomerge.lineage import export_candidate
 from evomerge.pipelines.evolve import EvolveOutcome, evolve
 from evomerge.report import write_report
@@ -60,7 +61,13 @@ def run_demo(
     out_dir = Path(out_dir)
     if on_status is not None:
         on_status("building (or reusing) the tiny model zoo")
-    zoo = build_zoo(zoo_dir if zoo_dir is not None else default_zoo_dir("tiny", seed), seed=seed)
+    zoo = build_zoo(
+        zoo_dir if zoo_dir is not None else default_zoo_dir("tiny", seed),
+        seed=seed,
+        on_progress=None if on_status is None else lambda model, done, steps: on_status(
+            f"building the tiny model zoo: training {model} {done}/{steps}"
+        ),
+    )
     config_path = out_dir / "evolve.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(demo_config(zoo, candidates=candidates, seed=seed), sort_keys=False))
@@ -71,14 +78,39 @@ def run_demo(
     if on_status is not None:
         on_status("writing the HTML report")
     write_report(outcome.run_dir, out_dir / "report.html")
+    champion = f"candidate:{outcome.selection.champion}"
     summary = {
         "zoo": str(zoo.root),
         "target_task": zoo.target_task.stem,
-        "champion": f"candidate:{outcome.selection.champion}",
+        "champion": champion,
         "candidates": outcome.candidates,
         "examples_saved_by_racing": outcome.examples_saved,
-        "test": {name: result["test"] for name, result in outcome.test_results.items()},
+        "test": {
+            name: {task: _without_values(row) for task, row in result["test"].items()}
+            for name, result in outcome.test_results.items()
+        },
         "roles": {name: result.get("roles", [result["kind"]]) for name, result in outcome.test_results.items()},
+        "comparison": champion_comparison(outcome.test_results, champion, zoo.target_task.stem),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return outcome, summary
+
+
+def champion_comparison(test_results: dict[str, Any], champion: str, task: str) -> dict[str, dict[str, Any]]:
+    """The champion against the best parent and the best untuned baseline, paired on the test examples.
+
+    "Best" is chosen by test score, which makes the comparison the hardest one for the champion.
+    """
+    comparison = {}
+    for label, kind in (("best_parent", "parent"), ("best_baseline", "baseline")):
+        rivals = {name: r["test"][task] for name, r in test_results.items() if r["kind"] == kind}
+        if not rivals:
+            continue
+        rival = max(rivals, key=lambda name: rivals[name]["score"])
+        paired = paired_comparison(test_results[champion]["test"][task]["values"], rivals[rival]["values"])
+        comparison[label] = {"name": rival, **paired.to_dict()}
+    return comparison
+
+
+def _without_values(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in row.items() if key != "values"}

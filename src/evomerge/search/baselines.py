@@ -58,8 +58,8 @@ def baselines_on_test(session: Session) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for ref in session.parents():
         session.activate_parent(ref)
-        results[f"parent:{Path(ref).name}"] = {"kind": "parent", "test": score_table(session.evaluate("test").scores)}
+        results[f"parent:{Path(ref).name}"] = {"kind": "parent", "test": score_table(session.evaluate("test").scores, per_example=True)}
     for name, candidate in session.baselines().items():
         session.activate_baseline(candidate)
-        results[name] = {"kind": "baseline", "test": score_table(session.evaluate("test").scores)}
+        results[name] = {"kind": "baseline", "test": score_table(session.evaluate("test").scores, per_example=True)}
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from evomerge.evaluate import Task, TaskScore, mean_and_stderr
 from evomerge.search.config import direction_sign
@@ -60,9 +61,18 @@ def combine_scores(first: TaskScore, rest: TaskScore) -> TaskScore:
     )
 
 
-def score_table(scores: Mapping[str, TaskScore]) -> dict[str, dict[str, float]]:
-    """JSON-ready per-task score, standard error and example count."""
-    return {
-        name: {"score": s.score, "stderr": s.stderr if math.isfinite(s.stderr) else None, "n": s.n, "tokens": s.tokens}
-        for name, s in scores.items()
-    }
+def score_table(scores: Mapping[str, TaskScore], *, per_example: bool = False) -> dict[str, dict[str, Any]]:
+    """JSON-ready per-task score, standard error and example count.
+
+    ``per_example`` adds ``values`` in example-index order, so two models scored on the same split can be
+    compared pair by pair (test-split tables keep them; search tables stay small).
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for name, s in scores.items():
+        row: dict[str, Any] = {
+            "score": s.score, "stderr": s.stderr if math.isfinite(s.stderr) else None, "n": s.n, "tokens": s.tokens
+        }
+        if per_example:
+            row["values"] = [value for _, value in sorted(zip(s.indices, s.values, strict=True))]
+        table[name] = row
+    return table

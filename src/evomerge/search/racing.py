@@ -4,9 +4,12 @@ candidate can still enter the top of the population.
 The search split of every task is put in a seeded random order once per run; round r scores the examples
 between the previous cut and `first_fraction · growth^r` of the split (the last round reaches the whole
 split). After each round but the last, a candidate is dropped when even an optimistic bound on its
-fitness, `partial + z · stderr`, stays below the k-th best full fitness seen so far. For 0/1 scores the
-standard error uses the Agresti–Coull estimate, which stays positive at 0% or 100% on a small slice, so a
-candidate is never dropped on the strength of a few lucky or unlucky examples.
+fitness stays below the k-th best full fitness seen so far. For a task scored 0/1 the bound is the upper
+end of the Agresti–Coull interval (centred on the adjusted proportion (x + z²/2)/(n + z²), so it never
+collapses at 0% or 100% on a small slice); for other values it is the mean plus z standard errors.
+Several tasks combine as the weighted sum of their centres plus z times the combined standard error,
+which is exactly the Agresti–Coull bound for one task. benchmarks/racing_drop_rate.py simulates how often
+a candidate whose full fitness equals the threshold is wrongly dropped (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -56,26 +59,29 @@ def plan_race(sizes: Mapping[str, int], fraction: float, seed: int, growth: floa
         share *= growth
 
 
-def optimistic_stderr(values: Sequence[float]) -> float:
-    """Standard error of a mean for racing: Agresti–Coull for 0/1 values, sample error otherwise."""
+def interval_centre_and_stderr(values: Sequence[float], z: float) -> tuple[float, float]:
+    """Centre and standard error of a task's mean for racing: Agresti–Coull for 0/1 values, plain otherwise."""
     n = len(values)
     if all(v in (0.0, 1.0) for v in values):
-        adjusted = (sum(values) + 2) / (n + 4)
-        return math.sqrt(adjusted * (1 - adjusted) / (n + 4))
-    if n < 2:
-        return math.inf
+        adjusted_n = n + z * z
+        adjusted = (sum(values) + z * z / 2) / adjusted_n
+        return adjusted, math.sqrt(adjusted * (1 - adjusted) / adjusted_n)
     mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+    if n < 2:
+        return mean, math.inf
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def partial_fitness(values: Mapping[str, Sequence[float]], weights: Mapping[str, float]) -> tuple[float, float]:
-    """Weighted-sum fitness of per-task partial scores and its standard error (tasks independent).
+def optimistic_bound(values: Mapping[str, Sequence[float]], weights: Mapping[str, float], z: float) -> float:
+    """Upper confidence bound of the weighted-sum fitness of per-task partial scores (tasks independent).
 
-    `weights` are signed (a minimised objective has a negative weight), as `Objectives.signed_weights` gives them.
+    `weights` are signed (a minimised objective has a negative weight), as `Objectives.signed_weights` gives
+    them; the Agresti–Coull interval is symmetric about its centre, so a negative weight's bound is right too.
     """
-    fitness = sum(w * sum(values[task]) / len(values[task]) for task, w in weights.items())
-    stderr = math.sqrt(sum((w * optimistic_stderr(values[task])) ** 2 for task, w in weights.items()))
-    return fitness, stderr
+    parts = {task: interval_centre_and_stderr(values[task], z) for task in weights}
+    centre = sum(w * parts[task][0] for task, w in weights.items())
+    stderr = math.sqrt(sum((w * parts[task][1]) ** 2 for task, w in weights.items()))
+    return centre + z * stderr
 
 
 def entry_threshold(full_fitnesses: Sequence[float], top_k: int) -> float | None:
@@ -85,9 +91,9 @@ def entry_threshold(full_fitnesses: Sequence[float], top_k: int) -> float | None
     return sorted(full_fitnesses, reverse=True)[top_k - 1]
 
 
-def still_competitive(partial: float, stderr: float, threshold: float | None, z: float) -> bool:
+def still_competitive(bound: float, threshold: float | None) -> bool:
     """True when the optimistic bound of a partial fitness reaches the entry threshold."""
-    return threshold is None or partial + z * stderr >= threshold
+    return threshold is None or bound >= threshold
 
 
 def race(
@@ -109,6 +115,6 @@ def race(
     for r in range(plan.rounds):
         values = score_round(plan.round_indices(r))
         last = r == plan.rounds - 1
-        if not last and not still_competitive(*partial_fitness(values, weights), threshold, z):
+        if not last and not still_competitive(optimistic_bound(values, weights, z), threshold):
             return True
     return False

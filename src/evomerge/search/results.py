@@ -83,6 +83,6 @@ def evaluate_on_test(session: Session, store: RunStore, selection: Selection) ->
             "roles": labels,
             "trial": number,
             "search": trial.scores,
-            "test": score_table(session.evaluate("test").scores),
+            "test": score_table(session.evaluate("test").scores, per_example=True),
         }
     return results

@@ -8,7 +8,8 @@ Layout of a built zoo directory::
     tasks/<task>.yaml        evomerge.evaluate task files (+ <task>_search.jsonl / <task>_test.jsonl)
 
 A build writes everything into a sibling temporary directory and renames it into place last, so a
-directory holding ``zoo.json`` is always complete; an interrupted build leaves no zoo behind.
+directory holding ``zoo.json`` is always complete; an interrupted build (Ctrl-C, SIGTERM) removes its
+temporary directory, and one left by a killed process (SIGKILL) is removed by the next build.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +48,9 @@ from evomerge.zoo.tokenizer import build_char_tokenizer
 from evomerge.zoo.train import TrainConfig, deterministic_torch, train
 
 MANIFEST = "zoo.json"
+
+#: ``on_progress(model name, steps done, steps of that model)`` during a build.
+ProgressCallback = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,7 @@ def build_zoo(
     seed: int = 0,
     force: bool = False,
     preset: ZooPreset | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Zoo:
     """Build the zoo into ``out_dir`` deterministically, or return the one already there.
 
@@ -219,7 +226,7 @@ def build_zoo(
     evomerge and torch versions, digest of the zoo's source); ``force`` rebuilds regardless. ``preset``
     replaces the size's preset (tests build reduced zoos with it; the manifest then says ``custom``).
     Training runs single-threaded on CPU, or on CUDA when available, where it is deterministic per
-    device type but not bit-identical to a CPU build.
+    device type but not bit-identical to a CPU build. ``on_progress`` follows the training steps.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -235,13 +242,38 @@ def build_zoo(
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
         # Another process may have finished the same build while we waited for the lock.
         if force or not _is_complete(out_dir, parameters):
+            # Holding the lock, no other build of this zoo is running: any staging dir is a killed one's.
+            for stale in out_dir.parent.glob(f".{out_dir.name}.building-*"):
+                shutil.rmtree(stale, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
             try:
-                _build_into(staging, chosen, parameters, seed)
-                _replace_dir(staging, out_dir)
+                with _terminate_as_interrupt():
+                    _build_into(staging, chosen, parameters, seed, on_progress)
+                    _replace_dir(staging, out_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return Zoo.load(out_dir)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while building, so `finally` blocks remove the staging dir.
+
+    Without this, SIGTERM ends the process on the spot and leaves minutes of half-built zoo behind.
+    Signal handlers can only be set from the main thread; elsewhere the default stays.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -274,7 +306,9 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _build_into(root: Path, preset: ZooPreset, parameters: dict[str, Any], seed: int) -> None:
+def _build_into(
+    root: Path, preset: ZooPreset, parameters: dict[str, Any], seed: int, on_progress: ProgressCallback | None
+) -> None:
     specs = task_specs()
     sizes = {name: {"search": search, "test": test} for name, search, test in preset.split_sizes}
     keys = draw_splits({name: specs[name] for name in sizes}, sizes, seed)
@@ -285,12 +319,18 @@ def _build_into(root: Path, preset: ZooPreset, parameters: dict[str, Any], seed:
     models: dict[str, dict[str, Any]] = {}
     with deterministic_torch(seed):
         model = _initial_model(preset.shape, tokenizer, seed)
-        losses = train(model, tokenizer, families, preset.base, seed=_stream_seed(seed, "base"), device=device)
+        losses = train(
+            model, tokenizer, families, preset.base, seed=_stream_seed(seed, "base"), device=device,
+            on_step=_reporter(on_progress, "base", preset.base.steps),
+        )
         base_state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
         models["base"] = _save(model, tokenizer, root / "models" / "base", skill=None, losses=losses)
         for name, skill, config in preset.specialists:
             model.load_state_dict(base_state)
-            losses = train(model, tokenizer, families, config, seed=_stream_seed(seed, name), device=device)
+            losses = train(
+                model, tokenizer, families, config, seed=_stream_seed(seed, name), device=device,
+                on_step=_reporter(on_progress, name, config.steps),
+            )
             models[name] = _save(model, tokenizer, root / "models" / name, skill=skill, losses=losses)
     manifest = {
         "format": 1,
@@ -312,6 +352,12 @@ def _build_into(root: Path, preset: ZooPreset, parameters: dict[str, Any], seed:
         "target": TARGET,
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _reporter(on_progress: ProgressCallback | None, name: str, steps: int) -> Callable[[int], None] | None:
+    if on_progress is None:
+        return None
+    return lambda done: on_progress(name, done, steps)
 
 
 def _stream_seed(seed: int, stream: str) -> int:

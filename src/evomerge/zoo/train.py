@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -97,10 +97,12 @@ def train(
     *,
     seed: int,
     device: torch.device,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Train ``model`` in place with AdamW on its mixture; returns the loss of every step.
 
     Data order depends only on ``seed`` (a dedicated `random.Random`), never on global state.
+    ``on_step(steps_done)`` is called after every optimiser step (progress display).
     """
     vocab = tokenizer.get_vocab()
     rng = random.Random(seed)
@@ -120,5 +122,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     return losses
