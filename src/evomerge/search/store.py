@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,9 @@ COMPLETE, RACED_OUT, DUPLICATE, FAILED = "complete", "raced_out", "duplicate", "
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One trial as the run recorded it. Fields other than the first four are the trial's attributes
-    (None when not recorded: a trial in flight, or one from an older run)."""
+    """One trial as the run recorded it: Optuna's own fields (number, state, params, values, the retry
+    history of a heartbeat-failed trial) and the trial's attributes (None when not recorded: a trial in
+    flight, or one from an older run)."""
 
     number: int
     state: TrialState
@@ -64,7 +65,7 @@ class TrialRecord:
     failure: str | None = None
     duplicate_of: int | None = None
     requeued_from: int | None = None
-    retry_history: tuple[int, ...] = field(default=())
+    retry_history: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, trial: FrozenTrial) -> TrialRecord:
@@ -86,8 +87,9 @@ class TrialRecord:
         return self.scores[task]["score"]
 
 
-# What a trial may carry as user attributes: every TrialRecord field after the Optuna ones.
-ATTRIBUTES = tuple(f.name for f in fields(TrialRecord))[4:-1]
+# What a trial may carry as user attributes: every TrialRecord field Optuna does not hold itself.
+_OPTUNA_FIELDS = ("number", "state", "params", "values", "retry_history")
+ATTRIBUTES = tuple(f.name for f in fields(TrialRecord) if f.name not in _OPTUNA_FIELDS)
 
 
 def write(trial: optuna.Trial, **attributes: Any) -> None:
