@@ -36,7 +36,8 @@ from scipy.stats import spearmanr
 
 from evomerge.search.config import load_evolve_config
 from evomerge.search.racing import entry_threshold, plan_race, race
-from evomerge.search.run import CandidateResult, SearchRun, prepare_run_dir
+from evomerge.search.run import CandidateResult, SearchRun
+from evomerge.search.store import prepare_run_dir
 from evomerge.zoo import build_zoo, default_zoo_dir
 
 # (first_fraction, growth, z, top_k as a share of the population): growth 1e9 makes a single round
@@ -217,14 +218,14 @@ def closed_loop(zoo: Path, candidates: int, seed: int) -> dict:
         prepare_run_dir(config, Path(tmp) / "run")
         run = SearchRun(config, root, Path(tmp) / "run")
         run.run()
-        trials = [t for t in run.finished_trials() if t.user_attrs.get("status") in ("complete", "raced_out")]
-        examples = sum(t.user_attrs["examples"] for t in trials)
-        saved = sum(t.user_attrs["examples_saved"] for t in trials)
+        trials = [t for t in run.finished_trials() if t.status in ("complete", "raced_out")]
+        examples = sum(t.examples for t in trials)
+        saved = sum(t.examples_saved for t in trials)
         return {
             "evaluated": len(trials),
-            "raced_out": sum(t.user_attrs["status"] == "raced_out" for t in trials),
+            "raced_out": sum(t.status == "raced_out" for t in trials),
             "saving": (examples + saved) / examples,
-            "best_full_fitness": max(t.user_attrs["fitness"] for t in trials if t.user_attrs["status"] == "complete"),
+            "best_full_fitness": max(t.fitness for t in trials if t.status == "complete"),
         }
 
 

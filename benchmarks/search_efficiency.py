@@ -28,8 +28,10 @@ from pathlib import Path
 
 import yaml
 
+from evomerge.search import recipe_of
 from evomerge.search.config import load_evolve_config
-from evomerge.search.run import SearchRun, prepare_run_dir, recipe_of
+from evomerge.search.run import SearchRun
+from evomerge.search.store import prepare_run_dir
 from evomerge.zoo import build_zoo, default_zoo_dir
 
 SINGLE = ("cmaes", "tpe", "random")
@@ -106,7 +108,7 @@ def incumbent_indices(values: Sequence[float | None], checkpoints: Sequence[int]
 
 def test_scores(run: SearchRun, trial) -> dict[str, float]:
     """One trial's per-task test-split scores (the recipe is merged again in memory)."""
-    run.session.load_recipe(recipe_of(trial))
+    run.session.activate_candidate(recipe_of(trial))
     report = run.session.evaluate("test")
     return {name: score.score for name, score in report.scores.items()}
 
@@ -145,7 +147,7 @@ def single_objective(zoo: Path, work: Path, candidates: int, seeds: int, checkpo
             started = time.perf_counter()
             run, trials = search(work / f"{optimizer}-{seed}", zoo, optimizer=optimizer, seed=seed,
                                  candidates=candidates, tasks=["target"], pareto=False)
-            fitness = [t.user_attrs.get("fitness") if t.state.name == "COMPLETE" else None for t in trials]
+            fitness = [t.fitness if t.state.name == "COMPLETE" else None for t in trials]
             incumbents = incumbent_indices(fitness, checkpoints)
             tested = {i: test_scores(run, trials[i])["target"] for i in sorted(set(incumbents.values()))}
             results.setdefault(optimizer, []).append({

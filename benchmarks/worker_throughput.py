@@ -53,7 +53,7 @@ EVALUATED = ("complete", "raced_out", "failed")
 def write_config(root: Path, zoo_dir: Path, tasks: Sequence[str], candidates: int, batch_size: int,
                  storage: str | None, name: str) -> Path:
     """The demo's evolve config with the benchmark's fitness, budget and sampler."""
-    from evomerge.demo import demo_config
+    from evomerge.pipelines.demo import demo_config
     from evomerge.zoo import Zoo
 
     zoo = Zoo.load(zoo_dir)
@@ -71,7 +71,7 @@ def write_config(root: Path, zoo_dir: Path, tasks: Sequence[str], candidates: in
 
 def instrument() -> dict[str, float]:
     """Time every storage call of this process (outermost call only); returns the live total."""
-    from evomerge.search import worker
+    from evomerge.search import coordination, worker
 
     totals = {"seconds": 0.0}
     depth = [0]  # Study.ask calls get_trials itself: count the outer call once
@@ -90,8 +90,8 @@ def instrument() -> dict[str, float]:
 
     for owner, name in ((optuna.Study, "ask"), (optuna.Study, "tell"), (optuna.Study, "get_trials"),
                         (optuna.Trial, "set_user_attr"), (worker, "fail_dead_trials"),
-                        (worker.BudgetSlots, "reserve"), (worker.BudgetSlots, "bind"),
-                        (worker.GenomeClaims, "claim")):
+                        (coordination.BudgetSlots, "reserve"), (coordination.BudgetSlots, "bind"),
+                        (coordination.GenomeClaims, "claim")):
         setattr(owner, name, timed(getattr(owner, name)))
     return totals
 
@@ -212,7 +212,7 @@ def summarise(setup: str, study: optuna.Study, budget: int, spawned: list[dateti
 
 def run_sqlite(root: Path, zoo_dir: Path, tasks: Sequence[str], candidates: int, batch_size: int) -> Row:
     from evomerge.search.config import load_evolve_config
-    from evomerge.search.run import prepare_run_dir, storage_url
+    from evomerge.search.store import prepare_run_dir, storage_url
 
     config_path = write_config(root, zoo_dir, tasks, candidates, batch_size, None, "sqlite")
     config, _ = load_evolve_config(config_path)
@@ -226,14 +226,14 @@ def run_sqlite(root: Path, zoo_dir: Path, tasks: Sequence[str], candidates: int,
 def run_postgres(root: Path, zoo_dir: Path, tasks: Sequence[str], candidates: int, batch_size: int,
                  workers: int, url: str) -> Row:
     from evomerge.search.config import load_evolve_config
-    from evomerge.search.run import SearchRun, prepare_run_dir
-    from evomerge.search.worker import publish_config
+    from evomerge.search.run import SearchRun
+    from evomerge.search.store import RunStore, prepare_run_dir
 
     name = f"pg{workers}"
     config, base = load_evolve_config(write_config(root, zoo_dir, tasks, candidates, batch_size, url, name))
     prepare_run_dir(config, root / f"run_{name}")
     study = SearchRun(config, base, root / f"run_{name}").open_study(x0=None)
-    publish_config(study, config, base)
+    RunStore(study).publish_config(config, base)
     spawned, marks = run_processes(worker_process, [(url, name, i) for i in range(workers)])
     return summarise(f"PostgreSQL, {workers} worker{'s' if workers > 1 else ''}", study, candidates, spawned, marks)
 

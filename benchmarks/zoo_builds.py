@@ -32,10 +32,10 @@ def one_build(seed: int, out: Path, candidates: int, psdfs_candidates: int) -> d
     import torch
     import yaml
 
-    from evomerge.demo import run_demo
     from evomerge.evaluate import Evaluator, load_causal_lm, load_task
     from evomerge.evaluate.stats import paired_comparison
-    from evomerge.search.evolve import evolve
+    from evomerge.pipelines import evolve
+    from evomerge.pipelines.demo import run_demo
     from evomerge.zoo import build_zoo, default_zoo_dir
 
     zoo = build_zoo(default_zoo_dir("tiny", seed), seed=seed)

@@ -30,8 +30,8 @@ PRELOAD = (
     "evomerge.cli",
     "evomerge.evaluate",
     "evomerge.lineage.packet",
-    "evomerge.merge.planner",
-    "evomerge.search.evolve",
+    "evomerge.merge.stream",
+    "evomerge.pipelines.evolve",
     "evomerge.search.worker",
     "evomerge.zoo.builder",
 )

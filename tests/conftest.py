@@ -206,7 +206,7 @@ def evolve_tiny_run(run_dir: Path, base: Path, parents: list[Path], task: Path) 
     """A 4-candidate dare_ties evolve (random sampler, population 2: two generations) of `parents` over `base`."""
     import yaml
 
-    from evomerge.search.evolve import evolve
+    from evomerge.pipelines import evolve
 
     config_path = run_dir.parent / f"{run_dir.name}.yaml"
     config_path.write_text(yaml.safe_dump({

@@ -10,7 +10,7 @@ import pytest
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.demo import run_demo
+from evomerge.pipelines.demo import run_demo
 
 # Fewer candidates than the demo's 400 keep the suite fast. Measured on the default zoo (seed 0): the
 # champion clears every parent and baseline by more than one stderr from 90 candidates on (0.565 vs
@@ -66,7 +66,7 @@ def test_search_never_scored_the_test_split(demo):
     from evomerge.search import load_run
 
     out, _, _ = demo
-    _, study = load_run(out / "run")
+    study = load_run(out / "run")[1].study
     for trial in study.trials:
         if "split" in trial.user_attrs:
             assert trial.user_attrs["split"] == "search"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import write_task_files
 from evomerge.errors import TaskError
-from evomerge.evaluate import Evaluator, ResultCache, load_task, mean_and_stderr, truncate_at_stop
+from evomerge.evaluate import Evaluator, load_task, mean_and_stderr, truncate_at_stop
 
 MAX_NEW = 10
 
@@ -203,25 +203,18 @@ def test_choice_and_perplexity_match_unpadded_forwards(lm, tmp_path):
     assert report["p"].stderr == pytest.approx(mean_and_stderr(nll)[1], abs=1e-5)
 
 
-def test_weights_overwritten_in_place_are_seen_and_cache_is_keyed_by_fingerprint(lm, tiny_llama, tmp_path):
+def test_weights_overwritten_in_place_are_seen(lm, tiny_llama, tmp_path):
     _, tokenizer = lm
     model = AutoModelForCausalLM.from_pretrained(tiny_llama(seed=0)).eval()
     other = AutoModelForCausalLM.from_pretrained(tiny_llama(seed=1)).eval()
     task = load_task(write_task_files(tmp_path, _rows(11, 6), _rows(12, 2), generation={"max_new_tokens": 6}))
     evaluator = Evaluator(tokenizer, [task], batch_size=4)
     expected_other = evaluator.evaluate(other)["t"].outputs
-    cache = ResultCache(tmp_path / "cache.json")
-    first = evaluator.evaluate(model, cache=cache, model_fingerprint="m0")["t"]
+    first = evaluator.evaluate(model)["t"]
     with torch.no_grad():  # what the search does between trials
         for mine, theirs in zip(model.parameters(), other.parameters(), strict=True):
             mine.copy_(theirs)
     assert evaluator.evaluate(model)["t"].outputs == expected_other != first.outputs
-    # Same fingerprint: served from the cache (a reloaded file too); a new fingerprint recomputes.
-    assert evaluator.evaluate(model, cache=cache, model_fingerprint="m0")["t"].outputs == first.outputs
-    reloaded = ResultCache(tmp_path / "cache.json")
-    assert evaluator.evaluate(model, cache=reloaded, model_fingerprint="m0")["t"].to_dict() == first.to_dict()
-    assert evaluator.evaluate(model, cache=reloaded, model_fingerprint="m1")["t"].outputs == expected_other
-    assert len(reloaded) == 2
 
 
 def test_empty_prompt_and_empty_continuation(lm, tmp_path):
@@ -250,10 +243,3 @@ def test_empty_prompt_and_empty_continuation(lm, tmp_path):
     )
     with pytest.raises(TaskError, match="search example 1 has an empty answer"):
         Evaluator(tokenizer, [ppl])
-
-
-def test_corrupt_cache_file_is_a_task_error(tmp_path):
-    path = tmp_path / "cache.json"
-    path.write_text("{not json")
-    with pytest.raises(TaskError, match="is not a valid cache file"):
-        ResultCache(path)

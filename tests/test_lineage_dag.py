@@ -13,14 +13,13 @@ from evomerge.cli import app
 from evomerge.errors import ConfigError
 from evomerge.evaluate import load_task
 from evomerge.lineage.dag import checkpoint_id, lineage, render_tree, to_dot
-from evomerge.lineage.store import changed_inputs, hub_revision, stored_evidence
 from evomerge.models import Checkpoint, check_compatible
-from evomerge.search.run import load_run
+from evomerge.search import RunStore, load_run
 
 
 def test_evidence_matches_the_parents_and_tasks_on_disk(lineage_runs):
-    _, study = load_run(lineage_runs["run_a"])
-    evidence = stored_evidence(study)
+    study = load_run(lineage_runs["run_a"])[1].study
+    evidence = RunStore(study).evidence
     paths = [lineage_runs[k] for k in ("base", "one", "two")]
     assert [p["path"] for p in evidence["parents"]] == [str(p.resolve()) for p in paths]
     assert [p["role"] for p in evidence["parents"]] == ["base", "merged", "merged"]
@@ -44,8 +43,8 @@ def test_evidence_matches_the_parents_and_tasks_on_disk(lineage_runs):
 
 
 def test_a_packet_used_as_parent_is_recorded_by_its_model_id(lineage_runs):
-    _, study = load_run(lineage_runs["run_b"])
-    parents = {p["path"]: p for p in stored_evidence(study)["parents"]}
+    study = load_run(lineage_runs["run_b"])[1].study
+    parents = {p["path"]: p for p in RunStore(study).evidence["parents"]}
     packet = json.loads((lineage_runs["packet_a"] / "lineage.json").read_text())
     assert parents[str(lineage_runs["packet_a"].resolve())]["model_id"] == packet["model_id"]
 
@@ -67,7 +66,7 @@ def test_lineage_of_run_b_spans_both_runs_back_to_the_original_checkpoints(linea
 
 
 def test_champion_node_shows_every_field_the_run_recorded(lineage_runs):
-    _, study = load_run(lineage_runs["run_b"])
+    study = load_run(lineage_runs["run_b"])[1].study
     number = study.user_attrs["selection"]["champion"]
     trial = study.get_trials()[number]
     details = lineage(lineage_runs["run_b"]).nodes[lineage(lineage_runs["run_b"]).root].details
@@ -123,17 +122,3 @@ def test_cli_formats(lineage_runs):
     missing = runner.invoke(app, ["lineage", str(lineage_runs["root"] / "nothing")])
     # `app` raises user errors; the `evomerge` entry point turns them into exit code 2.
     assert isinstance(missing.exception, ConfigError) and "neither an exported model" in str(missing.exception)
-
-
-def test_changed_inputs_names_only_what_changed():
-    before = {"parents": {"a": "1", "b": "2"}, "suite": {"t": "x"}}
-    now = {"parents": {"a": "1", "b": "3"}, "suite": {"t": "x"}}
-    assert changed_inputs(before, now) == {"parents": {"b": "3"}, "suite": {}}
-
-
-def test_hub_revision_reads_snapshot_commits(tmp_path):
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = tmp_path / "models--org--name" / "snapshots" / sha
-    snapshot.mkdir(parents=True)
-    assert hub_revision(snapshot) == sha
-    assert hub_revision(tmp_path) is None

@@ -14,8 +14,8 @@ from conftest import read_tensors
 from evomerge.errors import ConfigError
 from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
 from evomerge.merge.plan import apply_job, job_parameters, plan_jobs
-from evomerge.merge.planner import run_merge
 from evomerge.merge.recipe import Recipe, parse_recipe
+from evomerge.merge.stream import run_merge
 
 
 def dare_ties(family: dict[str, Path], *, seed: int, density: float = 0.5) -> Recipe:

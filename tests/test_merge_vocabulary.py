@@ -15,8 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TEST_CHARACTERS, read_tensors
-from evomerge.merge.planner import run_merge
 from evomerge.merge.recipe import parse_recipe
+from evomerge.merge.stream import run_merge
 
 # Characters that sort after every test character: the larger vocabulary is the smaller one plus three
 # ids at the end, so both tokenizers agree on every id they share (the char tokenizer sorts its alphabet).

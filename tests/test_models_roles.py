@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM
 
-from evomerge.models import Checkpoint, TensorRole, tensor_role
+from evomerge.models import Checkpoint, TensorRole, tensor_role, with_layer
 
 CASES = [
     # Llama / Mistral / Qwen2
@@ -81,3 +81,20 @@ def test_llava_layers_are_counted_per_tower(tiny_llava):
             towers.setdefault(role.module, set()).add(role.layer)
     assert towers == {"language_model.model.layers": {0, 1, 2, 3}, "vision_tower.encoder.layers": {0, 1}}
     assert checkpoint.num_layers == 4  # from text_config
+
+
+@pytest.mark.parametrize(
+    ("name", "prefix", "renamed"),
+    [
+        ("model.layers.3.mlp.up_proj.weight", "model.layers.3.", "model.layers.7.mlp.up_proj.weight"),
+        ("transformer.h.0.ln_1.weight", "transformer.h.0.", "transformer.h.7.ln_1.weight"),
+        ("bert.encoder.layer.2.attention.self.query.weight", "bert.encoder.layer.2.",
+         "bert.encoder.layer.7.attention.self.query.weight"),
+        ("encoder.block.0.layer.1.DenseReluDense.wi.weight", "encoder.block.0.",
+         "encoder.block.7.layer.1.DenseReluDense.wi.weight"),
+        ("lm_head.weight", None, "lm_head.weight"),
+    ],
+)
+def test_one_layer_index_rule_for_prefixes_and_renaming(name, prefix, renamed):
+    assert tensor_role(name).prefix == prefix
+    assert with_layer(name, 7) == renamed

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.merge.registry import ParamSpec, get_operator, operator, operator_names, validate_params
+from evomerge.merge.registry import ParamSpec, check_params, get_operator, operator, operator_names
 
 MERGEKIT_SHARED = {
     "linear", "task_arithmetic", "slerp", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -51,7 +51,7 @@ def test_duplicate_registration_is_refused() -> None:
 
 
 def test_validate_fills_defaults_and_broadcasts_per_model_scalars() -> None:
-    params = validate_params(get_operator("ties"), {"weight": 0.5}, num_models=3)
+    params = check_params("ties", get_operator("ties").params, {"weight": 0.5}, num_models=3)
     assert params == {
         "weight": [0.5] * 3,
         "density": [1.0] * 3,
@@ -76,7 +76,7 @@ def test_validate_fills_defaults_and_broadcasts_per_model_scalars() -> None:
 )
 def test_validation_names_the_parameter_and_range(params: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        validate_params(get_operator("ties"), params, num_models=2)
+        check_params("ties", get_operator("ties").params, params, num_models=2)
 
 
 def test_search_bounds_come_from_the_spec() -> None:

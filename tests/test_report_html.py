@@ -21,13 +21,13 @@ from evomerge.report.data import (
 )
 from evomerge.report.figures import path_figure
 from evomerge.report.html import write_report
-from evomerge.search.run import load_run, recipe_of
+from evomerge.search import TrialRecord, load_run, recipe_of
 
 SECTIONS = ("summary", "fitness", "task-scores", "projection", "coefficients", "results", "lineage")
 
 
 def test_generation_stats_are_best_and_median_of_complete_trials(lineage_runs):
-    _, study = load_run(lineage_runs["run_a"])
+    study = load_run(lineage_runs["run_a"])[1].study
     stats = generation_stats(load_run_data(lineage_runs["run_a"]))
     complete = [t for t in study.get_trials() if t.user_attrs.get("status") == "complete"]
     for i, generation in enumerate(stats["fitness"]["generation"]):
@@ -60,9 +60,9 @@ def test_pareto_fronts_are_cumulative_and_non_dominated(lineage_runs):
 
 
 def test_coefficient_heatmap_holds_the_recipes_per_layer_weights(lineage_runs):
-    _, study = load_run(lineage_runs["run_a"])
+    study = load_run(lineage_runs["run_a"])[1].study
     trial = study.get_trials()[study.user_attrs["selection"]["champion"]]
-    recipe = recipe_of(trial)
+    recipe = recipe_of(TrialRecord.of(trial))
     (weight, density) = coefficient_grids(recipe, Checkpoint.open(lineage_runs["base"]))
     assert weight.param == "weight" and density.param == "density"
     assert weight.columns == ["embed", "L0", "L1", "L2", "L3", "out"]
@@ -97,7 +97,7 @@ def test_report_has_every_section_and_needs_no_network(lineage_runs, tmp_path):
 def test_report_of_a_run_without_selection_shows_the_best_so_far(lineage_runs, tmp_path):
     import shutil
 
-    from evomerge.search.run import load_run as reload
+    from evomerge.search import load_run as reload
 
     copy = tmp_path / "running"
     shutil.copytree(lineage_runs["run_a"], copy)

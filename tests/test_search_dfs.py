@@ -20,13 +20,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from conftest import write_sum_task
 from evomerge.cli import run as cli_run
+from evomerge.errors import ConfigError
 from evomerge.evaluate import Evaluator, load_causal_lm, load_task
 from evomerge.flow import PathModel, PathSpec
 from evomerge.lineage.packet import export_candidate
+from evomerge.pipelines import evolve
+from evomerge.search import load_run
 from evomerge.search.config import DfsConfig
 from evomerge.search.dfs import DfsGenome, PathCandidate
-from evomerge.search.evolve import evolve
-from evomerge.search.run import load_run
 
 LAYERS = (4, 4)  # two tiny Llamas of 4 layers: M = 8, T = 24 slots with r = 3
 BUDGET = 6
@@ -115,7 +116,7 @@ def dfs_run(tiny_llama, tmp_path_factory):
 
 def test_short_dfs_run_stores_paths_and_selects_a_champion(dfs_run):
     root, sources, outcome = dfs_run
-    _, study = load_run(root / "run")
+    study = load_run(root / "run")[1].study
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
     assert len(done) == BUDGET == outcome.candidates
     for trial in done:
@@ -151,7 +152,7 @@ def test_parent_baseline_is_the_source_model_itself(dfs_run):
 def test_exported_champion_loads_with_transformers_and_matches_the_path(dfs_run, tmp_path):
     root, sources, outcome = dfs_run
     out = export_candidate(root / "run", "champion", tmp_path / "champion")
-    _, study = load_run(root / "run")
+    study = load_run(root / "run")[1].study
     spec = PathCandidate.from_json(study.trials[outcome.selection.champion].user_attrs["path"]).spec
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert exported.config.num_hidden_layers == len(spec)
@@ -180,7 +181,7 @@ def test_export_refuses_a_path_with_a_non_positive_scale(dfs_run, tmp_path, monk
     root, sources, _ = dfs_run
     # The search bounds keep scales positive, so plant such a path as an extra trial in a copy of the run.
     run_dir = Path(shutil.copytree(root / "run", tmp_path / "run"))
-    _, study = load_run(run_dir)
+    study = load_run(run_dir)[1].study
     spec = PathSpec(LAYERS, ((0, 0), (1, 2)), (-1.0, 1.0), tuple(sources))
     planted = optuna.trial.create_trial(value=0.0, user_attrs={"path": PathCandidate(spec).to_json()})
     study.add_trial(planted)
@@ -218,3 +219,23 @@ def test_config_errors_exit_2_in_one_sentence(case, tiny_llama, tmp_path, monkey
     code, err = invoke(monkeypatch, capsys, "evolve", str(config), "--run", str(tmp_path / "run"))
     assert code == 2, err
     assert err.count("error:") == 1 and expected in err.split("error:")[1] and "Traceback" not in err
+
+
+def test_ps_run_champion_is_exported_once_and_becomes_model_a(lineage_runs, tiny_llama, tmp_path):
+    ps_run = tmp_path / "ps_run"
+    shutil.copytree(lineage_runs["run_a"], ps_run)
+    champion = load_run(ps_run)[1].selection["champion"]
+    write_sum_task(tmp_path, examples=8)
+    config = write_config(tmp_path, {"sources": [str(tiny_llama(1))], "ps_run": str(ps_run), "repeats": 2,
+                                     "max_path_length": 8})
+    evolve(config, tmp_path / "run")
+    model_a = ps_run / "dfs_model_a"
+    assert json.loads((model_a / "lineage.json").read_text())["run"]["trial"] == champion
+    evidence = load_run(tmp_path / "run")[1].evidence
+    assert [p["path"] for p in evidence["parents"]] == [str(model_a.resolve()), str(tiny_llama(1).resolve())]
+    # A stale export (the PS run's champion changed since) is refused rather than reused.
+    record = json.loads((model_a / "lineage.json").read_text())
+    record["run"]["trial"] = champion + 1
+    (model_a / "lineage.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=f"holds candidate {champion + 1} but the champion"):
+        evolve(config, tmp_path / "run")

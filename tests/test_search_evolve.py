@@ -9,9 +9,8 @@ import pytest
 import yaml
 
 from conftest import write_sum_task
-from evomerge.search.evolve import evolve
-from evomerge.search.results import fully_evaluated
-from evomerge.search.run import load_run, recipe_of
+from evomerge.pipelines import evolve
+from evomerge.search import RunStore, TrialRecord, load_run, recipe_of
 
 BUDGET = 8
 
@@ -42,13 +41,13 @@ def finished_run(tiny_llama, tmp_path_factory):
 
 def test_history_records_every_candidate(finished_run):
     root, outcome = finished_run
-    _, study = load_run(root / "run")
+    study = load_run(root / "run")[1].study
     done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
     assert len(done) == BUDGET == outcome.candidates
     for trial in done:
         attrs = trial.user_attrs
         assert attrs["generation"] == trial.number // 4
-        assert recipe_of(trial).method == "dare_ties"
+        assert recipe_of(TrialRecord.of(trial)).method == "dare_ties"
         if attrs["status"] in ("complete", "raced_out"):
             assert attrs["examples"] + attrs["examples_saved"] == 24
             score = attrs["scores"]["sum"]
@@ -60,8 +59,8 @@ def test_history_records_every_candidate(finished_run):
 
 def test_champion_is_the_best_fully_evaluated_candidate(finished_run):
     root, outcome = finished_run
-    _, study = load_run(root / "run")
-    best = max(fully_evaluated(study), key=lambda t: t.user_attrs["fitness"])
+    study = load_run(root / "run")[1].study
+    best = max(RunStore(study).fully_evaluated(), key=lambda t: t.fitness)
     assert outcome.selection.champion == best.number
     results = outcome.test_results
     kinds = sorted(r["kind"] for r in results.values())
@@ -75,7 +74,7 @@ def test_champion_is_the_best_fully_evaluated_candidate(finished_run):
 
 def test_baselines_are_scored_once_and_stored(finished_run):
     root, _ = finished_run
-    _, study = load_run(root / "run")
+    study = load_run(root / "run")[1].study
     baselines = study.user_attrs["baselines"]
     assert {"task_arithmetic_uniform", "ties_defaults", "dare_ties_defaults"} <= set(baselines)
     assert sum(1 for b in baselines.values() if b["kind"] == "parent") == 3

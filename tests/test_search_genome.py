@@ -8,7 +8,7 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import job_parameters, plan_jobs
-from evomerge.merge.planner import open_parents
+from evomerge.merge.stream import open_parents
 from evomerge.models import Checkpoint
 from evomerge.search.config import parse_evolve_config
 from evomerge.search.genome import ParameterGenome, genome_key

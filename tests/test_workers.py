@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from cli_forkserver import CliProcess, CliServer
 from conftest import write_sum_task
+from evomerge.pipelines import evolve
 from evomerge.search.config import load_evolve_config
-from evomerge.search.evolve import evolve
-from evomerge.search.run import SearchRun, prepare_run_dir
-from evomerge.search.worker import publish_config
+from evomerge.search.run import SearchRun
+from evomerge.search.store import RunStore, prepare_run_dir
 from postgres import postgres_server
 
 EVALUATED = ("complete", "raced_out", "failed")  # statuses of trials that really ran an evaluation
@@ -63,7 +63,7 @@ def coordinate(config_path: Path, run_dir: Path) -> optuna.Study:
     prepare_run_dir(config, run_dir)
     run = SearchRun(config, root, run_dir)
     study = run.open_study(x0=None)
-    publish_config(study, config, root)
+    RunStore(study).publish_config(config, root)
     return study
 
 

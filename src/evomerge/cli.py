@@ -209,7 +209,7 @@ def evolve(
     ),
 ) -> None:
     """Search merge recipes with an evolutionary algorithm; resumable after any crash."""
-    from evomerge.search.evolve import evolve as run_evolve
+    from evomerge.pipelines.evolve import evolve as run_evolve
 
     display = _SearchDisplay()
     with display.progress:
@@ -242,7 +242,7 @@ def demo(
     zoo: Path | None = typer.Option(None, help="Zoo directory (default: built once into ~/.cache/evomerge)."),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
-    from evomerge.demo import run_demo
+    from evomerge.pipelines.demo import run_demo
 
     display = _SearchDisplay()
     with display.progress:
@@ -310,8 +310,8 @@ def merge(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from evomerge.lineage.card import CardInfo, render_model_card
-    from evomerge.merge.planner import run_merge
     from evomerge.merge.recipe import load_recipe
+    from evomerge.merge.stream import run_merge
 
     parsed = load_recipe(recipe)
     if dtype is not None:

@@ -1,8 +1,8 @@
 """Declarative tasks, scorers and the fast batched evaluation engine (see docs/ARCHITECTURE.md)."""
 
-from evomerge.evaluate.cache import ResultCache, cache_key
-from evomerge.evaluate.engine import EvalReport, Evaluator, TaskScore, default_dtype, mean_and_stderr
+from evomerge.evaluate.engine import Evaluator, default_dtype
 from evomerge.evaluate.loading import load_causal_lm
+from evomerge.evaluate.report import EvalReport, TaskScore, mean_and_stderr
 from evomerge.evaluate.scorers import (
     GenerativeScorer,
     LoglikScorer,
@@ -23,12 +23,10 @@ __all__ = [
     "Evaluator",
     "GenerativeScorer",
     "LoglikScorer",
-    "ResultCache",
     "ScorerSpec",
     "Task",
     "TaskScore",
     "TaskSpec",
-    "cache_key",
     "charset_ok",
     "check_split",
     "default_dtype",

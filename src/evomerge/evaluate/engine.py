@@ -2,110 +2,23 @@
 
 The `Evaluator` holds only things derived from the *tokenizer and tasks* (token ids, sort orders).
 Nothing derived from model weights is kept, because the search overwrites the model's weights in
-place between calls; caching results is the job of `ResultCache`, keyed by a model fingerprint.
+place between calls.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import TaskError
 from evomerge.evaluate.decoding import Generated, continuation_logprobs, greedy_generate
+from evomerge.evaluate.report import EvalReport, TaskScore, mean_and_stderr
 from evomerge.evaluate.scorers import GenerativeScorer, LoglikScorer, choice_index, truncate_at_stop
 from evomerge.evaluate.task import Task, check_split
-
-if TYPE_CHECKING:
-    from evomerge.evaluate.cache import ResultCache
-
-
-@dataclass
-class TaskScore:
-    """One task's result on one split: mean score, its standard error and per-example values.
-
-    `values[i]` is the value of example `indices[i]` (1.0/0.0 for accuracy scorers, negative mean NLL
-    per token for `perplexity`); `outputs[i]` is the stop-truncated generation ("" for log-likelihood).
-    """
-
-    task: str
-    score: float
-    stderr: float
-    n: int
-    values: list[float]
-    indices: list[int]
-    prompt_tokens: int
-    generated_tokens: int
-    seconds: float
-    outputs: list[str] = field(default_factory=list)
-
-    @property
-    def correct(self) -> list[float]:
-        """Per-example values (the name used by the architecture contract)."""
-        return self.values
-
-    @property
-    def tokens(self) -> int:
-        """Prompt plus generated tokens processed for this task."""
-        return self.prompt_tokens + self.generated_tokens
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (non-finite stderr becomes None)."""
-        data = asdict(self)
-        if not math.isfinite(data["stderr"]):
-            data["stderr"] = None
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TaskScore:
-        """Inverse of `to_dict`."""
-        values = dict(data)
-        values["stderr"] = math.nan if values.get("stderr") is None else values["stderr"]
-        return cls(**values)
-
-
-@dataclass
-class EvalReport:
-    """Scores of every evaluated task on one split, by task name."""
-
-    split: str
-    scores: dict[str, TaskScore]
-    seconds: float
-
-    def __getitem__(self, task: str) -> TaskScore:
-        return self.scores[task]
-
-    def mean(self) -> float:
-        """Unweighted mean of the task scores (a simple multi-task fitness)."""
-        return sum(s.score for s in self.scores.values()) / len(self.scores)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "split": self.split,
-            "seconds": self.seconds,
-            "tasks": {name: score.to_dict() for name, score in self.scores.items()},
-        }
-
-
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean: sqrt(p(1-p)/n) for 0/1 values, s/sqrt(n) (ddof=1) otherwise.
-
-    With one non-binary value the standard error is undefined and returned as NaN.
-    """
-    n = len(values)
-    mean = sum(values) / n
-    if all(v in (0.0, 1.0) for v in values):
-        return mean, math.sqrt(mean * (1.0 - mean) / n)
-    if n < 2:
-        return mean, math.nan
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
@@ -215,32 +128,19 @@ class Evaluator:
         *,
         indices: Mapping[str, Sequence[int]] | None = None,
         limit: int | None = None,
-        cache: ResultCache | None = None,
-        model_fingerprint: str | None = None,
     ) -> EvalReport:
         """Score `model`: every task on all examples, or on the first `limit`, or only the tasks named in
         `indices` on exactly those example indices (a task with an empty list is skipped; this is what
         racing needs to evaluate "the rest" of some tasks only).
-
-        With a `cache` (and the model's `model_fingerprint`) tasks already scored are not recomputed.
         """
         if indices is not None and limit is not None:
             raise ValueError("pass either indices or limit, not both")
-        if cache is not None and model_fingerprint is None:
-            raise ValueError("a result cache needs the model_fingerprint")
         selection = self._selection(indices, limit)
         started = time.perf_counter()
         model = self._place(model)
         scores = {}
         for name, chosen in selection.items():
-            prepared = self._prepared[name]
-            fingerprint = prepared.task.fingerprint()
-            cached = cache.get(model_fingerprint, fingerprint, self.split, chosen) if cache else None
-            if cached is None:
-                cached = self._score_task(model, prepared, chosen)
-                if cache is not None:
-                    cache.put(model_fingerprint, fingerprint, self.split, chosen, cached)
-            scores[name] = cached
+            scores[name] = self._score_task(model, self._prepared[name], chosen)
         return EvalReport(self.split, scores, time.perf_counter() - started)
 
     def _selection(

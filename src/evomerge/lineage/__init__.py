@@ -1,4 +1,4 @@
-"""Lineage: run evidence, ancestry across runs, release packets and model cards (see docs/ARCHITECTURE.md).
+"""Lineage: ancestry across runs, release packets and model cards (see docs/ARCHITECTURE.md).
 
 `card` is imported eagerly (the merge command needs only it); the rest reads runs, which pulls in the
 search and transformers, so it is loaded on first use to keep `evomerge merge` start-up short.

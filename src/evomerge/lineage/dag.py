@@ -1,7 +1,7 @@
 """Ancestry of a merged model, across runs, back to the original checkpoints.
 
 A merged model is identified by `model_id` (its parents' content hashes + its recipe, see
-`lineage.packet.model_id`), an original checkpoint by its content hash. Starting from a release packet
+`models.identity.merged_model_id`), an original checkpoint by its content hash. Starting from a release packet
 (a directory with `lineage.json`) or a run directory (its champion), each merged node reads its full
 evidence from the run that made it — trial attributes plus the run's recorded evidence — and each
 parent that is itself a packet is followed into *its* run. Shared ancestors (one base under several
@@ -20,9 +20,9 @@ import yaml
 from rich.tree import Tree
 
 from evomerge.errors import ConfigError
-from evomerge.lineage.packet import EVALUATION_FILE, LINEAGE_FILE, model_id, parent_record
-from evomerge.lineage.store import stored_evidence
-from evomerge.search.run import CONFIG_FILE, find_trial, load_run, recipe_of
+from evomerge.lineage.packet import EVALUATION_FILE, parent_record
+from evomerge.models import LINEAGE_FILE, merged_model_id
+from evomerge.search.store import CONFIG_FILE, find_trial, is_run_dir, load_run, recipe_of
 
 RESOURCE_FIELDS = ("merge_seconds", "eval_seconds", "tokens", "peak_memory_bytes", "device")
 
@@ -85,7 +85,7 @@ def lineage(target: str | Path) -> LineageGraph:
     graph = LineageGraph(root="")
     if (target / LINEAGE_FILE).is_file():
         graph.root = _add_packet(graph, target)
-    elif (target / CONFIG_FILE).is_file():
+    elif is_run_dir(target):
         graph.root = _add_candidate(graph, target, "champion")
     else:
         raise ConfigError(f"{target} is neither an exported model (no {LINEAGE_FILE}) nor a run directory (no {CONFIG_FILE})")
@@ -112,7 +112,7 @@ def _add_packet(graph: LineageGraph, packet_dir: Path) -> str:
         return node_id
     run = record.get("run") or {}
     run_dir = Path(run["dir"]) if run.get("dir") else None
-    if run_dir is not None and (run_dir / CONFIG_FILE).is_file():
+    if run_dir is not None and is_run_dir(run_dir):
         _add_candidate(graph, run_dir, str(run["trial"]), packet=packet_dir)
         return node_id
     # The run is gone: what the packet itself carries is all the evidence there is.
@@ -173,28 +173,26 @@ def candidate_record(run_dir: str | Path, candidate: str) -> tuple[dict[str, Any
     compatibility verdict and intended use. Parent records come from the run's stored evidence (or, for
     runs recorded before it existed, are recomputed from the parents on disk)."""
     run_dir = Path(run_dir)
-    config, study = load_run(run_dir)
-    trial = find_trial(study, candidate)
-    if "recipe" not in trial.user_attrs:
+    config, store = load_run(run_dir)
+    trial = find_trial(store, candidate)
+    if trial.recipe is None:
         raise ConfigError(f"candidate {trial.number} of {run_dir} has no merge recipe (a layer-path candidate)")
     recipe = recipe_of(trial)
-    evidence = stored_evidence(study)
+    evidence = store.evidence
     if evidence is not None:
         by_ref = {p["ref"]: p for p in evidence["parents"]}
         parents = [by_ref[ref] for ref in recipe.parent_refs()]
     else:
         parents = [parent_record(ref) for ref in recipe.parent_refs()]
     recipe_yaml = recipe.to_yaml()
-    attrs = trial.user_attrs
-    test_results = study.user_attrs.get("test_results", {})
-    own = test_results.get(f"candidate:{trial.number}", {})
+    own = store.test_results.get(f"candidate:{trial.number}", {})
     details = {
-        "model_id": model_id(parents, recipe_yaml),
+        "model_id": merged_model_id(parents, recipe_yaml),
         "run": {"dir": str(run_dir.resolve()), "study": config.name, "trial": trial.number,
-                "generation": attrs.get("generation")},
+                "generation": trial.generation},
         "roles": own.get("roles", []),
-        "status": attrs.get("status"),
-        "failure": attrs.get("failure"),
+        "status": trial.status,
+        "failure": trial.failure,
         "method": recipe.method,
         "recipe": recipe_yaml,
         "coefficients": coefficients(recipe_yaml),
@@ -204,11 +202,11 @@ def candidate_record(run_dir: str | Path, candidate: str) -> tuple[dict[str, Any
         "tokenizer_fingerprints": sorted({p["tokenizer_fingerprint"] for p in parents if p.get("tokenizer_fingerprint")}),
         "compatibility": (evidence or {}).get("compatibility", {"verdict": "not recorded (run predates run evidence)"}),
         "suite": (evidence or {}).get("suite", []),
-        "split": attrs.get("split"),
-        "examples": attrs.get("examples"),
-        "scores": {"search": attrs.get("scores"), "test": own.get("test")},
-        "fitness": attrs.get("fitness"),
-        "resources": {key: attrs.get(key) for key in RESOURCE_FIELDS},
+        "split": trial.split,
+        "examples": trial.examples,
+        "scores": {"search": trial.scores, "test": own.get("test")},
+        "fitness": trial.fitness,
+        "resources": {key: getattr(trial, key) for key in RESOURCE_FIELDS},
         "intended_use": config.intended_use,
         "software": (evidence or {}).get("software", {}),
     }

@@ -2,51 +2,32 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-import optuna
-
 from evomerge import __version__
+from evomerge.errors import ConfigError
+from evomerge.flow import export_path
 from evomerge.lineage.card import CardInfo, CardScore, render_model_card
-from evomerge.merge.planner import run_merge
-from evomerge.models import Checkpoint
+from evomerge.merge import run_merge
+from evomerge.models import LINEAGE_FILE, Checkpoint, merged_model_id, parent_identity
 from evomerge.search.config import EvolveConfig
-from evomerge.search.run import find_trial, load_run, recipe_of
+from evomerge.search.dfs import PathCandidate
+from evomerge.search.store import RunStore, TrialRecord, find_trial, load_run, recipe_of
 
-LINEAGE_FILE = "lineage.json"
 EVALUATION_FILE = "evaluation.json"
 
 
 def parent_record(ref: str) -> dict[str, Any]:
-    """Identity of a parent by content, plus its own lineage when it was itself made by evomerge."""
-    checkpoint = Checkpoint.open(ref)
-    record = {
-        "ref": ref,
-        "content_hash": checkpoint.content_hash(),
-        "tokenizer_fingerprint": checkpoint.tokenizer_fingerprint(),
-        "architecture": checkpoint.architecture,
-        "model_type": checkpoint.model_type,
-    }
-    lineage_file = Path(ref) / LINEAGE_FILE
-    if lineage_file.is_file():
-        record["model_id"] = json.loads(lineage_file.read_text()).get("model_id")
-    return record
-
-
-def model_id(parents: list[dict[str, Any]], recipe_yaml: str) -> str:
-    """A merged model's id: what it was made from (parents by content) and how (the recipe)."""
-    digest = hashlib.sha256()
-    for parent in parents:
-        digest.update(parent["content_hash"].encode())
-    digest.update(recipe_yaml.encode())
-    return "evomerge:" + digest.hexdigest()[:24]
+    """Identity of a parent by content (`models.identity.parent_identity`)."""
+    return parent_identity(ref, Checkpoint.open(ref))
 
 
 def packet_files(
-    run_dir: str | Path, config: EvolveConfig, study: optuna.Study, trial: optuna.trial.FrozenTrial, *,
+    run_dir: str | Path, config: EvolveConfig, store: RunStore, trial: TrialRecord, *,
     method: str, parents: list[str], base_model: str | None, recipe_text: str, searched: str,
 ) -> dict[str, str]:
     """The packet's text files for one trial: model card (`README.md`), lineage and evaluation JSON.
@@ -55,19 +36,19 @@ def packet_files(
     card's sentence "found by an evolutionary search ... over <searched>".
     """
     records = [parent_record(ref) for ref in parents]
-    test_results = study.user_attrs.get("test_results", {})
+    test_results = store.test_results
     own = test_results.get(f"candidate:{trial.number}", {})
     evaluation = {
         "candidate": trial.number,
-        "search": trial.user_attrs.get("scores"),
+        "search": trial.scores,
         "test": own.get("test"),
         "comparisons": {name: r.get("test") for name, r in test_results.items() if name != f"candidate:{trial.number}"},
     }
     lineage = {
-        "model_id": model_id(records, recipe_text),
+        "model_id": merged_model_id(records, recipe_text),
         "evomerge_version": __version__,
         "run": {"dir": str(Path(run_dir).resolve()), "study": config.name, "trial": trial.number,
-                "generation": trial.user_attrs.get("generation")},
+                "generation": trial.generation},
         "method": method,
         "parents": records,
         "recipe": recipe_text,
@@ -97,21 +78,49 @@ def packet_files(
 
 
 def export_candidate(run_dir: str | Path, candidate: str, out_dir: str | Path, *, overwrite: bool = False) -> Path:
-    """Write `candidate` (a trial number or `champion`) of a run as a release packet in `out_dir`.
-
-    A layer-path (DFS) run's candidate is written by `evomerge.search.dfs.export_path_candidate`.
-    """
-    config, study = load_run(run_dir)
+    """Write `candidate` (a trial number or `champion`) of a run as a release packet in `out_dir`."""
+    config, store = load_run(run_dir)
+    trial = find_trial(store, candidate)
     if config.dfs is not None:
-        from evomerge.search.dfs import export_path_candidate
-
-        return export_path_candidate(run_dir, candidate, out_dir, overwrite=overwrite)
-    trial = find_trial(study, candidate)
+        return _export_path_candidate(run_dir, config, store, trial, Path(out_dir), overwrite=overwrite)
     recipe = recipe_of(trial)
     files = packet_files(
-        run_dir, config, study, trial, method=recipe.method, parents=recipe.parent_refs(),
+        run_dir, config, store, trial, method=recipe.method, parents=recipe.parent_refs(),
         base_model=recipe.base_model, recipe_text=recipe.to_yaml(),
         searched=f"`{recipe.method}` merge recipes of its parents",
     )
     run_merge(recipe, out_dir, overwrite=overwrite, extra_files=files)
     return Path(out_dir)
+
+
+def _export_path_candidate(
+    run_dir: str | Path, config: EvolveConfig, store: RunStore, trial: TrialRecord, out_dir: Path, *, overwrite: bool
+) -> Path:
+    """A layer-path (DFS) candidate's packet: the folded checkpoint plus lineage, evaluation and card.
+
+    Raises `ExportError` when the path cannot be folded (a scale <= 0). The packet is assembled beside
+    `out_dir` and moved into place only when complete.
+    """
+    assert trial.path is not None
+    path = PathCandidate.from_json(trial.path)
+    if path.spec is None:
+        raise ConfigError(f"candidate {trial.number} is not a valid path ({path.failure}); nothing to export")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace it")
+    sources = list(path.spec.source_names)
+    staging = out_dir.with_name(f".{out_dir.name}.dfs-{os.getpid()}")
+    try:
+        export_path(path.spec, sources, staging)
+        files = packet_files(
+            run_dir, config, store, trial, method="dfs", parents=sources, base_model=None,
+            recipe_text=json.dumps(path.spec.to_dict(), indent=2),
+            searched="layer paths through its parents (data-flow-space merging; scales folded into the weights)",
+        )
+        for name, text in files.items():
+            (staging / name).write_text(text)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir

@@ -1,9 +1,9 @@
-"""Merge operators, recipes, the streaming planner and the in-memory merger (see docs/ARCHITECTURE.md)."""
+"""Merge operators, recipes, the plan, the streaming executor and the in-memory merger (see docs/ARCHITECTURE.md)."""
 
 from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
-from evomerge.merge.planner import MergeResult, StreamingMerge, run_merge
 from evomerge.merge.recipe import Recipe, load_recipe, parse_recipe
 from evomerge.merge.registry import OperatorSpec, ParamSpec, get_operator, operator_names
+from evomerge.merge.stream import MergeResult, StreamingMerge, run_merge
 
 __all__ = [
     "InMemoryMerger",

@@ -15,8 +15,8 @@ from torch import nn
 
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import TensorJob, apply_job, job_parameters, plan_jobs
-from evomerge.merge.planner import check_parents, open_parents
 from evomerge.merge.recipe import Recipe
+from evomerge.merge.stream import check_parents, open_parents
 from evomerge.models import Checkpoint, CompatReport
 
 

@@ -1,6 +1,6 @@
 """From a recipe to per-tensor jobs, and from a job to merged weights.
 
-Both the streaming CLI merge (`planner.run_merge`) and the in-memory merger of the search use this one
+Both the streaming CLI merge (`stream.run_merge`) and the in-memory merger of the search use this one
 module, so the same recipe gives the same numbers on both paths. Everything a recipe can get wrong
 (a missing required parameter, a slice beyond a model's depth, an unknown tensor) is found while
 planning, before the first tensor is read.
@@ -9,7 +9,6 @@ planning, before the first tensor is read.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +19,7 @@ from evomerge.errors import ConfigError
 from evomerge.merge.params import layer_position, resolve_param
 from evomerge.merge.recipe import FilterRule, ParamValue, Recipe
 from evomerge.merge.registry import OperatorSpec, ParamSpec
-from evomerge.models import Checkpoint, tensor_role
-
-_LAYER_INDEX = re.compile(r"((?:^|\.)(?:layers|h|blocks|layer)\.)(\d+)(\.)")
+from evomerge.models import Checkpoint, tensor_role, with_layer
 
 
 @dataclass(frozen=True)
@@ -44,11 +41,6 @@ class TensorJob:
     t: float
     global_parameters: tuple[Mapping[str, ParamValue], ...]
     copy: bool = False
-
-
-def rename_layer(name: str, layer: int) -> str:
-    """`model.layers.3.mlp.up_proj.weight` with its layer index replaced by `layer`."""
-    return _LAYER_INDEX.sub(lambda m: f"{m.group(1)}{layer}{m.group(3)}", name, count=1)
 
 
 def tensor_seed(seed: int, tensor_name: str) -> int:
@@ -132,7 +124,7 @@ def _plan_slices(recipe: Recipe, spec: OperatorSpec, checkpoints: Mapping[str, C
         sources = []
         base = None
         for src in sl.sources:
-            tensor = out_name if offset is None else rename_layer(out_name, src.layer_range[0] + offset)
+            tensor = out_name if offset is None else with_layer(out_name, src.layer_range[0] + offset)
             source = Source(src.model, tensor, (src.parameters, sl.parameters))
             if src.model == recipe.base_model and (spec.needs_base or spec.space == "delta"):
                 base = source
@@ -152,7 +144,7 @@ def _plan_slices(recipe: Recipe, spec: OperatorSpec, checkpoints: Mapping[str, C
         for offset in range(sl.num_layers):
             t = offset / (sl.num_layers - 1) if sl.num_layers > 1 else 1.0
             for name in template:
-                jobs.append(slice_inputs(s_index, offset, rename_layer(name, out_layer), t))
+                jobs.append(slice_inputs(s_index, offset, with_layer(name, out_layer), t))
             out_layer += 1
     jobs += [slice_inputs(len(recipe.slices) - 1, None, name, 0.0) for name in post]
     return jobs

@@ -172,9 +172,12 @@ def _check_value(op: str, spec: ParamSpec, value: Any) -> None:
 def check_params(
     op_name: str, specs: Sequence[ParamSpec], params: Mapping[str, Any], *, num_models: int | None = None
 ) -> dict[str, Any]:
-    """Check parameter values against `specs` and fill in defaults (see `validate_params`).
+    """Check parameter values against `specs` and fill in defaults.
 
-    Kernels whose parameters cannot be Python keywords (``lambda``) call this themselves.
+    Per-model parameters accept a scalar (broadcast to every model when `num_models` is given) or a
+    list of length `num_models`. Returns a new dict with every parameter present; raises ConfigError
+    naming the offending parameter and its allowed range. Kernels whose parameters cannot be Python
+    keywords (``lambda``) call this themselves.
     """
     known = [p.name for p in specs]
     for name in params:
@@ -202,15 +205,3 @@ def check_params(
                 value = [value] * num_models
         resolved[p.name] = value
     return resolved
-
-
-def validate_params(
-    spec: OperatorSpec, params: Mapping[str, Any], *, num_models: int | None = None
-) -> dict[str, Any]:
-    """Check resolved parameter values against `spec` and fill in defaults.
-
-    Per-model parameters accept a scalar (broadcast to every model when `num_models` is given) or a
-    list of length `num_models`. Returns a new dict with every parameter of the operator present.
-    Raises ConfigError naming the offending parameter and its allowed range.
-    """
-    return check_params(spec.name, spec.params, params, num_models=num_models)

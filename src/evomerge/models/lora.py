@@ -17,14 +17,9 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import ModelError
-from evomerge.models.checkpoint import (
-    ADAPTER_CONFIG,
-    TOKENIZER_FILES,
-    Checkpoint,
-    PickleSource,
-    TensorSource,
-    open_safetensors_file,
-)
+from evomerge.models.checkpoint import ADAPTER_CONFIG, Checkpoint
+from evomerge.models.sources import PickleSource, TensorSource, open_safetensors_file
+from evomerge.models.tokenizer import TOKENIZER_FILES
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")

@@ -1,7 +1,7 @@
 """Architecture introspection: which layer a tensor belongs to and what kind of block it is part of.
 
 Table-driven so that supporting a new family means adding a row, not a branch: a tensor name is split
-at its repeated-block container (`layers.N.`, `h.N.`, `blocks.N.`, `block.N.`), and the first name
+at its repeated-block container (`layers.N.`, `h.N.`, `blocks.N.`, `block.N.`, `layer.N.`), and the first name
 component inside the block decides the kind. Names outside any block are matched against a short table
 of embedding / head / final-norm patterns. Whatever prefix precedes the container (`model.`,
 `transformer.`, `language_model.model.`, `vision_tower.encoder.`) is kept as `TensorRole.module`, so
@@ -27,10 +27,16 @@ class TensorRole:
     kind: Kind
     module: str = ""
 
+    @property
+    def prefix(self) -> str | None:
+        """The name up to and including the layer index (`model.layers.3.`), None outside blocks."""
+        return None if self.layer is None else f"{self.module}.{self.layer}."
 
+
+# The one layer-index rule (the planner's layer renaming and the genome's layer groups use it too):
 # `<prefix><container>.<index>.<rest>`; the prefix is lazy so the *first* container wins
-# (`model.layers.3.mlp.experts.7.w1` is layer 3, not expert 7).
-_BLOCK = re.compile(r"^(?P<module>(?:.*?\.)?(?:layers|h|blocks|block))\.(?P<index>\d+)\.(?P<rest>.+)$")
+# (`model.layers.3.mlp.experts.7.w1` is layer 3, not expert 7; T5's `block.0.layer.1.` is block 0).
+_BLOCK = re.compile(r"^(?P<module>(?:.*?\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 # First component inside a block -> kind. Order matters: norms are tested first because names like
 # `post_attention_layernorm` or `self_attn_layer_norm` mention attention but hold norm weights.
@@ -59,6 +65,12 @@ _MODEL_TYPE_OVERRIDES: dict[str, tuple[tuple[re.Pattern[str], Kind], ...]] = {
     # constants, not attention weights, and must never be merged.
     "gpt2": ((re.compile(r"\.attn\.(masked_)?bias$"), "other"),),
 }
+
+
+def with_layer(name: str, layer: int) -> str:
+    """`model.layers.3.mlp.up_proj.weight` with its layer index replaced by `layer` (unchanged outside blocks)."""
+    match = _BLOCK.match(name)
+    return f"{match['module']}.{layer}.{match['rest']}" if match else name
 
 
 def tensor_role(name: str, model_type: str | None = None) -> TensorRole:

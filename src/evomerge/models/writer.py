@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from evomerge.errors import ExportError
-from evomerge.models.checkpoint import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, TOKENIZER_FILES, tensor_bytes
+from evomerge.models.checkpoint import tensor_bytes
 from evomerge.models.safetensors_header import TORCH_TO_SAFETENSORS
+from evomerge.models.sources import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+from evomerge.models.tokenizer import TOKENIZER_FILES
 
 if TYPE_CHECKING:  # typing.Self needs Python 3.11; we support 3.10
     from typing_extensions import Self

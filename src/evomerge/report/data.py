@@ -1,12 +1,12 @@
 """Tidy data behind the report, computed from a run's study: no plotting here, so it can be tested exactly.
 
 Works on finished and running runs alike: before selection has happened the champion is the best
-fully evaluated candidate so far (the same rule `search.results.select` applies at the end).
+fully evaluated candidate so far (`RunStore.champion`, the rule selection applies at the end). Runs are
+read through the run store only.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 
-from evomerge.errors import ConfigError
-from evomerge.flow import FigureStep, PathSpec, path_figure_data
-from evomerge.merge.params import layer_position, resolve_param
-from evomerge.merge.recipe import Recipe
+from evomerge.flow import FigureStep, path_figure_data
+from evomerge.merge import Recipe
+from evomerge.merge.plan import job_parameters, plan_jobs
 from evomerge.models import Checkpoint, tensor_role
 from evomerge.search.config import EvolveConfig
-from evomerge.search.results import fully_evaluated, pareto_set
-from evomerge.search.run import load_run, recipe_of
+from evomerge.search.dfs import PathCandidate
+from evomerge.search.results import pareto_set
+from evomerge.search.store import RunStore, TrialRecord, load_run, recipe_of
 
 FITNESS = "fitness"
 
@@ -39,6 +38,7 @@ class Candidate:
     scores: dict[str, float]
     stderrs: dict[str, float | None]
     genes: dict[str, float]
+    fully_evaluated: bool
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class RunData:
 
     run_dir: Path
     config: EvolveConfig
-    study: optuna.Study
+    store: RunStore
     candidates: list[Candidate]
     tasks: list[str]
     signs: list[float]
@@ -57,7 +57,7 @@ class RunData:
     @property
     def complete(self) -> list[Candidate]:
         """Fully evaluated candidates (raced-out ones have partial scores, duplicates repeat others)."""
-        return [c for c in self.candidates if c.status == "complete"]
+        return [c for c in self.candidates if c.fully_evaluated]
 
     @property
     def generations(self) -> list[int]:
@@ -67,45 +67,36 @@ class RunData:
 def load_run_data(run_dir: str | Path) -> RunData:
     """Read a run directory's config and study into `RunData`."""
     run_dir = Path(run_dir)
-    config, study = load_run(run_dir)
+    config, store = load_run(run_dir)
     tasks = [o.name or Path(o.task).stem for o in config.objectives]
     candidates = []
-    for trial in study.get_trials(deepcopy=False):
-        attrs = trial.user_attrs
-        if "status" not in attrs or "generation" not in attrs:
+    for trial in store.trials():
+        if trial.status is None or trial.generation is None:
             continue  # asked but never told (in flight) or re-queued
-        scores = attrs.get("scores") or {}
+        scores = trial.scores or {}
         candidates.append(Candidate(
             number=trial.number,
-            generation=attrs["generation"],
-            status=attrs["status"],
-            fitness=attrs.get("fitness"),
+            generation=trial.generation,
+            status=trial.status,
+            fitness=trial.fitness,
             scores={name: entry["score"] for name, entry in scores.items()},
             stderrs={name: entry.get("stderr") for name, entry in scores.items()},
             genes=dict(trial.params),
+            fully_evaluated=trial.fully_evaluated,
         ))
     # Task names as the evaluator reported them (task files name themselves); config order kept.
     reported = [name for c in candidates for name in c.scores]
     if reported:
         tasks = list(dict.fromkeys(reported))
-    signs = [1.0 if o.direction == "maximize" else -1.0 for o in config.objectives]
-    selection = study.user_attrs.get("selection")
-    champion = selection["champion"] if selection else _best_so_far(study)
-    return RunData(run_dir, config, study, candidates, tasks, signs, study.user_attrs.get("genes", []), champion)
+    signs = [o.sign for o in config.objectives]
+    return RunData(run_dir, config, store, candidates, tasks, signs, store.genes, store.champion())
 
 
-def _best_so_far(study: optuna.Study) -> int | None:
-    trials = fully_evaluated(study)
-    if not trials:
-        return None
-    return max(trials, key=lambda t: (t.user_attrs["fitness"], -t.number)).number
-
-
-def champion_trial(data: RunData) -> optuna.trial.FrozenTrial | None:
+def champion_trial(data: RunData) -> TrialRecord | None:
     """The champion's trial (selected, else best so far), or None before any candidate finished."""
     if data.champion is None:
         return None
-    return data.study.get_trials(deepcopy=False)[data.champion]
+    return data.store.trials()[data.champion]
 
 
 # --- progress over generations -------------------------------------------------------------------
@@ -209,28 +200,6 @@ def column_of(tensor_name: str, model_type: str | None) -> str:
     return "embed" if role.kind == "embedding" else "out"
 
 
-def resolved_value(recipe: Recipe, model: str, param: str, tensor_name: str, t: float) -> float:
-    """The value of per-model `param` for `model` on one tensor, with the merge's precedence:
-    the model's own setting, else the recipe's global one, else the operator's default."""
-    entry = next(e for e in recipe.models if e.model == model)
-    for parameters in (entry.parameters, recipe.parameters):
-        if param in parameters:
-            value = resolve_param(_plain(parameters[param]), tensor_name, t)
-            if value is not None:
-                return float(value)
-    default = recipe.operator.param(param).default
-    if default is None:
-        raise ConfigError(f"recipe gives no value of '{param}' for model {model} on tensor {tensor_name}")
-    return float(default)
-
-
-def _plain(value: Any) -> Any:
-    # Recipe filter rules are pydantic models; resolve_param reads plain mappings.
-    if isinstance(value, list):
-        return [item.model_dump() if hasattr(item, "model_dump") else item for item in value]
-    return value
-
-
 def coefficient_grids(recipe: Recipe, donor: Checkpoint) -> list[CoefficientGrid]:
     """Per-model parameters of a `models` recipe (weight first) over the donor's layer columns."""
     if recipe.slices:
@@ -240,16 +209,16 @@ def coefficient_grids(recipe: Recipe, donor: Checkpoint) -> list[CoefficientGrid
     params = [p.name for p in spec.params if p.per_model and not p.is_flag
               and any(p.name in e.parameters for e in recipe.models)]
     params.sort(key=lambda name: name != "weight")
-    names = donor.tensor_names()
-    columns = list(dict.fromkeys(sorted((column_of(n, donor.model_type) for n in names), key=_column_order)))
+    # The values the merge itself uses: the plan's jobs with merge's own parameter precedence.
+    jobs = [job for job in plan_jobs(recipe, spec, {recipe.base_model or recipe.models[0].model: donor}) if not job.copy]
+    resolved = [(job.out_name, job_parameters(spec, job)) for job in jobs]
+    columns = list(dict.fromkeys(sorted((column_of(n, donor.model_type) for n, _ in resolved), key=_column_order)))
     grids = []
     for param in params:
         per_column: dict[str, list[list[float]]] = {c: [[] for _ in merged] for c in columns}
-        for name in names:
-            role = tensor_role(name, donor.model_type)
-            t = layer_position(role.layer, donor.num_layers)
-            for i, model in enumerate(merged):
-                per_column[column_of(name, donor.model_type)][i].append(resolved_value(recipe, model, param, name, t))
+        for name, values in resolved:
+            for i, value in enumerate(values[param]):
+                per_column[column_of(name, donor.model_type)][i].append(float(value))
         grids.append(CoefficientGrid(
             param, merged, columns,
             [[float(np.mean(per_column[c][i])) for c in columns] for i in range(len(merged))],
@@ -268,14 +237,12 @@ def _column_order(column: str) -> tuple[int, int]:
 
 
 # --- DFS path and result table -------------------------------------------------------------------
-def champion_path(trial: optuna.trial.FrozenTrial) -> list[FigureStep] | None:
-    """The champion's layer path when the run searched data-flow space: trial attribute `path`, the JSON
-    `{"path": PathSpec.to_dict(), "failure": ...}` that `search.dfs.PathCandidate.to_json` writes."""
-    record = trial.user_attrs.get("path")
-    if not record:
+def champion_path(trial: TrialRecord) -> list[FigureStep] | None:
+    """The champion's layer path when the run searched data-flow space (its `PathCandidate`)."""
+    if not trial.path:
         return None
-    spec = json.loads(record)["path"]
-    return path_figure_data(PathSpec.from_dict(spec)) if spec else None
+    spec = PathCandidate.from_json(trial.path).spec
+    return path_figure_data(spec) if spec else None
 
 
 @dataclass(frozen=True)
@@ -290,8 +257,8 @@ class ResultRow:
 
 def result_rows(data: RunData) -> list[ResultRow]:
     """Champion, specialists, challengers (test split, after selection), parents and baselines."""
-    test_results = data.study.user_attrs.get("test_results") or {}
-    baselines = data.study.user_attrs.get("baselines") or {}
+    test_results = data.store.test_results
+    baselines = data.store.baselines or {}
     rows = []
     order = sorted(test_results.items(), key=lambda item: item[1]["kind"] != "candidate")
     for name, result in order:
@@ -301,7 +268,7 @@ def result_rows(data: RunData) -> list[ResultRow]:
         # Still searching: the champion so far and the baselines, search split only.
         trial = champion_trial(data)
         if trial is not None:
-            rows.append(ResultRow(f"candidate:{trial.number}", "champion so far", trial.user_attrs["scores"], {}))
+            rows.append(ResultRow(f"candidate:{trial.number}", "champion so far", trial.scores or {}, {}))
         rows += [ResultRow(name, b["kind"], b["search"], {}) for name, b in baselines.items()]
     return rows
 
@@ -309,7 +276,7 @@ def result_rows(data: RunData) -> list[ResultRow]:
 def champion_recipe(data: RunData) -> Recipe | None:
     """The champion's decoded recipe, or None before any candidate finished (or for a layer path)."""
     trial = champion_trial(data)
-    return recipe_of(trial) if trial is not None and "recipe" in trial.user_attrs else None
+    return recipe_of(trial) if trial is not None and trial.recipe is not None else None
 
 
 def score_pairs(rows: Sequence[ResultRow], tasks: Sequence[str]) -> list[str]:

@@ -111,7 +111,7 @@ def projection_figure(data: RunData, projection: Projection) -> go.Figure:
 
 def _baseline_points(data: RunData, projection: Projection) -> go.Scatter:
     # Parents the genome can express (one task vector at full weight) anchor the picture.
-    baselines = data.study.user_attrs.get("baselines", {})
+    baselines = data.store.baselines or {}
     named = [(name, b["genome"]) for name, b in baselines.items() if b.get("genome")]
     coords = [projection.project(genome) for _, genome in named]
     return go.Scatter(x=[c[0] for c in coords], y=[c[1] for c in coords], mode="markers+text", name="parents",

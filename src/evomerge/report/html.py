@@ -20,7 +20,6 @@ from plotly.offline import get_plotlyjs
 
 from evomerge.errors import EvomergeError, ExportError
 from evomerge.lineage.dag import lineage
-from evomerge.lineage.store import stored_evidence
 from evomerge.models import Checkpoint
 from evomerge.report import figures
 from evomerge.report.data import (
@@ -81,7 +80,7 @@ def _summary(data: RunData) -> Section:
         ("champion", "-" if data.champion is None else f"trial {data.champion}"),
         ("intended use", config.intended_use or "(not stated)"),
     ]
-    evidence = stored_evidence(data.study)
+    evidence = data.store.evidence
     if evidence is not None:
         items += [(f"parent ({p['role']})", f"{p['path']} sha256 {p['content_hash'][:16]}") for p in evidence["parents"]]
         items.append(("compatibility", evidence["compatibility"]["verdict"]))
@@ -147,7 +146,7 @@ def _results(data: RunData) -> Section:
         + "".join(cell(r.search.get(t)) + cell(r.test.get(t)) for t in tasks) + "</tr>"
         for r in rows
     )
-    note = "" if data.study.user_attrs.get("test_results") else "Test-split scores appear once the run has finished."
+    note = "" if data.store.test_results else "Test-split scores appear once the run has finished."
     table = f"<table class='results'><tr><th>model</th><th>role</th>{header}</tr>{body}</table>"
     return Section("results", "Champion, specialists, challengers, parents and baselines", body=table, note=note)
 

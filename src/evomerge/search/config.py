@@ -23,7 +23,6 @@ from evomerge.validation import validation_sentence
 
 Granularity = Literal["global", "per_layer", "per_block", "per_kind", "per_layer_kind", "per_block_kind"]
 Optimizer = Literal["cmaes", "nsga2", "tpe", "gp", "random"]
-BLOCK_KINDS = ("embedding", "attention", "mlp", "norm", "head")
 
 
 class GeneSpec(BaseModel):
@@ -51,6 +50,11 @@ class GeneSpec(BaseModel):
         return self
 
 
+def direction_sign(direction: str) -> float:
+    """+1 for "maximize", -1 for "minimize": `sign * score` is larger-is-better (the one place for it)."""
+    return 1.0 if direction == "maximize" else -1.0
+
+
 class Objective(BaseModel):
     """One task to optimise on its search split."""
 
@@ -59,6 +63,11 @@ class Objective(BaseModel):
     weight: float = 1.0
     direction: Literal["maximize", "minimize"] = "maximize"
     name: str | None = None
+
+    @property
+    def sign(self) -> float:
+        """+1 for a maximised objective, -1 for a minimised one (`direction_sign`)."""
+        return direction_sign(self.direction)
 
 
 class Budget(BaseModel):

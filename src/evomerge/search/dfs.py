@@ -6,8 +6,8 @@ repeated r times" (gene > 0 = the slot is on the path, in slot order) and scalin
 searches every W entry; `scaling: factorized` searches W_ij = a_i * b_j (one "from" factor per source
 layer plus the embedding, one "to" factor per layer), 2M + 1 genes instead of (M + 1) M for large M.
 
-`DfsSession` offers the interface `SearchRun` uses from `SearchSession`, so racing, de-duplication,
-resume, workers, selection and test scoring are shared with the parameter-space search. A decoded
+`DfsSession` keeps the `session.Session` contract, so racing, de-duplication, resume, workers,
+selection and test scoring are shared with the parameter-space search. A decoded
 candidate is a `PathCandidate`; candidates are de-duplicated by their *path* (many indicator vectors
 decode to the same path), and a path that is empty or longer than `max_path_length` is a failed
 candidate with its reason, not an error of the run.
@@ -18,8 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 import torch
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
@@ -38,20 +35,19 @@ from evomerge.flow import (
     PathModel,
     PathSpec,
     check_path_sources,
-    export_path,
     initial_genome,
     path_from_genome,
     slot_layout,
 )
-from evomerge.models import Checkpoint, CompatReport
+from evomerge.models import LINEAGE_FILE, Checkpoint, CompatReport
 from evomerge.search.config import DfsConfig, EvolveConfig, resolve_path
+from evomerge.search.evidence import run_evidence
 from evomerge.search.genome import Gene
-from evomerge.search.run import SessionBase, find_trial, load_run
+from evomerge.search.session import SessionBase
+from evomerge.search.store import PS_CHAMPION_DIR, TrialRecord, load_run
 
 #: Indicator genes live in [-1, 1]; the initial genome puts them at ±1 (`flow.initial_genome`).
 INDICATOR_BOUNDS = (-1.0, 1.0)
-#: Where a `ps_run` champion is exported, inside that PS run's directory.
-PS_CHAMPION_DIR = "dfs_model_a"
 
 
 class InvalidPathError(ValueError):
@@ -77,10 +73,6 @@ class PathCandidate:
     def to_json(self) -> str:
         """What a trial stores under `path`: the spec (`PathSpec.to_dict`) or the failure."""
         return json.dumps({"path": self.spec.to_dict() if self.spec else None, "failure": self.failure})
-
-    def to_yaml(self) -> str:
-        """The same record as `to_json` (JSON is YAML); used where baselines store their recipe text."""
-        return self.to_json()
 
     @classmethod
     def from_json(cls, text: str) -> PathCandidate:
@@ -145,11 +137,9 @@ class DfsGenome:
         scales = rest.reshape(m + 1, m) if self.scaling == "full" else np.outer(rest[: m + 1], rest[m + 1 :])
         return indicator, scales
 
-    def decode(self, values: Mapping[str, float] | Sequence[float], *, seed: int = 0) -> PathCandidate:
-        """The path a genome stands for; an empty or too long path is a `PathCandidate` with a failure.
-
-        `seed` is accepted for interface parity with the parameter-space codec; paths are deterministic.
-        """
+    def decode(self, values: Mapping[str, float] | Sequence[float]) -> PathCandidate:
+        """The path a genome stands for (deterministic); an empty or too long path is a `PathCandidate`
+        with a failure."""
         if not isinstance(values, Mapping):
             values = dict(zip(self.names, values, strict=True))
         indicator, scales = self.matrices(values)
@@ -170,7 +160,7 @@ class DfsGenome:
 
     @property
     def merged_models(self) -> list[str]:
-        """The sources (what `SearchRun` evaluates as parent baselines)."""
+        """The sources (what the session evaluates as parent baselines)."""
         return list(self.source_names)
 
 
@@ -182,40 +172,28 @@ def _clip(value: float, low: float, high: float) -> float:
     return min(max(value, low), high)
 
 
-@dataclass(frozen=True)
-class SourcePool:
-    """The resident sources as run evidence sees them: checkpoints by ref and a compatibility report."""
-
-    checkpoints: dict[str, Checkpoint]
-    compat: CompatReport
-
-
 def ps_champion_source(ps_run: str | Path) -> Path:
-    """Export the champion of a parameter-space run into `<ps_run>/dfs_model_a` (reused once written).
+    """The exported champion of a parameter-space run (`<ps_run>/dfs_model_a`), model A of a PS+DFS run.
 
-    The export records the trial it came from in `lineage.json`; a stale export (the run's champion
-    changed) is refused rather than silently reused.
+    The export is made by `pipelines.evolve` before the search starts (exporting is a release step
+    above the search); here it must exist and be the run's current champion, else `ConfigError`.
     """
-    from evomerge.lineage.packet import LINEAGE_FILE, export_candidate  # lineage imports search
-
     run_dir = Path(ps_run)
-    config, study = load_run(run_dir)
+    config, store = load_run(run_dir)
     if config.dfs is not None:
         raise ConfigError(f"dfs.ps_run {run_dir} is a layer-path run; it must be a parameter-space run")
-    selection = study.user_attrs.get("selection")
+    selection = store.selection
     if selection is None:
         raise ConfigError(f"dfs.ps_run {run_dir} has no champion yet; let that evolve finish first")
     out = run_dir / PS_CHAMPION_DIR
-    lineage = out / LINEAGE_FILE
-    if lineage.is_file():
-        exported = json.loads(lineage.read_text())["run"]["trial"]
-        if exported != selection["champion"]:
-            raise ConfigError(
-                f"{out} holds candidate {exported} but the champion of {run_dir} is candidate "
-                f"{selection['champion']}; delete {out} to export the new champion"
-            )
-        return out
-    export_candidate(run_dir, "champion", out)
+    if not (out / LINEAGE_FILE).is_file():
+        raise ConfigError(f"{out} does not hold the champion of {run_dir} yet; `evomerge evolve` exports it")
+    exported = json.loads((out / LINEAGE_FILE).read_text())["run"]["trial"]
+    if exported != selection["champion"]:
+        raise ConfigError(
+            f"{out} holds candidate {exported} but the champion of {run_dir} is candidate "
+            f"{selection['champion']}; delete {out} to export the new champion"
+        )
     return out
 
 
@@ -264,14 +242,12 @@ def check_dfs_sources(dfs: DfsConfig, sources: Sequence[str], configs: Sequence[
 class DfsSession(SessionBase):
     """Everything a layer-path candidate evaluation needs, loaded once: the sources and the tasks.
 
-    Offers the `SearchSession` interface `SearchRun` uses. `model` is what `evaluate` scores: a
-    `PathModel` over the resident sources (built per candidate; no weights are copied) or, for parent
-    baselines, a source model itself.
+    Keeps the `Session` contract. `model` is what `evaluate` scores: a `PathModel` over the resident
+    sources (built per candidate; no weights are copied) or, for parent baselines, a source model itself.
     """
 
     def __init__(self, config: EvolveConfig, root: Path):
         assert config.dfs is not None
-        self.base = None
         self.sources = resolve_sources(config.dfs, root)
         configs = source_configs(self.sources)
         check_dfs_sources(config.dfs, self.sources, configs)
@@ -281,18 +257,26 @@ class DfsSession(SessionBase):
         loaded = [load_causal_lm(s, device=self.device, dtype=self.dtype, allow_pickle=config.allow_pickle) for s in self.sources]
         self.source_models: list[PreTrainedModel] = [model for model, _ in loaded]
         self.tokenizer = loaded[0][1]
-        self.merger = _source_pool(self.sources, configs, config.allow_pickle)
+        self.checkpoints = {s: Checkpoint.open(s, allow_pickle=config.allow_pickle) for s in self.sources}
+        self.compat = _path_compat(self.sources, configs, self.checkpoints)
         self.model: torch.nn.Module = self.source_models[0]
 
-    def describe(self, genes: Mapping[str, float], candidate: PathCandidate) -> tuple[str, dict[str, Any]]:
-        """De-duplication key (by path, not by genes) and the trial attributes recording the candidate."""
-        return candidate.key, {"path": candidate.to_json()}
+    # --- candidates -----------------------------------------------------------------------------
+    def decode(self, genes: Mapping[str, float]) -> PathCandidate:
+        return self.genome.decode(genes)
 
-    def candidate_of(self, trial: optuna.trial.FrozenTrial) -> PathCandidate:
-        """The path a trial stored."""
-        return PathCandidate.from_json(trial.user_attrs["path"])
+    def describe(self, genes: Mapping[str, float], candidate: PathCandidate) -> tuple[str, dict[str, str]]:
+        """De-duplication by path, not by genes (many indicator vectors decode to one path)."""
+        return candidate.key, {"path": self.candidate_text(candidate)}
 
-    def load_recipe(self, candidate: PathCandidate) -> float:
+    def candidate_text(self, candidate: PathCandidate) -> str:
+        return candidate.to_json()
+
+    def candidate_of(self, record: TrialRecord) -> PathCandidate:
+        assert record.path is not None
+        return PathCandidate.from_json(record.path)
+
+    def activate_candidate(self, candidate: PathCandidate) -> float:
         """Make `candidate`'s path the live model; returns the seconds taken (no weights move)."""
         if candidate.spec is None:
             raise InvalidPathError(candidate.failure)
@@ -300,11 +284,17 @@ class DfsSession(SessionBase):
         self.model = PathModel(self.source_models, candidate.spec)
         return time.perf_counter() - started
 
-    load_streamed = load_recipe  # baselines are paths too
-
-    def load_checkpoint(self, ref: str) -> None:
-        """Make a source model itself the live model (parent baselines)."""
+    def activate_parent(self, ref: str) -> None:
+        """Make a source model itself the live model."""
         self.model = self.source_models[self.sources.index(ref)]
+
+    def activate_baseline(self, candidate: PathCandidate) -> None:
+        """Baselines are paths too: the live model becomes the baseline's path."""
+        self.activate_candidate(candidate)
+
+    # --- the run's inputs -----------------------------------------------------------------------
+    def parents(self) -> list[str]:
+        return self.genome.merged_models
 
     def baselines(self) -> dict[str, PathCandidate]:
         """Untuned paths: every source's layers stacked once at scale 1 (the frankenmerge), if within the limit."""
@@ -314,11 +304,22 @@ class DfsSession(SessionBase):
         spec = PathSpec(self.genome.layers_per_source, steps, (1.0,) * len(steps), self.genome.source_names)
         return {"stack_all_layers": PathCandidate(spec)}
 
+    def parent_genomes(self) -> dict[str, dict[str, float]]:
+        """Empty: a path genome has no setting that reproduces a source other than model A."""
+        return {}
 
-def _source_pool(sources: Sequence[str], configs: Sequence[PretrainedConfig], allow_pickle: bool) -> SourcePool:
-    checkpoints = {source: Checkpoint.open(source, allow_pickle=allow_pickle) for source in sources}
+    def evidence(self) -> dict[str, Any]:
+        return run_evidence(
+            self.config, checkpoints=self.checkpoints, base=None, compat_verdict=self.compat.verdict,
+            compat_notes=self.compat.notes, tasks=self.objectives.tasks,
+        )
+
+
+def _path_compat(sources: Sequence[str], configs: Sequence[PretrainedConfig],
+                 checkpoints: Mapping[str, Checkpoint]) -> CompatReport:
+    # What run evidence records about layer-path sources, in the shape of a merge's compatibility report.
     first = checkpoints[sources[0]]
-    report = CompatReport(
+    return CompatReport(
         architecture=first.architecture,
         model_type=first.model_type,
         num_layers=sum(c.num_hidden_layers for c in configs),
@@ -331,42 +332,3 @@ def _source_pool(sources: Sequence[str], configs: Sequence[PretrainedConfig], al
         notes=("layer-path sources: shared shapes and tokenizer checked; model A gives embeddings and head",),
         verdict=f"compatible for layer paths: {len(sources)} source(s), one tokenizer",
     )
-    return SourcePool(checkpoints, report)
-
-
-def export_path_candidate(
-    run_dir: str | Path, candidate: str, out_dir: str | Path, *, overwrite: bool = False
-) -> Path:
-    """Write a DFS run's candidate as a release packet: the folded checkpoint plus lineage, evaluation and card.
-
-    Raises `ExportError` when the path cannot be folded (a scale <= 0). The packet is assembled beside
-    `out_dir` and moved into place only when complete.
-    """
-    from evomerge.lineage.packet import packet_files  # lineage imports search
-
-    config, study = load_run(run_dir)
-    trial = find_trial(study, candidate)
-    path = PathCandidate.from_json(trial.user_attrs["path"])
-    if path.spec is None:
-        raise ConfigError(f"candidate {trial.number} is not a valid path ({path.failure}); nothing to export")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out_dir} exists and is not empty; pass --overwrite to replace it")
-    sources = list(path.spec.source_names)
-    staging = out_dir.with_name(f".{out_dir.name}.dfs-{os.getpid()}")
-    try:
-        export_path(path.spec, sources, staging)
-        files = packet_files(
-            run_dir, config, study, trial, method="dfs", parents=sources, base_model=None,
-            recipe_text=json.dumps(path.spec.to_dict(), indent=2),
-            searched="layer paths through its parents (data-flow-space merging; scales folded into the weights)",
-        )
-        for name, text in files.items():
-            (staging / name).write_text(text)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir
-

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +19,6 @@ from evomerge.merge.registry import OperatorSpec
 from evomerge.models import tensor_role
 from evomerge.search.config import EvolveConfig, GeneSpec, check_block_size
 
-_LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.\d+\.)")
 OUTSIDE = "outside"  # tensors outside the decoder layers (embeddings, final norm, lm_head)
 
 
@@ -168,12 +166,12 @@ def _patterns(members: Sequence[str], groups: TensorGroups) -> list[str]:
     layer_sizes: dict[str, int] = {}
     for label in groups.labels:
         for name in groups.members[label]:
-            prefix = _layer_prefix(name)
+            prefix = tensor_role(name).prefix
             if prefix is not None:
                 layer_sizes[prefix] = layer_sizes.get(prefix, 0) + 1
     by_prefix: dict[str | None, list[str]] = {}
     for name in members:
-        by_prefix.setdefault(_layer_prefix(name), []).append(name)
+        by_prefix.setdefault(tensor_role(name).prefix, []).append(name)
     patterns: list[str] = []
     for prefix, names in by_prefix.items():
         if prefix is not None and len(names) == layer_sizes[prefix]:
@@ -181,11 +179,6 @@ def _patterns(members: Sequence[str], groups: TensorGroups) -> list[str]:
         else:
             patterns.extend(names)
     return patterns
-
-
-def _layer_prefix(name: str) -> str | None:
-    match = _LAYER_PREFIX.match(name)
-    return match.group(1) if match else None
 
 
 def model_label(models: Sequence[str], model: str) -> str:

@@ -9,16 +9,14 @@ be silently mixed with scores on the new ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from evomerge.errors import ConfigError
-from evomerge.models import Checkpoint
+from evomerge.models import Checkpoint, resume_identity
 from evomerge.search.config import EvolveConfig, resolve_path
-
-PARENTS_FILE = "parents.json"
+from evomerge.search.store import PARENTS_FILE
 
 
 class ChangedParentsError(ConfigError):
@@ -33,13 +31,7 @@ def parent_refs(config: EvolveConfig, root: Path) -> list[str]:
     return list(dict.fromkeys(resolve_path(ref, root) for ref in refs))
 
 
-def identity(checkpoint: Checkpoint) -> str:
-    """What a score depends on: the weights, the tokenizer's vocabulary and the model config."""
-    config = hashlib.sha256(json.dumps(checkpoint.config, sort_keys=True).encode()).hexdigest()
-    return f"{checkpoint.content_hash()}:{checkpoint.tokenizer_fingerprint()}:{config}"
-
-
-def check_parents(run_dir: Path, refs: Sequence[str], *, allow_pickle: bool = False, accept_changed: bool = False) -> list[str]:
+def verify_parents_unchanged(run_dir: Path, refs: Sequence[str], *, allow_pickle: bool = False, accept_changed: bool = False) -> list[str]:
     """Record the parents on the first run; on resume refuse changed ones unless `accept_changed`.
 
     Returns the refs whose identity changed (accepted ones are re-recorded, so the next resume compares
@@ -56,7 +48,7 @@ def check_parents(run_dir: Path, refs: Sequence[str], *, allow_pickle: bool = Fa
         if old is not None and old["fingerprint"] == fingerprint:
             current[ref] = old
             continue
-        current[ref] = {"fingerprint": fingerprint, "identity": identity(checkpoint)}
+        current[ref] = {"fingerprint": fingerprint, "identity": resume_identity(checkpoint)}
         if old is not None and old["identity"] != current[ref]["identity"]:
             changed.append(ref)
     if changed and not accept_changed:

@@ -1,4 +1,9 @@
-"""`evolve`: run or resume a search, select its champion, specialists and challengers, score them on test."""
+"""`evolve`: run or resume a search, select its champion, specialists and challengers, score them on test.
+
+A flow on top of the search: for a PS+DFS run it first exports the parameter-space run's champion
+(a release packet, `lineage`) that becomes model A of the layer paths; after the search it records the
+selection and the test-split results in the run store and writes `run.json`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
-from evomerge.search.config import load_evolve_config
-from evomerge.search.integrity import check_parents, parent_refs
+from evomerge.lineage import export_candidate
+from evomerge.models import LINEAGE_FILE
+from evomerge.search import store as runs
+from evomerge.search.config import EvolveConfig, load_evolve_config, resolve_path
+from evomerge.search.integrity import parent_refs, verify_parents_unchanged
 from evomerge.search.results import Selection, evaluate_on_test, select
-from evomerge.search.run import CandidateResult, SearchRun, prepare_run_dir, write_run_file
+from evomerge.search.run import CandidateResult, SearchRun
 from evomerge.search.worker import run_with_workers
 
 
@@ -25,6 +33,19 @@ class EvolveOutcome:
     test_results: dict[str, Any]
     candidates: int
     examples_saved: int
+
+
+def export_ps_champion(config: EvolveConfig, root: Path) -> Path | None:
+    """For a PS+DFS run, export the `dfs.ps_run` champion into `<ps_run>/dfs_model_a` (once; a stale
+    export is refused by `search.dfs.ps_champion_source`, which the session then reads)."""
+    if config.dfs is None or config.dfs.ps_run is None:
+        return None
+    ps_run = Path(resolve_path(config.dfs.ps_run, root))
+    out = ps_run / runs.PS_CHAMPION_DIR
+    config_ps, store = runs.load_run(ps_run)
+    if config_ps.dfs is None and store.selection is not None and not (out / LINEAGE_FILE).is_file():
+        export_candidate(ps_run, "champion", out)
+    return out
 
 
 def evolve(
@@ -45,10 +66,11 @@ def evolve(
     config, root = load_evolve_config(config_path)
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
-    prepare_run_dir(config, run_dir)
+    runs.prepare_run_dir(config, run_dir)
     try:
-        check_parents(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
-                      accept_changed=accept_changed_parents)
+        verify_parents_unchanged(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
+                                 accept_changed=accept_changed_parents)
+        export_ps_champion(config, root)
         run = SearchRun(config, root, run_dir, on_candidate=on_candidate, on_status=on_status)
     except EvomergeError:
         if fresh:  # refused before any candidate ran: leave no half-made run directory behind
@@ -58,19 +80,21 @@ def evolve(
     if on_status is not None:
         on_status("scoring parents, baselines and the selected candidates on the test split")
     objectives = run.session.objectives
-    signs = [1.0 if d == "maximize" else -1.0 for d in objectives.directions]
-    selection = select(study, [t.name for t in objectives.tasks], signs)
-    test_results = evaluate_on_test(run, selection)
+    store = runs.RunStore(study)
+    selection = select(store, [t.name for t in objectives.tasks], objectives.signs)
+    test_results = evaluate_on_test(run.session, store, selection)
+    store.set_test_results(test_results)
+    store.set_selection(selection.champion, selection.specialists, selection.challengers)
     trials = run.finished_trials()
-    saved = sum(t.user_attrs.get("examples_saved", 0) for t in trials)
-    write_run_file(
+    saved = sum(t.examples_saved or 0 for t in trials)
+    runs.write_run_file(
         run_dir,
         {
             "name": config.name,
             "candidates": len(trials),
             "examples_saved_by_racing": saved,
-            "selection": study.user_attrs["selection"],
-            "baselines_search": study.user_attrs.get("baselines"),
+            "selection": store.selection,
+            "baselines_search": store.baselines,
             "test_results": test_results,
         },
     )

@@ -16,8 +16,8 @@ import torch
 from conftest import read_tensors
 from evomerge.errors import ConfigError
 from evomerge.merge.params import layer_position
-from evomerge.merge.planner import run_merge
 from evomerge.merge.recipe import parse_recipe
+from evomerge.merge.stream import run_merge
 from evomerge.models import tensor_role
 
 NUM_LAYERS = 4  # the tiny_llama default

@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from evomerge.evaluate.stats import paired_comparison
-from evomerge.lineage.packet import export_candidate
+from evomerge.lineage import export_candidate
+from evomerge.pipelines.evolve import EvolveOutcome, evolve
 from evomerge.report import write_report
-from evomerge.search.evolve import EvolveOutcome, evolve
 from evomerge.search.run import CandidateResult
 from evomerge.zoo import Zoo, build_zoo, default_zoo_dir
 

@@ -1,0 +1,266 @@
+"""Sessions: everything one search process holds resident to evaluate candidates, behind one contract.
+
+Two kinds implement `Session`: `SearchSession` (parameter space: recipes merged in memory into one live
+model) and `dfs.DfsSession` (layer paths through resident source models). `SearchRun` — racing,
+de-duplication, resume, workers, selection, test scoring — is written against `Session` only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task
+from evomerge.merge import InMemoryMerger, Recipe, StreamingMerge, get_operator
+from evomerge.merge.recipe import ModelEntry
+from evomerge.merge.stream import DTYPES
+from evomerge.models import Checkpoint
+from evomerge.search.config import EvolveConfig, resolve_path
+from evomerge.search.evidence import run_evidence
+from evomerge.search.genome import Gene, ParameterGenome, genome_key
+from evomerge.search.objectives import Objectives
+from evomerge.search.store import TrialRecord, recipe_of
+
+
+class Genome(Protocol):
+    """A codec's view the search loop needs: the genes (Optuna distributions) and the CMA-ES start."""
+
+    genes: tuple[Gene, ...]
+
+    def __len__(self) -> int: ...
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def initial(self) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class Session(Protocol):
+    """What a search needs from the models it evaluates; the contract every kind of session keeps.
+
+    A session holds one *live* model, `model`, which `evaluate` scores. Exactly one of the three
+    `activate_*` calls decides what the live model is, and it stays so until the next one:
+
+    - `activate_candidate(c)`: the candidate `c` (a value `decode` returned, or `candidate_of` read
+      back); returns the seconds it took. A candidate that cannot be built (non-finite weights, an
+      empty path) raises `ValueError` or `RuntimeError` and the caller records a failed candidate.
+    - `activate_parent(ref)`: a parent as it is on disk; `ref` is one of `parents()`.
+    - `activate_baseline(c)`: an untuned comparison; `c` is a value of `baselines()`.
+
+    Evaluating twice without activating in between gives the same scores (nothing depends on the
+    history of the live model), and activating the same candidate again reproduces its scores.
+
+    Describing candidates:
+
+    - `decode(genes)` is deterministic: equal genes give equal candidates (a seeded recipe, a path).
+    - `describe(genes, c)` returns `(key, attributes)`: candidates with equal keys are the same
+      candidate (the search evaluates one and copies its result to the others), and `attributes` are
+      the run store's trial fields that record `c` (`recipe` or `path`).
+    - `candidate_of(record)` is the inverse: the candidate a trial record describes, equal in effect to
+      the one `describe` was given. `candidate_text(c)` is the text `attributes` holds.
+
+    The run's inputs: `parents()` (refs, base first), `baselines()` (name -> candidate, stable order),
+    `parent_genomes()` (name -> genes that reproduce a parent alone, where the genome can say so; used
+    as warm starts) and `evidence()` (the `search.evidence.run_evidence` record of this session's inputs).
+    """
+
+    config: EvolveConfig
+    device: torch.device
+    objectives: Objectives
+    genome: Genome
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module
+
+    def sizes(self) -> dict[str, int]: ...
+
+    def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport: ...
+
+    def decode(self, genes: Mapping[str, float]) -> Any: ...
+
+    def describe(self, genes: Mapping[str, float], candidate: Any) -> tuple[str, dict[str, str]]: ...
+
+    def candidate_text(self, candidate: Any) -> str: ...
+
+    def candidate_of(self, record: TrialRecord) -> Any: ...
+
+    def parents(self) -> list[str]: ...
+
+    def baselines(self) -> dict[str, Any]: ...
+
+    def parent_genomes(self) -> dict[str, dict[str, float]]: ...
+
+    def evidence(self) -> dict[str, Any]: ...
+
+    def activate_candidate(self, candidate: Any) -> float: ...
+
+    def activate_parent(self, ref: str) -> None: ...
+
+    def activate_baseline(self, candidate: Any) -> None: ...
+
+
+class SessionBase:
+    """What every session shares: device, objectives, and one evaluator per split.
+
+    Subclasses load their parents and set `tokenizer` and the live `model` that `evaluate` scores.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module
+
+    def __init__(self, config: EvolveConfig, root: Path):
+        self.config = config
+        self.root = root
+        self.device = torch.device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        if config.cpu_threads is not None and self.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads)
+        self.objectives = Objectives(
+            tasks=[load_task(resolve_path(o.task, root)) for o in config.objectives],
+            weights=[o.weight for o in config.objectives],
+            directions=[o.direction for o in config.objectives],
+            pareto=config.combine == "pareto",
+        )
+        self._evaluators: dict[str, Evaluator] = {}
+
+    def evaluator(self, split: str) -> Evaluator:
+        """The split's evaluator, built on first use (a search never builds the test one)."""
+        if split not in self._evaluators:
+            self._evaluators[split] = Evaluator(
+                self.tokenizer, self.objectives.tasks, split, device=self.device, batch_size=self.config.batch_size
+            )
+        return self._evaluators[split]
+
+    def sizes(self) -> dict[str, int]:
+        """Search-split size per task."""
+        return {task.name: len(task.examples("search")) for task in self.objectives.tasks}
+
+    def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport:
+        """Score the live model on a split (optionally only `indices` per task)."""
+        return self.evaluator(split).evaluate(self.model, indices=indices)
+
+
+class SearchSession(SessionBase):
+    """Parameter-space search: parents resident in an in-memory merger, one live model overwritten per candidate."""
+
+    def __init__(self, config: EvolveConfig, root: Path):
+        super().__init__(config, root)
+        self.merged = [resolve_path(ref, root) for ref in config.parents]
+        self.base = resolve_path(config.base_model, root) if config.base_model else None
+        template = Recipe(
+            method=config.method,
+            base_model=self.base,
+            models=[ModelEntry(model=ref) for ref in self.merged],
+            parameters=dict(config.fixed),
+            seed=config.seed,
+            allow_pickle=config.allow_pickle,
+        )
+        self.merger = InMemoryMerger(template, device=self.device, dtype=self.dtype)
+        donor = self.merger.donor
+        merged_models = [ref for ref in self.merged if ref != self.base]
+        self.genome = ParameterGenome(
+            self._with_paths(config), template.operator, merged_models, donor.tensor_names(),
+            donor.model_type, donor.num_layers,
+        )
+        self.model, self.tokenizer = load_causal_lm(donor.path, device=self.device, dtype=self.dtype)
+
+    def _with_paths(self, config: EvolveConfig) -> EvolveConfig:
+        # Decoded recipes name parents by resolved path, so they work from any working directory.
+        return config.model_copy(update={"base_model": self.base, "parents": self.merged})
+
+    # --- candidates -----------------------------------------------------------------------------
+    def decode(self, genes: Mapping[str, float]) -> Recipe:
+        """The recipe a genome stands for, seeded with the run's seed (DARE masks)."""
+        return self.genome.decode(genes, seed=self.config.seed)
+
+    def describe(self, genes: Mapping[str, float], recipe: Recipe) -> tuple[str, dict[str, str]]:
+        """De-duplication by genome (values rounded), recorded as the recipe."""
+        return genome_key(genes), {"recipe": self.candidate_text(recipe)}
+
+    def candidate_text(self, recipe: Recipe) -> str:
+        return recipe.to_yaml()
+
+    def candidate_of(self, record: TrialRecord) -> Recipe:
+        return recipe_of(record)
+
+    def activate_candidate(self, recipe: Recipe) -> float:
+        """Write a candidate into the live model; returns the merge seconds."""
+        started = time.perf_counter()
+        self.merger.merge_into(self.model, recipe)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
+    def activate_parent(self, ref: str) -> None:
+        """Write a parent's own weights into the live model."""
+        checkpoint = Checkpoint.open(ref, allow_pickle=self.config.allow_pickle)
+        targets = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name in checkpoint.tensor_names():
+                targets[name].data.copy_(checkpoint.get(name, device=self.device, dtype=self.dtype))
+
+    def activate_baseline(self, recipe: Recipe) -> None:
+        """Write an untuned merge into the live model, one tensor at a time: a baseline's method may be
+        of another family than the merger's (task arithmetic beside SLERP), so it is streamed."""
+        targets = self.model.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for job, tensor in StreamingMerge(recipe, device=self.device, compute_dtype=self.dtype):
+                targets[job.out_name].data.copy_(tensor)
+
+    # --- the run's inputs -----------------------------------------------------------------------
+    def parents(self) -> list[str]:
+        return ([self.base] if self.base else []) + self.genome.merged_models
+
+    def baselines(self) -> dict[str, Recipe]:
+        """Untuned merges every run is compared against: 1/N weights and mid-range values where a
+        parameter has no default (what people reach for), for task arithmetic, TIES and the run's method."""
+        merged = self.genome.merged_models
+        uniform = 1.0 / len(merged)
+        common = {"base_model": self.base, "seed": self.config.seed}
+        methods = ["task_arithmetic", "ties", self.config.method] if self.base else [self.config.method]
+        recipes = {}
+        for method in dict.fromkeys(methods):  # ordered, without repeats
+            spec = get_operator(method)
+            required = {p.name: uniform if p.name == "weight" else sum(p.search_bounds()) / 2 for p in spec.params if p.required}
+            per_model = {name: value for name, value in required.items() if spec.param(name).per_model}
+            shared = {name: value for name, value in required.items() if not spec.param(name).per_model}
+            name = "task_arithmetic_uniform" if method == "task_arithmetic" else f"{method}_defaults"
+            recipes[name] = Recipe(
+                method=method,
+                models=[ModelEntry(model=m, parameters=dict(per_model)) for m in merged],
+                parameters=shared,
+                **common,
+            )
+        return recipes
+
+    def parent_genomes(self) -> dict[str, dict[str, float]]:
+        """Genomes of the parents alone (one task vector at full weight), where the genome can say so."""
+        if "weight" not in self.config.genome:
+            return {}
+        genomes = {}
+        for model in self.genome.merged_models:
+            values = {("weight", m): (1.0 if m == model else 0.0) for m in self.genome.merged_models}
+            values[("density", None)] = 1.0
+            genomes[f"parent:{Path(model).name}"] = self.genome.encode_uniform(values)
+        return genomes
+
+    def evidence(self) -> dict[str, Any]:
+        compat = self.merger.compat
+        return run_evidence(
+            self.config, checkpoints=self.merger.checkpoints, base=self.base, compat_verdict=compat.verdict,
+            compat_notes=compat.notes, tasks=self.objectives.tasks,
+        )
+
+
+def open_session(config: EvolveConfig, root: Path) -> Session:
+    """The session for the config's search space: merge recipes, or layer paths when `dfs` is set."""
+    if config.dfs is not None:
+        from evomerge.search.dfs import DfsSession  # builds on this module
+
+        return DfsSession(config, root)
+    return SearchSession(config, root)

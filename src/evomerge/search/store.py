@@ -1,0 +1,300 @@
+"""The run store: a run directory's layout and the one owner of what a run records on its Optuna study.
+
+A run directory holds the frozen `config.yaml`, the study database (`study.db`, unless the config names
+another URL), `parents.json` (resume integrity), `run.json` (the finished run's summary) and, for a
+parameter-space run that a layer-path run builds on, its exported champion (`dfs_model_a`).
+
+Every candidate's evidence lives in its trial's user attributes and the run's in the study's; this
+module is the only code that reads or writes them (tests/test_architecture.py checks it). Readers —
+the report, lineage, the search itself — see a trial as a typed `TrialRecord` and the run's attributes
+through `RunStore`, never as bare strings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import ConfigError
+from evomerge.merge.recipe import Recipe, parse_recipe
+from evomerge.search.config import EvolveConfig
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+PARENTS_FILE = "parents.json"
+#: Where a parameter-space run's champion is exported when a layer-path run (`dfs.ps_run`) starts from it.
+PS_CHAMPION_DIR = "dfs_model_a"
+
+# Trial statuses: only `complete` trials were scored on the whole search split.
+COMPLETE, RACED_OUT, DUPLICATE, FAILED = "complete", "raced_out", "duplicate", "failed"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the run recorded it: Optuna's own fields (number, state, params, values, the retry
+    history of a heartbeat-failed trial) and the trial's attributes (None when not recorded: a trial in
+    flight, or one from an older run)."""
+
+    number: int
+    state: TrialState
+    params: dict[str, float]
+    values: list[float] | None
+    status: str | None = None  # COMPLETE | RACED_OUT | DUPLICATE | FAILED
+    generation: int | None = None
+    genome_key: str | None = None
+    recipe: str | None = None  # a parameter-space candidate: its recipe YAML
+    path: str | None = None  # a layer-path candidate: `PathCandidate.to_json`
+    scores: dict[str, dict[str, Any]] | None = None  # task -> {score, stderr, n, tokens}
+    fitness: float | None = None
+    split: str | None = None
+    examples: int | None = None
+    examples_saved: int | None = None
+    merge_seconds: float | None = None
+    eval_seconds: float | None = None
+    tokens: int | None = None
+    peak_memory_bytes: int | None = None
+    device: str | None = None
+    failure: str | None = None
+    duplicate_of: int | None = None
+    requeued_from: int | None = None
+    retry_history: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> TrialRecord:
+        """The record of an Optuna trial."""
+        attrs = {name: trial.user_attrs[name] for name in ATTRIBUTES if name in trial.user_attrs}
+        return cls(
+            number=trial.number, state=trial.state, params=dict(trial.params), values=trial.values,
+            retry_history=tuple(trial.system_attrs.get("retry_history", ())), **attrs,
+        )
+
+    @property
+    def fully_evaluated(self) -> bool:
+        """Complete and scored on the whole search split (raced-out and duplicate ones are not)."""
+        return self.state == TrialState.COMPLETE and self.status == COMPLETE
+
+    def score(self, task: str) -> float:
+        """The search-split score of one task."""
+        assert self.scores is not None
+        return self.scores[task]["score"]
+
+
+# What a trial may carry as user attributes: every TrialRecord field Optuna does not hold itself.
+_OPTUNA_FIELDS = ("number", "state", "params", "values", "retry_history")
+ATTRIBUTES = tuple(f.name for f in fields(TrialRecord) if f.name not in _OPTUNA_FIELDS)
+
+
+def write(trial: optuna.Trial, **attributes: Any) -> None:
+    """Record attributes on a trial in flight (names are `TrialRecord` fields)."""
+    for name, value in attributes.items():
+        if name not in ATTRIBUTES:
+            raise ValueError(f"'{name}' is not a trial attribute of the run store")
+        trial.set_user_attr(name, value)
+
+
+def retried(records: Sequence[TrialRecord]) -> set[int]:
+    """Trials whose candidate was re-queued (by a resume or a heartbeat retry): they do not count."""
+    numbers = {r.requeued_from for r in records if r.requeued_from is not None}
+    # Trials a worker's heartbeat declared dead were re-queued by Optuna's retry callback.
+    numbers.update(n for r in records for n in r.retry_history)
+    return numbers
+
+
+def counted(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Finished trials that count against the budget: interrupted ones were re-queued and do not."""
+    dead = retried(records)
+    return [r for r in records if r.state in (TrialState.COMPLETE, TrialState.FAIL) and r.number not in dead]
+
+
+def champion(records: Iterable[TrialRecord]) -> int | None:
+    """The best fully evaluated trial by fitness (the lower number on a tie), None before there is one."""
+    best = max((r for r in records if r.fully_evaluated), key=lambda r: (r.fitness, -r.number), default=None)
+    return None if best is None else best.number
+
+
+class RunStore:
+    """A run's study, read and written through typed names."""
+
+    def __init__(self, study: optuna.Study):
+        self.study = study
+
+    # --- trials ---------------------------------------------------------------------------------
+    def trials(self, states: Sequence[TrialState] | None = None) -> list[TrialRecord]:
+        """Every trial (or those in `states`), in number order."""
+        return [TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False, states=states)]
+
+    def counted_trials(self) -> list[TrialRecord]:
+        """Trials that count against the budget (see `counted`)."""
+        return counted(self.trials())
+
+    def fully_evaluated(self) -> list[TrialRecord]:
+        """Trials scored on the whole search split."""
+        return [r for r in self.trials((TrialState.COMPLETE,)) if r.fully_evaluated]
+
+    def champion(self) -> int | None:
+        """The selected champion once the run has finished, else the best fully evaluated trial so far."""
+        selection = self.selection
+        return selection["champion"] if selection is not None else champion(self.fully_evaluated())
+
+    def requeue_interrupted(self) -> int:
+        """Trials left RUNNING by a killed process: mark failed and queue their genomes again."""
+        interrupted = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for trial in interrupted:
+            self.study.tell(trial.number, state=TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+        return len(interrupted)
+
+    # --- the run's attributes -------------------------------------------------------------------
+    def _get(self, name: str, default: Any = None) -> Any:
+        return self.study.user_attrs.get(name, default)
+
+    @property
+    def baselines(self) -> dict[str, Any] | None:
+        """Search-split records of the parents and untuned merges (None until evaluated)."""
+        return self._get("baselines")
+
+    def set_baselines(self, baselines: Mapping[str, Any]) -> None:
+        self.study.set_user_attr("baselines", dict(baselines))
+
+    @property
+    def selection(self) -> dict[str, Any] | None:
+        """`{champion, specialists, challengers}` once the run has finished, else None."""
+        return self._get("selection")
+
+    def set_selection(self, champion: int, specialists: Mapping[str, int], challengers: Sequence[int]) -> None:
+        self.study.set_user_attr(
+            "selection", {"champion": champion, "specialists": dict(specialists), "challengers": list(challengers)}
+        )
+
+    @property
+    def test_results(self) -> dict[str, Any]:
+        """Test-split scores by entry (`parent:…`, baseline names, `candidate:N`); {} before selection."""
+        return self._get("test_results") or {}
+
+    def set_test_results(self, results: Mapping[str, Any]) -> None:
+        self.study.set_user_attr("test_results", dict(results))
+
+    @property
+    def evidence(self) -> dict[str, Any] | None:
+        """What the run is made of (`search.evidence`), or None for runs recorded before evidence existed."""
+        return self._get("evidence")
+
+    def set_evidence(self, evidence: Mapping[str, Any]) -> None:
+        self.study.set_user_attr("evidence", dict(evidence))
+
+    @property
+    def genes(self) -> list[dict[str, Any]]:
+        """The genome's genes (name, bounds, ...) as recorded when the search started."""
+        return self._get("genes", [])
+
+    def set_search_space(self, genes: Sequence[dict[str, Any]], population: int) -> None:
+        self.study.set_user_attr("genes", list(genes))
+        self.study.set_user_attr("population", population)
+
+    @property
+    def x0(self) -> dict[str, float] | None:
+        """The coordinator's warm start for workers' samplers."""
+        return self._get("x0")
+
+    def set_x0(self, x0: Mapping[str, float] | None) -> None:
+        self.study.set_user_attr("x0", None if x0 is None else dict(x0))
+
+    def publish_config(self, config: EvolveConfig, root: Path) -> None:
+        """Store the config in the study so a worker given only the database URL can start."""
+        self.study.set_user_attr("config", config.model_dump(mode="json"))
+        self.study.set_user_attr("root", str(root))
+
+    @property
+    def published(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(config, root) as `publish_config` stored them, or Nones."""
+        return self._get("config"), self._get("root")
+
+
+# --- the run directory ----------------------------------------------------------------------------
+def storage_url(config: EvolveConfig, run_dir: Path) -> str:
+    """The study's database: the configured URL, else SQLite inside the run directory."""
+    return config.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def prepare_run_dir(config: EvolveConfig, run_dir: Path) -> None:
+    """Create the run directory with a frozen copy of its config; refuse to resume a different config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    frozen = run_dir / CONFIG_FILE
+    text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    if frozen.exists():
+        if yaml.safe_load(frozen.read_text()) != yaml.safe_load(text):
+            raise ConfigError(
+                f"run directory {run_dir} holds a different config; resume with the same config or pick a new --run"
+            )
+        return
+    frozen.write_text(text)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def frozen_config(run_dir: Path) -> EvolveConfig:
+    """The config a run directory was started with."""
+    frozen = run_dir / CONFIG_FILE
+    if not frozen.is_file():
+        raise ConfigError(f"{run_dir} is not an evomerge run directory (no {CONFIG_FILE})")
+    return EvolveConfig.model_validate(yaml.safe_load(frozen.read_text()))
+
+
+def open_store(url: str, study_name: str) -> RunStore:
+    """The store of a study in any database; a missing study or an unreadable database is a `ConfigError`."""
+    try:
+        return RunStore(optuna.load_study(study_name=study_name, storage=url))
+    except KeyError:
+        raise ConfigError(f"no study named '{study_name}' at {url}") from None
+    except sqlalchemy.exc.SQLAlchemyError as error:
+        raise ConfigError(f"cannot open the study database {url}: {type(error).__name__}") from None
+
+
+def load_run(run_dir: str | Path) -> tuple[EvolveConfig, RunStore]:
+    """The frozen config and the store of an existing run directory."""
+    run_dir = Path(run_dir)
+    config = frozen_config(run_dir)
+    try:
+        study = optuna.load_study(study_name=config.name, storage=storage_url(config, run_dir))
+    except KeyError:
+        raise ConfigError(f"run directory {run_dir} has no study named '{config.name}' yet") from None
+    return config, RunStore(study)
+
+
+def find_trial(store: RunStore, candidate: str) -> TrialRecord:
+    """A trial by number, or the run's selected champion (`champion`)."""
+    trials = {r.number: r for r in store.trials()}
+    if candidate == "champion":
+        selection = store.selection
+        if selection is None:
+            raise ConfigError("the run has no champion yet; let the evolve finish or name a candidate number")
+        return trials[selection["champion"]]
+    if not candidate.isdigit() or int(candidate) not in trials:
+        raise ConfigError(f"candidate '{candidate}' is not a trial number of this run (0..{len(trials) - 1})")
+    record = trials[int(candidate)]
+    if record.recipe is None and record.path is None:
+        raise ConfigError(f"candidate {candidate} has no recipe recorded")
+    return record
+
+
+def recipe_of(record: TrialRecord) -> Recipe:
+    """The decoded recipe a parameter-space trial stored."""
+    assert record.recipe is not None
+    return parse_recipe(yaml.safe_load(record.recipe), source=f"trial {record.number}")
+
+
+def write_run_file(run_dir: Path, data: Mapping[str, Any]) -> None:
+    """Atomically replace the run's JSON summary."""
+    tmp = run_dir / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    tmp.replace(run_dir / RUN_FILE)
