@@ -33,7 +33,12 @@ def test_champion_beats_every_parent_and_baseline_on_the_test_split(demo):
     others = {name: scores[target] for name, scores in summary["test"].items() if not name.startswith("candidate:")}
     parents = [name for name in others if name.startswith("parent:")]
     assert len(parents) == 4  # base + three specialists
-    assert {"task_arithmetic_uniform", "ties_defaults", "dare_ties_defaults"} <= set(others)
+    assert {"task_arithmetic_uniform", "ties_density0.5_weight0.5", "dare_ties_density0.5_weight1"} <= set(others)
+    # Every untuned baseline is listed with its settings: the sparsifying ones really sparsify.
+    for name, settings in summary["baselines"].items():
+        assert name in others and settings["method"] in name
+        if settings["method"] in ("ties", "dare_ties"):
+            assert {p["density"] for p in settings["models"].values()} == {0.5}
     for name, score in others.items():
         # Paired on the same test items, so the unpaired stderr is a conservative yardstick.
         margin = champion["score"] - score["score"]

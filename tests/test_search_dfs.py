@@ -35,7 +35,7 @@ EXPORT_TOLERANCE = 3e-3
 
 
 def genome(**dfs) -> DfsGenome:
-    return DfsGenome(DfsConfig(sources=["a", "b"], **dfs), LAYERS, ("a", "b"))
+    return DfsGenome(DfsConfig(sources=["a", "b"], **dfs), LAYERS, ("a", "b"), sigma0=1 / 6)
 
 
 def test_initial_genome_decodes_to_model_a_at_unit_scale():
@@ -79,6 +79,14 @@ def test_empty_and_too_long_paths_are_failed_candidates():
     assert codec.decode(six_on).failure == "the path has 6 steps, more than max_path_length 5"
 
 
+def test_indicator_genes_start_one_step_from_the_threshold():
+    codec = genome()
+    start = codec.initial()
+    indicators = [start[name] for name in codec.names if name.startswith("on.")]
+    # Model A's 4 first-repeat slots on, the other 20 off, each 2 * sigma0 = 1/3 from 0 (a 1-sigma flip).
+    assert indicators == pytest.approx([1 / 3] * 4 + [-1 / 3] * 20)
+
+
 def test_paths_not_genes_identify_candidates():
     codec = genome()
     start = codec.initial()
@@ -117,7 +125,7 @@ def dfs_run(tiny_llama, tmp_path_factory):
 def test_short_dfs_run_stores_paths_and_selects_a_champion(dfs_run):
     root, sources, outcome = dfs_run
     study = load_run(root / "run")[1].study
-    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)]
+    done = [t for t in study.trials if t.state.is_finished()]
     assert len(done) == BUDGET == outcome.candidates
     for trial in done:
         candidate = PathCandidate.from_json(trial.user_attrs["path"])
@@ -126,12 +134,12 @@ def test_short_dfs_run_stores_paths_and_selects_a_champion(dfs_run):
             assert trial.user_attrs["failure"] == f"InvalidPathError: {candidate.failure}"
         else:
             assert candidate.spec.source_names == tuple(sources) and 1 <= len(candidate.spec) <= 8
-    # CMA-ES starts at the paper's initial genome (model A's first-repeat layers on, the rest off): the first
-    # generation's indicator genes scatter around +1 for those 4 slots and around -1 for the other 12.
+    # CMA-ES starts at the paper's initial path (model A's first-repeat layers on, the rest off), one step
+    # (2 * sigma0 = 1/3) from the on/off threshold: the first generation scatters around +-1/3.
     first_generation = [t.params for t in study.trials[:4]]
     on = np.mean([[p[n] for n in p if n.startswith("on.") and int(n[3:6]) < 4] for p in first_generation])
     off = np.mean([[p[n] for n in p if n.startswith("on.") and int(n[3:6]) >= 4] for p in first_generation])
-    assert on > 0.25 and off < -0.25
+    assert on > 0.1 and off < -0.1
     champion = study.trials[outcome.selection.champion]
     complete = [t for t in done if t.user_attrs["status"] == "complete"]
     assert champion.user_attrs["fitness"] == max(t.user_attrs["fitness"] for t in complete)

@@ -240,6 +240,7 @@ def demo(
     candidates: int | None = typer.Option(None, min=1, help="Evaluation budget of the search (default: 400)."),
     seed: int = typer.Option(0, help="Seed of the zoo and the search."),
     zoo: Path | None = typer.Option(None, help="Zoo directory (default: built once into ~/.cache/evomerge)."),
+    start: str = typer.Option("init", help="CMA-ES start: init (every gene's init, the paper) or best_baseline."),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
     from evomerge.pipelines.demo import run_demo
@@ -248,7 +249,8 @@ def demo(
     with display.progress:
         budget = {} if candidates is None else {"candidates": candidates}
         outcome, summary = run_demo(
-            out, seed=seed, zoo_dir=zoo, on_candidate=display.candidate, on_status=display.status, **budget
+            out, seed=seed, zoo_dir=zoo, start=_choice(start, ("init", "best_baseline"), "--start"),
+            on_candidate=display.candidate, on_status=display.status, **budget,
         )
     _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
     for label, paired in summary["comparison"].items():

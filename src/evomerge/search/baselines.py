@@ -6,6 +6,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from evomerge.evaluate import EvalReport
 from evomerge.search.objectives import score_table
 from evomerge.search.session import Session
@@ -45,7 +47,7 @@ def _record(session: Session, report: EvalReport, kind: str, *, ref: str | None 
 
 
 def warm_start(session: Session, baselines: Mapping[str, Any]) -> dict[str, float] | None:
-    """The CMA-ES mean: the best baseline the genome can express, else the genome's initial values."""
+    """`start: best_baseline`: the best baseline the genome can express, else the genome's initial values."""
     expressible = {name: b for name, b in baselines.items() if "genome" in b}
     if not expressible:
         return session.genome.initial()
@@ -61,5 +63,10 @@ def baselines_on_test(session: Session) -> dict[str, Any]:
         results[f"parent:{Path(ref).name}"] = {"kind": "parent", "test": score_table(session.evaluate("test").scores, per_example=True)}
     for name, candidate in session.baselines().items():
         session.activate_baseline(candidate)
-        results[name] = {"kind": "baseline", "test": score_table(session.evaluate("test").scores, per_example=True)}
+        results[name] = {
+            "kind": "baseline",
+            # The untuned settings themselves, so every comparison says what it was compared against.
+            "recipe": yaml.safe_load(session.candidate_text(candidate)),
+            "test": score_table(session.evaluate("test").scores, per_example=True),
+        }
     return results

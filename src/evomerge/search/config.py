@@ -10,18 +10,29 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge.recipe import Number
+from evomerge.merge.recipe import Number, Recipe, parse_recipe
 from evomerge.merge.registry import get_operator
 from evomerge.models import Checkpoint
 from evomerge.validation import validation_sentence
 
-Granularity = Literal["global", "per_layer", "per_block", "per_kind", "per_layer_kind", "per_block_kind"]
+# per_layer_io: one group per layer, plus separate input-embedding and output (final norm + head) groups.
+Granularity = Literal[
+    "global", "per_layer", "per_layer_io", "per_block", "per_kind", "per_layer_kind", "per_block_kind"
+]
+Start = Literal["init", "best_baseline"]
+
+#: `genome: paper` -- Sakana's parameter-space genome: a weight and a density per layer and per model, with
+#: the input embeddings and the output head as groups of their own, every gene starting at 0.5.
+PAPER_GENOME = {
+    "weight": {"bounds": [0.0, 1.0], "granularity": "per_layer_io", "per_model": True, "init": 0.5},
+    "density": {"bounds": [0.0, 1.0], "granularity": "per_layer_io", "per_model": True, "init": 0.5},
+}
 Optimizer = Literal["cmaes", "nsga2", "tpe", "gp", "random"]
 
 
@@ -126,7 +137,13 @@ class EvolveConfig(BaseModel):
     parents: list[str] = Field(default_factory=list)
     method: str = "dare_ties"
     genome: dict[str, GeneSpec] = Field(default_factory=dict)
+    start: Start = Field(
+        "init", description="CMA-ES mean: every gene's `init` (the paper), or the best baseline the genome can express"
+    )
     fixed: dict[str, Number | list[float]] = Field(default_factory=dict)
+    baselines: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="extra untuned merges to compare against, as recipes of the run's parents"
+    )
     dfs: DfsConfig | None = None
     objectives: list[Objective] = Field(min_length=1)
     combine: Literal["weighted", "pareto"] = "weighted"
@@ -144,6 +161,13 @@ class EvolveConfig(BaseModel):
     batch_size: int = Field(128, ge=1, le=65_536)
     intended_use: str = ""
     allow_pickle: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _presets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("genome") == "paper":
+            return {**data, "genome": PAPER_GENOME}
+        return data
 
     @model_validator(mode="after")
     def _shape(self) -> EvolveConfig:
@@ -196,6 +220,7 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
                 )
             if gene.per_model and not param.per_model:
                 raise ConfigError(f"{source}: genome.{name} is a global parameter and cannot vary per model")
+    _check_baselines(config, source, root)
     if config.optimizer == "nsga2" and config.combine != "pareto":
         raise ConfigError(f"{source}: optimizer 'nsga2' needs `combine: pareto` and two or more objectives")
     if config.optimizer == "cmaes" and config.combine == "pareto":
@@ -230,6 +255,39 @@ def resolve_path(ref: str, root: Path) -> str:
         return str(candidate)
     relative = root / candidate
     return str(relative) if relative.exists() or not candidate.exists() else str(candidate)
+
+
+def user_baselines(config: EvolveConfig, root: Path, source: str = "evolve config") -> dict[str, Recipe]:
+    """The config's `baselines:` as recipes, model paths resolved like the parents'."""
+    recipes = {}
+    for name, data in config.baselines.items():
+        resolved = {**data}
+        for key in ("base_model",):
+            if isinstance(resolved.get(key), str):
+                resolved[key] = resolve_path(resolved[key], root)
+        if isinstance(resolved.get("models"), list):
+            resolved["models"] = [
+                {**entry, "model": resolve_path(entry["model"], root)}
+                if isinstance(entry, dict) and isinstance(entry.get("model"), str) else entry
+                for entry in resolved["models"]
+            ]
+        recipes[name] = parse_recipe(resolved, source=f"{source}: baselines.{name}")
+    return recipes
+
+
+def _check_baselines(config: EvolveConfig, source: str, root: Path) -> None:
+    if config.baselines and config.dfs is not None:
+        raise ConfigError(f"{source}: field 'baselines' takes recipes, which a layer-path (dfs) search cannot use")
+    known = {resolve_path(ref, root) for ref in config.parents}
+    if config.base_model:
+        known.add(resolve_path(config.base_model, root))
+    for name, recipe in user_baselines(config, root, source).items():
+        used = [entry.model for entry in recipe.models] + ([recipe.base_model] if recipe.base_model else [])
+        stranger = next((ref for ref in used if ref not in known), None)
+        if stranger is not None:
+            raise ConfigError(
+                f"{source}: baselines.{name} merges {stranger}, which is not one of the run's parents or its base_model"
+            )
 
 
 def load_evolve_config(path: str | Path) -> tuple[EvolveConfig, Path]:

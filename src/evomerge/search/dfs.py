@@ -46,7 +46,7 @@ from evomerge.search.genome import Gene
 from evomerge.search.session import SessionBase
 from evomerge.search.store import PS_CHAMPION_DIR, TrialRecord, load_run
 
-#: Indicator genes live in [-1, 1]; the initial genome puts them at ±1 (`flow.initial_genome`).
+#: Indicator genes live in [-1, 1]; the initial path (`flow.initial_genome`) has them at +-sigma0 * 2.
 INDICATOR_BOUNDS = (-1.0, 1.0)
 
 
@@ -89,7 +89,9 @@ def _rounded(data: dict[str, Any]) -> dict[str, Any]:
 class DfsGenome:
     """Codec between a flat gene vector and a `PathCandidate`, for one source layout."""
 
-    def __init__(self, dfs: DfsConfig, layers_per_source: Sequence[int], source_names: Sequence[str]):
+    def __init__(
+        self, dfs: DfsConfig, layers_per_source: Sequence[int], source_names: Sequence[str], *, sigma0: float
+    ):
         self.layers_per_source = tuple(layers_per_source)
         self.source_names = tuple(source_names)
         self.repeats = dfs.repeats
@@ -98,8 +100,11 @@ class DfsGenome:
         self.slots = slot_layout(self.layers_per_source, self.repeats)
         self.num_layers = sum(self.layers_per_source)
         start = initial_genome(self.layers_per_source, self.repeats)
+        # On/off at one CMA-ES step from the threshold 0, not on the bounds: from +-1 a flip took a 3-sigma
+        # move and only 1.7% of indicator samples flipped, so paths hardly left model A's layers.
+        margin = sigma0 * (INDICATOR_BOUNDS[1] - INDICATOR_BOUNDS[0])
         genes = [
-            Gene(f"on.{t:03d}.s{s}l{l}", "indicator", None, f"slot{t}", *INDICATOR_BOUNDS, float(start.indicator[t]))
+            Gene(f"on.{t:03d}.s{s}l{l}", "indicator", None, f"slot{t}", *INDICATOR_BOUNDS, margin * float(start.indicator[t]))
             for t, (s, l) in enumerate(self.slots)
         ]
         genes += self._scale_genes(dfs.scale_bounds)
@@ -253,7 +258,7 @@ class DfsSession(SessionBase):
         check_dfs_sources(config.dfs, self.sources, configs)
         super().__init__(config, root)
         layers = [c.num_hidden_layers for c in configs]
-        self.genome = DfsGenome(config.dfs, layers, self.sources)
+        self.genome = DfsGenome(config.dfs, layers, self.sources, sigma0=config.sigma0)
         loaded = [load_causal_lm(s, device=self.device, dtype=self.dtype, allow_pickle=config.allow_pickle) for s in self.sources]
         self.source_models: list[PreTrainedModel] = [model for model, _ in loaded]
         self.tokenizer = loaded[0][1]

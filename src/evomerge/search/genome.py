@@ -61,6 +61,8 @@ def _label(gene: GeneSpec, layer: int | None, kind: str) -> str:
     if granularity == "per_kind":
         return kind
     if layer is None:
+        if granularity == "per_layer_io":
+            return "input" if kind == "embedding" else "output"
         return f"{OUTSIDE}.{kind}" if by_kind else OUTSIDE
     block = layer if gene.block_size is None else layer // gene.block_size
     prefix = f"layer{block}" if gene.block_size is None else f"block{block}"

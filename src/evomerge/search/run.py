@@ -102,11 +102,12 @@ class SearchRun:
 
     def start(self) -> dict[str, float] | None:
         """Open the study, re-queue what a killed process left running, record the run's evidence and
-        baselines, and store the search space; returns the warm start (the CMA-ES mean)."""
+        baselines, and store the search space; returns the CMA-ES mean the config's `start` asks for."""
         self.open_study(x0=None)
         self.store.requeue_interrupted()
         record_run_evidence(self.store, self.session.evidence(), device=str(self.session.device))
-        x0 = warm_start(self.session, evaluate_baselines(self.session, self.store, self._status))
+        baselines = evaluate_baselines(self.session, self.store, self._status)
+        x0 = warm_start(self.session, baselines) if self.config.start == "best_baseline" else self.genome.initial()
         self.store.set_search_space([gene.__dict__ for gene in self.genome.genes], self.popsize)
         return x0
 
@@ -167,6 +168,11 @@ class SearchRun:
             runs.write(trial, failure=original.failure)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return CandidateResult(trial.number, generation, "duplicate", None, (), {}, 0, 0, 0.0, 0.0, original.failure)
+        if original.state == optuna.trial.TrialState.PRUNED:  # a raced-out genome another worker scored
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return CandidateResult(
+                trial.number, generation, "duplicate", original.fitness, (), original.scores or {}, 0, 0, 0.0, 0.0
+            )
         self.study.tell(trial, original.values)
         return CandidateResult(
             trial.number, generation, "duplicate", original.fitness, tuple(original.values or ()),
@@ -184,6 +190,10 @@ class SearchRun:
             def score_round(indices: dict[str, list[int]]) -> dict[str, list[float]]:
                 for name, score in self.session.evaluate("search", indices).scores.items():
                     scores[name] = combine_scores(scores[name], score) if name in scores else score
+                # Optuna sees each round's partial fitness as an intermediate value, step = examples so far.
+                partial = objectives.fitness({name: s.score for name, s in scores.items()})
+                if math.isfinite(partial):
+                    trial.report(partial, step=sum(s.n for s in scores.values()))
                 return {name: score.values for name, score in scores.items()}
 
             fitnesses = [r.fitness for r in self.store.fully_evaluated()]
@@ -208,7 +218,12 @@ class SearchRun:
             device=str(self.session.device),
         )
         values = objectives.values(plain)
-        self.study.tell(trial, list(values))
+        if status == runs.RACED_OUT:
+            # Pruned, not complete: a partial score is no full one (CMA-ES ignores pruned trials; the
+            # dashboard and importance plots then never mix partial with full scores).
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(trial, list(values))
         return CandidateResult(
             trial.number, generation, status, fitness, values, table, examples, total_examples - examples,
             merge_seconds, eval_seconds,

@@ -20,7 +20,7 @@ from evomerge.merge import InMemoryMerger, Recipe, StreamingMerge, get_operator
 from evomerge.merge.recipe import ModelEntry
 from evomerge.merge.stream import DTYPES
 from evomerge.models import Checkpoint
-from evomerge.search.config import EvolveConfig, resolve_path
+from evomerge.search.config import EvolveConfig, resolve_path, user_baselines
 from evomerge.search.evidence import run_evidence
 from evomerge.search.genome import Gene, ParameterGenome, genome_key
 from evomerge.search.objectives import Objectives
@@ -217,25 +217,41 @@ class SearchSession(SessionBase):
         return ([self.base] if self.base else []) + self.genome.merged_models
 
     def baselines(self) -> dict[str, Recipe]:
-        """Untuned merges every run is compared against: 1/N weights and mid-range values where a
-        parameter has no default (what people reach for), for task arithmetic, TIES and the run's method."""
+        """Untuned merges every run is compared against, with the settings people actually use: task
+        arithmetic at 1/N, TIES and DARE-TIES at mergekit's documented example density 0.5 with weight 0.5
+        and weight 1 (with a base model), the run's own method the same way if it takes those parameters,
+        and the config's own `baselines:`."""
         merged = self.genome.merged_models
-        uniform = 1.0 / len(merged)
         common = {"base_model": self.base, "seed": self.config.seed}
-        methods = ["task_arithmetic", "ties", self.config.method] if self.base else [self.config.method]
-        recipes = {}
-        for method in dict.fromkeys(methods):  # ordered, without repeats
-            spec = get_operator(method)
-            required = {p.name: uniform if p.name == "weight" else sum(p.search_bounds()) / 2 for p in spec.params if p.required}
-            per_model = {name: value for name, value in required.items() if spec.param(name).per_model}
-            shared = {name: value for name, value in required.items() if not spec.param(name).per_model}
-            name = "task_arithmetic_uniform" if method == "task_arithmetic" else f"{method}_defaults"
+        recipes: dict[str, Recipe] = {}
+
+        def add(name: str, method: str, per_model: dict[str, float], shared: dict[str, Any] | None = None) -> None:
             recipes[name] = Recipe(
-                method=method,
-                models=[ModelEntry(model=m, parameters=dict(per_model)) for m in merged],
-                parameters=shared,
-                **common,
+                method=method, models=[ModelEntry(model=m, parameters=dict(per_model)) for m in merged],
+                parameters=shared or {}, **common,
             )
+
+        if self.base:
+            add("task_arithmetic_uniform", "task_arithmetic", {"weight": 1.0 / len(merged)})
+            sparse = ["ties", "dare_ties"]
+            own = get_operator(self.config.method).param_names()
+            if self.config.method not in sparse and {"weight", "density"} <= set(own):
+                sparse.append(self.config.method)
+            for method in sparse:
+                for weight in (0.5, 1.0):
+                    add(f"{method}_density0.5_weight{weight:g}", method, {"weight": weight, "density": 0.5})
+        if not recipes:  # no base model: the run's method with 1/N weights and mid-range required values
+            spec = get_operator(self.config.method)
+            required = {
+                p.name: 1.0 / len(merged) if p.name == "weight" else sum(p.search_bounds()) / 2
+                for p in spec.params if p.required
+            }
+            add(
+                f"{self.config.method}_uniform", self.config.method,
+                {n: v for n, v in required.items() if spec.param(n).per_model},
+                {n: v for n, v in required.items() if not spec.param(n).per_model},
+            )
+        recipes.update(user_baselines(self.config, self.root))
         return recipes
 
     def parent_genomes(self) -> dict[str, dict[str, float]]:

@@ -35,6 +35,9 @@ PS_CHAMPION_DIR = "dfs_model_a"
 
 # Trial statuses: only `complete` trials were scored on the whole search split.
 COMPLETE, RACED_OUT, DUPLICATE, FAILED = "complete", "raced_out", "duplicate", "failed"
+#: Optuna states of a candidate that was dealt with: raced-out candidates are PRUNED (CMA-ES ignores
+#: them; their partial scores are intermediate values), failed ones FAIL.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def retried(records: Sequence[TrialRecord]) -> set[int]:
 def counted(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Finished trials that count against the budget: interrupted ones were re-queued and do not."""
     dead = retried(records)
-    return [r for r in records if r.state in (TrialState.COMPLETE, TrialState.FAIL) and r.number not in dead]
+    return [r for r in records if r.state in FINISHED and r.number not in dead]
 
 
 def champion(records: Iterable[TrialRecord]) -> int | None:

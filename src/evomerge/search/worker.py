@@ -118,7 +118,7 @@ class WorkerRun(SearchRun):
         owner = self.claims.claim(key, trial.number)
         while owner != trial.number:
             frozen = TrialRecord.of(self.storage.get_trial(self.trial_id_of(owner)))
-            if frozen.state == TrialState.COMPLETE or (
+            if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
                 frozen.state == TrialState.FAIL and frozen.status in (runs.FAILED, runs.DUPLICATE)
             ):
                 return frozen
