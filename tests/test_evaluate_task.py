@@ -173,3 +173,20 @@ def test_a_catastrophic_regex_times_out_with_a_task_error(tmp_path):
     scorer = load_task(path).scorer
     with pytest.raises(TaskError, match=r"regex scorer pattern '\(a\|aa\)\+\$' took over 1 s"):
         scorer.score("a" * 40 + "!", "a")
+
+
+def test_an_example_longer_than_the_model_context_is_refused_before_any_work(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate import Evaluator
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama(0))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama(0))
+    context = model.config.max_position_embeddings
+    long_question = "1" * (context + 5)
+    path = write_task_files(
+        tmp_path, [{"question": "1", "answer": "1"}], [{"question": "2", "answer": "2"}, {"question": long_question, "answer": "3"}]
+    )
+    evaluator = Evaluator(tokenizer, [load_task(path)], split="test")
+    with pytest.raises(TaskError, match=rf"task 't': test example 2 needs \d+ prompt tokens \+ 8 new tokens, more than the model's context of {context}"):
+        evaluator.evaluate(model)

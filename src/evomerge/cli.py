@@ -44,6 +44,26 @@ def report_error(error: EvomergeError) -> int:
     return error.exit_code
 
 
+def report_internal_error(error: Exception) -> int:
+    """A bug, not a user error: one line naming it and a saved traceback to attach to a report; exit 1."""
+    import tempfile
+    import time
+    import traceback
+
+    report = Path(tempfile.gettempdir()) / f"evomerge-internal-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        report.write_text(f"evomerge {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+        where = f"; the traceback is saved in {report}"
+    except OSError:
+        where = ""
+    summary = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    err_console.print(
+        f"[bold red]internal error:[/] {summary}. This is a bug in evomerge; please report it{where}.",
+        highlight=False, soft_wrap=True,
+    )
+    return 1
+
+
 # --- commands ---------------------------------------------------------------------------------
 # One block per command; keep them thin (parse, call the library, print).
 
@@ -285,6 +305,8 @@ def eval_command(
     # Validate everything the user typed before the (slow) model load, so mistakes fail fast.
     tasks = [load_task(path) for path in task]
     check_split(split)
+    if json_out is not None and (Path(json_out).is_dir() or not Path(json_out).parent.is_dir()):
+        raise ConfigError(f"--json {json_out} must name a file in an existing directory")
     lm, tokenizer = load_causal_lm(model, device=device, allow_pickle=allow_pickle)
     evaluator = Evaluator(tokenizer, tasks, split, device=device, batch_size=batch_size)
     report = evaluator.evaluate(lm, limit=limit)
@@ -295,8 +317,10 @@ def eval_command(
         tokens = f"{score.prompt_tokens}+{score.generated_tokens}"
         table.add_row(name, str(score.n), f"{score.score:.4f} ± {score.stderr:.4f}", tokens, f"{score.seconds:.2f}")
     console.print(table)
-    if json_out is not None:
-        Path(json_out).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    if json_out is not None:  # written whole or not at all
+        partial = Path(json_out).with_name(f".{Path(json_out).name}.partial")
+        partial.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        partial.replace(json_out)
 
 
 @app.command()
@@ -361,6 +385,8 @@ def run() -> None:
         app()
     except EvomergeError as error:
         sys.exit(report_error(error))
+    except Exception as error:  # noqa: BLE001 -- anything else is a bug in evomerge, reported as one
+        sys.exit(report_internal_error(error))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """Declarative tasks, scorers and the fast batched evaluation engine (see docs/ARCHITECTURE.md)."""
 
 from evomerge.evaluate.engine import Evaluator, default_dtype
-from evomerge.evaluate.loading import load_causal_lm
+from evomerge.evaluate.loading import load_causal_lm, resolve_device
 from evomerge.evaluate.report import EvalReport, TaskScore, mean_and_stderr
 from evomerge.evaluate.scorers import (
     GenerativeScorer,
@@ -34,6 +34,7 @@ __all__ = [
     "get_scorer_spec",
     "last_number",
     "load_causal_lm",
+    "resolve_device",
     "load_task",
     "mean_and_stderr",
     "numbers_equal",

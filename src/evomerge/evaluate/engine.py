@@ -54,7 +54,7 @@ class Evaluator:
         names = [task.name for task in tasks]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"task names must be unique; repeated: {duplicates}")
+            raise TaskError(f"task names must be unique, but {', '.join(map(repr, duplicates))} is used by several task files")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.tokenizer = tokenizer
@@ -136,12 +136,32 @@ class Evaluator:
         if indices is not None and limit is not None:
             raise ValueError("pass either indices or limit, not both")
         selection = self._selection(indices, limit)
+        self._check_context(model)
         started = time.perf_counter()
         model = self._place(model)
         scores = {}
         for name, chosen in selection.items():
             scores[name] = self._score_task(model, self._prepared[name], chosen)
         return EvalReport(self.split, scores, time.perf_counter() - started)
+
+    def _check_context(self, model: PreTrainedModel) -> None:
+        """Refuse, before any work, an example longer than the model can read: a too-long prompt would
+        otherwise fail deep inside attention or grow memory until the kernel kills the process."""
+        context = getattr(model.config, "max_position_embeddings", None)
+        if not context:
+            return
+        for prepared in self._prepared.values():
+            generative = prepared.prompt_ids
+            new_tokens = prepared.task.spec.generation.max_new_tokens if generative else 0
+            lengths = [len(ids) for ids in generative] or [
+                max(len(ctx) + len(cont) for ctx, cont in pairs) for pairs in prepared.requests
+            ]
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            if lengths[longest] + new_tokens > context:
+                raise TaskError(
+                    f"task {prepared.task.name!r}: {self.split} example {longest + 1} needs {lengths[longest]} prompt "
+                    f"tokens + {new_tokens} new tokens, more than the model's context of {context}"
+                )
 
     def _selection(
         self, indices: Mapping[str, Sequence[int]] | None, limit: int | None

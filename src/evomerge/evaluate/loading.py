@@ -9,8 +9,24 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from evomerge.errors import ModelError
+from evomerge.errors import ConfigError, ModelError
 from evomerge.evaluate.engine import default_dtype
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch device this machine has, else a `ConfigError` naming it (checked before any load)."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {str(device)!r} is not a device name torch knows (cpu, cuda, cuda:1, ...)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(device)!r} was requested but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif resolved.type != "cpu":
+        raise ConfigError(f"device {str(device)!r} is not supported; use cpu or cuda")
+    return resolved
 
 
 def load_causal_lm(
@@ -29,8 +45,7 @@ def load_causal_lm(
 
     hf_logging.disable_progress_bar()  # a per-load progress bar only clutters the search's live display
 
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ModelError(f"device {str(device)!r} was requested but CUDA is not available on this machine")
+    resolve_device(device)
     path = Path(ref)
     if not (path / "config.json").is_file():
         raise ModelError(f"model {path} is not a local model directory with a config.json")

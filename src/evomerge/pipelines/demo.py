@@ -111,7 +111,7 @@ def champion_comparison(test_results: dict[str, Any], champion: str, task: str) 
     """
     comparison = {}
     for label, kind in (("best_parent", "parent"), ("best_baseline", "baseline")):
-        rivals = {name: r["test"][task] for name, r in test_results.items() if r["kind"] == kind}
+        rivals = {name: r["test"][task] for name, r in test_results.items() if r["kind"] == kind and task in r["test"]}
         if not rivals:
             continue
         rival = max(rivals, key=lambda name: rivals[name]["score"])

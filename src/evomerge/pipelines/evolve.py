@@ -67,21 +67,34 @@ def evolve(
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
     runs.prepare_run_dir(config, run_dir)
+    with runs.exclusive_run(run_dir):
+        return _evolve(config, root, run_dir, fresh, on_candidate, on_status, workers, accept_changed_parents)
+
+
+def _evolve(
+    config: EvolveConfig, root: Path, run_dir: Path, fresh: bool,
+    on_candidate: Callable[[CandidateResult], None] | None, on_status: Callable[[str], None] | None,
+    workers: int, accept_changed_parents: bool,
+) -> EvolveOutcome:
+    run = None
     try:
         verify_parents_unchanged(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
                                  accept_changed=accept_changed_parents)
         export_ps_champion(config, root)
         run = SearchRun(config, root, run_dir, on_candidate=on_candidate, on_status=on_status)
+        study = run.run() if workers == 1 else run_with_workers(run, workers, on_status=on_status)
+        objectives = run.session.objectives
+        store = runs.RunStore(study)
+        selection = select(store, [t.name for t in objectives.tasks], objectives.signs)
     except EvomergeError:
-        if fresh:  # refused before any candidate ran: leave no half-made run directory behind
+        # A fresh run that produced no usable candidate (a bad `fixed:` value is only noticed when the
+        # baselines merge; bounds that overflow every candidate) leaves nothing behind, so the corrected
+        # config can start in the same place.
+        if fresh and (run is None or not hasattr(run, "store") or not run.store.fully_evaluated()):
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    study = run.run() if workers == 1 else run_with_workers(run, workers, on_status=on_status)
     if on_status is not None:
         on_status("scoring parents, baselines and the selected candidates on the test split")
-    objectives = run.session.objectives
-    store = runs.RunStore(study)
-    selection = select(store, [t.name for t in objectives.tasks], objectives.signs)
     test_results = evaluate_on_test(run.session, store, selection)
     store.set_test_results(test_results)
     store.set_selection(selection.champion, selection.specialists, selection.challengers)

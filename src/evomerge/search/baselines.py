@@ -10,7 +10,7 @@ import yaml
 
 from evomerge.evaluate import EvalReport
 from evomerge.search.objectives import score_table
-from evomerge.search.session import Session
+from evomerge.search.session import CANDIDATE_FAILURES, Session, failure_reason
 from evomerge.search.store import RunStore
 
 
@@ -26,9 +26,13 @@ def evaluate_baselines(session: Session, store: RunStore, status: Callable[[str]
         baselines[f"parent:{Path(ref).name}"] = _record(session, session.evaluate("search"), "parent", ref=ref)
     for name, candidate in session.baselines().items():
         status(f"baseline: {name}")
-        session.activate_baseline(candidate)
-        report = session.evaluate("search")
-        baselines[name] = _record(session, report, "untuned", text=session.candidate_text(candidate))
+        text = session.candidate_text(candidate)
+        try:  # an untuned merge that fails is recorded as failed, as a candidate would be; the search goes on
+            session.activate_baseline(candidate)
+            baselines[name] = _record(session, session.evaluate("search"), "untuned", text=text)
+        except CANDIDATE_FAILURES as error:
+            baselines[name] = {"kind": "untuned", "ref": None, "recipe": text, "search": {}, "fitness": None,
+                               "failure": failure_reason(error)}
     for name, genome in session.parent_genomes().items():
         baselines[name]["genome"] = genome
     store.set_baselines(baselines)
@@ -48,7 +52,7 @@ def _record(session: Session, report: EvalReport, kind: str, *, ref: str | None 
 
 def warm_start(session: Session, baselines: Mapping[str, Any]) -> dict[str, float] | None:
     """`start: best_baseline`: the best baseline the genome can express, else the genome's initial values."""
-    expressible = {name: b for name, b in baselines.items() if "genome" in b}
+    expressible = {name: b for name, b in baselines.items() if "genome" in b and b["fitness"] is not None}
     if not expressible:
         return session.genome.initial()
     best = max(expressible.values(), key=lambda b: b["fitness"])
@@ -62,11 +66,11 @@ def baselines_on_test(session: Session) -> dict[str, Any]:
         session.activate_parent(ref)
         results[f"parent:{Path(ref).name}"] = {"kind": "parent", "test": score_table(session.evaluate("test").scores, per_example=True)}
     for name, candidate in session.baselines().items():
-        session.activate_baseline(candidate)
-        results[name] = {
-            "kind": "baseline",
-            # The untuned settings themselves, so every comparison says what it was compared against.
-            "recipe": yaml.safe_load(session.candidate_text(candidate)),
-            "test": score_table(session.evaluate("test").scores, per_example=True),
-        }
+        # The untuned settings themselves, so every comparison says what it was compared against.
+        results[name] = {"kind": "baseline", "recipe": yaml.safe_load(session.candidate_text(candidate)), "test": {}}
+        try:
+            session.activate_baseline(candidate)
+            results[name]["test"] = score_table(session.evaluate("test").scores, per_example=True)
+        except CANDIDATE_FAILURES as error:
+            results[name]["failure"] = failure_reason(error)
     return results

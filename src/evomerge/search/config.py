@@ -177,6 +177,12 @@ class EvolveConfig(BaseModel):
             raise ValueError("`genome` must name at least one free operator parameter")
         if self.combine == "pareto" and len(self.objectives) < 2:
             raise ValueError("`combine: pareto` needs at least two objectives")
+        seen: dict[str, int] = {}
+        for index, objective in enumerate(self.objectives):
+            key = objective.name or objective.task
+            if key in seen:
+                raise ValueError(f"objectives[{index}] repeats objectives[{seen[key]}] ({key}); list each task once")
+            seen[key] = index
         return self
 
     @property

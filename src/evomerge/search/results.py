@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from evomerge.errors import ConfigError
 from evomerge.search.baselines import baselines_on_test
 from evomerge.search.objectives import score_table
 from evomerge.search.session import Session
@@ -40,7 +41,11 @@ def select(store: RunStore, task_names: Sequence[str], signs: Sequence[float], m
     trials = store.fully_evaluated()
     best = champion(trials)
     if best is None:
-        raise RuntimeError("no candidate was fully evaluated; raise the budget")
+        failures = [r.failure for r in store.trials() if r.failure]
+        reason = f" ({len(failures)} failed, e.g. {failures[0]})" if failures else ""
+        raise ConfigError(
+            f"no candidate was fully evaluated{reason}; check the genome's bounds and the parents, or raise the budget"
+        )
     by_number = {t.number: t for t in trials}
     specialists = {}
     for name, sign in zip(task_names, signs, strict=True):

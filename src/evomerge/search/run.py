@@ -20,7 +20,6 @@ import optuna
 import torch
 
 from evomerge.evaluate import TaskScore
-from evomerge.merge import NonFiniteWeightsError
 from evomerge.search import store as runs
 from evomerge.search.baselines import evaluate_baselines, warm_start
 from evomerge.search.config import EvolveConfig
@@ -28,7 +27,7 @@ from evomerge.search.evidence import record_run_evidence
 from evomerge.search.objectives import combine_scores, score_table
 from evomerge.search.racing import entry_threshold, plan_race, race
 from evomerge.search.samplers import make_sampler, population_size
-from evomerge.search.session import Session, open_session
+from evomerge.search.session import CANDIDATE_FAILURES, Session, failure_reason, open_session
 from evomerge.search.store import RunStore, TrialRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -153,8 +152,8 @@ class SearchRun:
         try:
             merge_seconds = self.session.activate_candidate(candidate)
             return self._evaluate_candidate(trial, generation, merge_seconds)
-        except (NonFiniteWeightsError, torch.OutOfMemoryError, RuntimeError, ValueError) as error:
-            reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        except CANDIDATE_FAILURES as error:
+            reason = failure_reason(error)
             runs.write(trial, status=runs.FAILED, failure=reason)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
             if self.session.device.type == "cuda":

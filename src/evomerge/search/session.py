@@ -15,8 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task
-from evomerge.merge import InMemoryMerger, Recipe, StreamingMerge, get_operator
+from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task, resolve_device
+from evomerge.merge import InMemoryMerger, NonFiniteWeightsError, Recipe, StreamingMerge, get_operator
 from evomerge.merge.recipe import ModelEntry
 from evomerge.merge.stream import DTYPES
 from evomerge.models import Checkpoint
@@ -104,6 +104,16 @@ class Session(Protocol):
     def activate_baseline(self, candidate: Any) -> None: ...
 
 
+#: What a candidate (or an untuned baseline) may fail with and still let the search go on: weights that
+#: overflow, a merge too large for the device, a path that cannot be built.
+CANDIDATE_FAILURES = (NonFiniteWeightsError, torch.OutOfMemoryError, RuntimeError, ValueError)
+
+
+def failure_reason(error: BaseException) -> str:
+    """One line recording why a candidate failed."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+
+
 class SessionBase:
     """What every session shares: device, objectives, and one evaluator per split.
 
@@ -116,7 +126,7 @@ class SessionBase:
     def __init__(self, config: EvolveConfig, root: Path):
         self.config = config
         self.root = root
-        self.device = torch.device(config.device)
+        self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
         if config.cpu_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)

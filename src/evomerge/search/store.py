@@ -12,8 +12,11 @@ through `RunStore`, never as bare strings.
 
 from __future__ import annotations
 
+import fcntl
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import optuna
 import sqlalchemy
 import yaml
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
 
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import Recipe, parse_recipe
@@ -222,23 +226,74 @@ class RunStore:
 
 
 # --- the run directory ----------------------------------------------------------------------------
+STUDY_FILE = "study.db"
+LOCK_FILE = ".evomerge.lock"
+
+
 def storage_url(config: EvolveConfig, run_dir: Path) -> str:
     """The study's database: the configured URL, else SQLite inside the run directory."""
-    return config.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    return config.storage or f"sqlite:///{(run_dir / STUDY_FILE).resolve()}"
 
 
 def prepare_run_dir(config: EvolveConfig, run_dir: Path) -> None:
-    """Create the run directory with a frozen copy of its config; refuse to resume a different config."""
+    """Create the run directory with a frozen copy of its config; refuse to resume a different config, or a
+    run whose history (its SQLite study) has gone missing beside its config."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run {run_dir} is a file; give a directory for the run")
     run_dir.mkdir(parents=True, exist_ok=True)
     frozen = run_dir / CONFIG_FILE
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     if frozen.exists():
-        if yaml.safe_load(frozen.read_text()) != yaml.safe_load(text):
+        if _read_yaml(frozen) != yaml.safe_load(text):
             raise ConfigError(
                 f"run directory {run_dir} holds a different config; resume with the same config or pick a new --run"
             )
+        _require_study_file(config, run_dir)
         return
     frozen.write_text(text)
+
+
+def _require_study_file(config: EvolveConfig, run_dir: Path) -> None:
+    # Without this check SQLite would quietly create an empty study beside the old config: the finished
+    # candidates would be gone without a word.
+    if config.storage is None and not (run_dir / STUDY_FILE).is_file():
+        raise ConfigError(
+            f"run directory {run_dir} has {CONFIG_FILE} but no {STUDY_FILE}, so its history is lost; "
+            "pick a new --run, or delete the directory to start over"
+        )
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise ConfigError(f"{path} cannot be read as YAML; the run directory is damaged") from None
+
+
+@contextmanager
+def exclusive_run(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one coordinating process (workers attach through the study instead).
+
+    An advisory `flock` dies with its process, so a killed coordinator never leaves a stale lock behind.
+    """
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"run directory {run_dir} is in use by evomerge process {holder}; wait for it to finish or stop "
+                "it (to add workers to a running search, use `evomerge worker`)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 def is_run_dir(path: Path) -> bool:
@@ -250,7 +305,10 @@ def frozen_config(run_dir: Path) -> EvolveConfig:
     frozen = run_dir / CONFIG_FILE
     if not frozen.is_file():
         raise ConfigError(f"{run_dir} is not an evomerge run directory (no {CONFIG_FILE})")
-    return EvolveConfig.model_validate(yaml.safe_load(frozen.read_text()))
+    try:
+        return EvolveConfig.model_validate(_read_yaml(frozen))
+    except ValidationError:
+        raise ConfigError(f"{frozen} is not a valid evolve config; the run directory is damaged") from None
 
 
 def open_store(url: str, study_name: str) -> RunStore:
@@ -267,11 +325,14 @@ def load_run(run_dir: str | Path) -> tuple[EvolveConfig, RunStore]:
     """The frozen config and the store of an existing run directory."""
     run_dir = Path(run_dir)
     config = frozen_config(run_dir)
+    # Reading a run never creates one: SQLite would make an empty database where none was.
+    _require_study_file(config, run_dir)
     try:
-        study = optuna.load_study(study_name=config.name, storage=storage_url(config, run_dir))
-    except KeyError:
-        raise ConfigError(f"run directory {run_dir} has no study named '{config.name}' yet") from None
-    return config, RunStore(study)
+        return config, open_store(storage_url(config, run_dir), config.name)
+    except ConfigError:
+        raise ConfigError(
+            f"run directory {run_dir}: its study '{config.name}' cannot be opened (missing or damaged database)"
+        ) from None
 
 
 def find_trial(store: RunStore, candidate: str) -> TrialRecord:
