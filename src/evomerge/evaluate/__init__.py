@@ -34,11 +34,11 @@ __all__ = [
     "get_scorer_spec",
     "last_number",
     "load_causal_lm",
-    "resolve_device",
     "load_task",
     "mean_and_stderr",
     "numbers_equal",
     "register_scorer",
+    "resolve_device",
     "scorer_names",
     "truncate_at_stop",
 ]
