@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -122,3 +123,34 @@ def test_cli_formats(lineage_runs):
     missing = runner.invoke(app, ["lineage", str(lineage_runs["root"] / "nothing")])
     # `app` raises user errors; the `evomerge` entry point turns them into exit code 2.
     assert isinstance(missing.exception, ConfigError) and "neither an exported model" in str(missing.exception)
+
+
+def _orphan_packet(lineage_runs, tmp_path, edit) -> tuple:
+    """A copy of run A's packet whose run is gone (so its own lineage.json is the evidence), edited."""
+    import shutil
+
+    packet = tmp_path / "packet"
+    shutil.copytree(lineage_runs["packet_a"], packet)
+    record = json.loads((packet / "lineage.json").read_text())
+    record["run"] = {"dir": str(tmp_path / "gone"), "trial": 0}
+    edit(record, packet)
+    (packet / "lineage.json").write_text(json.dumps(record))
+    return packet, record
+
+
+def test_a_lineage_file_naming_itself_as_a_parent_is_refused(lineage_runs, tmp_path):
+    def point_at_itself(record, packet):
+        record["parents"][0] = {"path": str(packet), "ref": str(packet), "content_hash": "0" * 64}
+
+    packet, record = _orphan_packet(lineage_runs, tmp_path, point_at_itself)
+    with pytest.raises(ConfigError, match=rf"lineage.json names itself among its own ancestors \(model {record['model_id']}\)"):
+        lineage(packet)
+
+
+def test_a_lineage_parent_without_a_hash_is_refused(lineage_runs, tmp_path):
+    def drop_hash(record, packet):
+        del record["parents"][1]["content_hash"]
+
+    packet, _ = _orphan_packet(lineage_runs, tmp_path, drop_hash)
+    with pytest.raises(ConfigError, match=r"lineage.json: parents\[1\] has no content_hash"):
+        lineage(packet)

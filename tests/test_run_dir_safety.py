@@ -93,3 +93,12 @@ def test_a_fresh_run_refused_mid_start_leaves_nothing(finished, tmp_path):
     with pytest.raises(ConfigError, match="no candidate was fully evaluated .*check the genome's bounds"):
         evolve(tmp_path / "overflow.yaml", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_report_out_naming_a_directory_is_refused_and_leaves_nothing(finished, tmp_path):
+    from evomerge.errors import ExportError
+    from evomerge.report import write_report
+
+    with pytest.raises(ExportError, match="is a directory; give the report's file name"):
+        write_report(finished, tmp_path)
+    assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob(f".{tmp_path.name}.tmp"))

@@ -44,6 +44,9 @@ class LineageGraph:
 
     root: str
     nodes: dict[str, LineageNode] = field(default_factory=dict)
+    # Merges whose ancestry is being read right now: meeting one again means a lineage file names its own
+    # descendant (or itself) as a parent, which a real history cannot do.
+    visiting: set[str] = field(default_factory=set, repr=False, compare=False)
 
     def edges(self) -> list[tuple[str, str]]:
         """(parent id, child id) pairs in a stable order."""
@@ -110,6 +113,9 @@ def _add_packet(graph: LineageGraph, packet_dir: Path) -> str:
         raise ConfigError(f"{packet_dir / LINEAGE_FILE} has no model_id")
     if node_id in graph.nodes:
         return node_id
+    if node_id in graph.visiting:
+        raise ConfigError(f"{packet_dir / LINEAGE_FILE} names itself among its own ancestors (model {node_id})")
+    graph.visiting.add(node_id)
     run = record.get("run") or {}
     run_dir = Path(run["dir"]) if run.get("dir") else None
     if run_dir is not None and is_run_dir(run_dir):
@@ -127,9 +133,21 @@ def _add_packet(graph: LineageGraph, packet_dir: Path) -> str:
         "evomerge_version": record.get("evomerge_version"),
         "scores": {"search": evaluation.get("search"), "test": evaluation.get("test")},
     }
-    parents = [_add_parent(graph, p) for p in record.get("parents", [])]
+    parents = [_add_parent(graph, p) for p in _parent_list(record, packet_dir / LINEAGE_FILE)]
     graph.nodes[node_id] = LineageNode(node_id, "merged", _merged_label(details), details, parents)
     return node_id
+
+
+def _parent_list(record: Mapping[str, Any], source: Path) -> list[Mapping[str, Any]]:
+    parents = record.get("parents", [])
+    if not isinstance(parents, list):
+        raise ConfigError(f"{source}: field 'parents' must be a list")
+    for index, parent in enumerate(parents):
+        if not isinstance(parent, dict) or not isinstance(parent.get("content_hash"), str):
+            raise ConfigError(f"{source}: parents[{index}] has no content_hash")
+        if not isinstance(parent.get("path") or parent.get("ref"), str):
+            raise ConfigError(f"{source}: parents[{index}] has neither a path nor a ref")
+    return parents
 
 
 def _add_parent(graph: LineageGraph, parent: Mapping[str, Any]) -> str:

@@ -215,6 +215,8 @@ def write_report(
     """Write the report of `run_dir` to `out` (default `RUN/report.html`), atomically; PNGs optional."""
     data = load_run_data(run_dir)
     out = Path(out) if out is not None else data.run_dir / "report.html"
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a directory; give the report's file name (for example {out / 'report.html'})")
     sections = build_sections(data)
     document = render_html(sections, title=f"evomerge report: {data.config.name}", refresh_seconds=refresh_seconds)
     # Write beside and rename, so a browser refreshing during --watch never sees half a file.
@@ -223,6 +225,7 @@ def write_report(
         tmp.write_text(document, encoding="utf-8")
         tmp.replace(out)
     except OSError as error:
+        tmp.unlink(missing_ok=True)
         raise ExportError(f"cannot write the report to {out}: {error.strerror}") from None
     pngs = write_pngs(sections, Path(png_dir)) if png_dir is not None else []
     return ReportResult(out, [s.id for s in sections], pngs)

@@ -312,7 +312,12 @@ def frozen_config(run_dir: Path) -> EvolveConfig:
 
 
 def open_store(url: str, study_name: str) -> RunStore:
-    """The store of a study in any database; a missing study or an unreadable database is a `ConfigError`."""
+    """The store of a study in any database; a missing study or an unreadable database is a `ConfigError`.
+
+    Only opens: an SQLite file that does not exist is refused rather than created empty.
+    """
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no study database at {url} (the file does not exist)")
     try:
         return RunStore(optuna.load_study(study_name=study_name, storage=url))
     except KeyError:
