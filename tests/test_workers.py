@@ -252,3 +252,16 @@ def test_changed_parent_is_refused_on_resume_unless_accepted(tiny_llama, tmp_pat
     assert "Traceback" not in err
     code, err = evolve_cli("--accept-changed-parents")
     assert code == 0, err[-2000:]
+
+
+@pytest.mark.parametrize("scheme", ["postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://"])
+def test_every_documented_postgresql_url_form_opens_the_study_database(postgres_url, scheme):
+    """SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the [postgres] extra installs both drivers."""
+    from evomerge.search.coordination import open_storage
+
+    url = scheme + postgres_url.split("://", 1)[1]
+    storage = open_storage(url)
+    name = f"forms-{scheme.split(':')[0].replace('+', '-')}"
+    study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True)
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    assert len(optuna.load_study(study_name=name, storage=url).trials) >= 1
