@@ -98,7 +98,7 @@ class Racing(BaseModel):
     # 1/8 with growth 2: on the demo's CMA-ES stream the best saving whose told fitness keeps a Spearman
     # rank correlation >= 0.9 with the full-split fitness (benchmarks/RESULTS.md, racing). z = 2.2: with
     # three looks at a 300-example split, a candidate exactly at the threshold is wrongly dropped at most
-    # 1.9% of the time (2.0 gave 3.8%; benchmarks/racing_drop_rate.py).
+    # 1.7% of the time over 10,000 simulated races (2.0 gave 3.6%; benchmarks/racing_drop_rate.py).
     first_fraction: float = Field(0.125, gt=0, lt=1, description="share of each task's search split in round one")
     growth: float = Field(2.0, gt=1, description="each round's cumulative share is the previous one times this")
     confidence: float = Field(2.2, gt=0, description="z-score of the optimistic bound used to drop a candidate")
