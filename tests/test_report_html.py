@@ -92,6 +92,9 @@ def test_report_has_every_section_and_needs_no_network(lineage_runs, tmp_path):
     assert text.count("plotly.js v") >= 1 and len(text) > 3_000_000
     assert "candidate:" in text and "parent:" in text and "task_arithmetic_uniform" in text
     assert "compatible: 3 model(s)" in text
+    # The start and every untuned baseline's settings are on the page, not only their names.
+    assert "init: every gene at its configured init (the paper&#x27;s start)" in text
+    assert "dare_ties: " in text and "density=0.5" in text
 
 
 def test_report_of_a_run_without_selection_shows_the_best_so_far(lineage_runs, tmp_path):

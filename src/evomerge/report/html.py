@@ -16,6 +16,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import plotly.io as pio
+import yaml
 from plotly.offline import get_plotlyjs
 
 from evomerge.errors import EvomergeError, ExportError
@@ -78,8 +79,12 @@ def _summary(data: RunData) -> Section:
         ("method", config.method),
         ("candidates", ", ".join(f"{n} {s}" for s, n in counts.items())),
         ("champion", "-" if data.champion is None else f"trial {data.champion}"),
+        ("CMA-ES start" if config.resolved_optimizer == "cmaes" else "start", _start_text(config.start)),
         ("intended use", config.intended_use or "(not stated)"),
     ]
+    for name, baseline in (data.store.baselines or {}).items():
+        if baseline.get("kind") == "untuned":
+            items.append((f"baseline {name}", _settings_text(baseline)))
     evidence = data.store.evidence
     if evidence is not None:
         items += [(f"parent ({p['role']})", f"{p['path']} sha256 {p['content_hash'][:16]}") for p in evidence["parents"]]
@@ -91,6 +96,26 @@ def _summary(data: RunData) -> Section:
         items.append(("software", ", ".join(f"{k} {v}" for k, v in evidence["software"].items())))
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in items)
     return Section("summary", f"Run {config.name}", body=f"<table class='kv'>{rows}</table>")
+
+
+def _start_text(start: str) -> str:
+    return {
+        "init": "init: every gene at its configured init (the paper's start)",
+        "best_baseline": "best_baseline: the best parent the genome can express",
+    }[start]
+
+
+def _settings_text(baseline: dict) -> str:
+    """An untuned baseline as 'method: parent weight=.. density=..; ...' (a failed one says why)."""
+    if baseline.get("failure"):
+        return f"failed: {baseline['failure']}"
+    recipe = yaml.safe_load(baseline.get("recipe") or "{}") or {}
+    models = "; ".join(
+        f"{Path(entry['model']).name} " + " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in (entry.get("parameters") or {}).items())
+        for entry in recipe.get("models", [])
+    )
+    return f"{recipe.get('method', '?')}: {models}" if models else str(recipe.get("method", "?"))
 
 
 def _progress(data: RunData) -> Section:
