@@ -97,8 +97,8 @@ def lineage(target: str | Path) -> LineageGraph:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise ConfigError(f"{path} cannot be read as JSON") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a JSON object")

@@ -38,7 +38,7 @@ def verify_parents_unchanged(run_dir: Path, refs: Sequence[str], *, allow_pickle
     against the new models).
     """
     path = run_dir / PARENTS_FILE
-    stored: dict[str, dict[str, str]] = json.loads(path.read_text()) if path.is_file() else {}
+    stored = _read_parents(path) if path.is_file() else {}
     changed: list[str] = []
     current: dict[str, dict[str, str]] = {}
     for ref in refs:
@@ -61,3 +61,18 @@ def verify_parents_unchanged(run_dir: Path, refs: Sequence[str], *, allow_pickle
         tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
         tmp.replace(path)
     return changed
+
+
+def _read_parents(path: Path) -> dict[str, dict[str, str]]:
+    """The recorded parents: {ref: {"fingerprint": str, "identity": ...}}; anything else is a damaged run."""
+    damaged = ConfigError(f"{path} is damaged (not the parents this run recorded); restore it or start a new --run")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise damaged from None
+    if not isinstance(stored, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str) and "identity" in entry
+        for entry in stored.values()
+    ):
+        raise damaged
+    return stored
