@@ -92,7 +92,11 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise ModelError(f"{path} is corrupt: its safetensors header is not valid JSON ({error}).") from error
     if not isinstance(header, dict):
         raise ModelError(f"{path} is corrupt: its safetensors header is not a JSON object.")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    # The format defines metadata as a string -> string map; anything else is a damaged or forged file.
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise ModelError(f"{path} is corrupt: its safetensors __metadata__ is not an object of strings.")
     data_size = file_size - 8 - header_len
     tensors = {name: _parse_entry(path, name, entry, 8 + header_len) for name, entry in header.items()}
     _check_tiling(path, header, data_size)
