@@ -32,6 +32,7 @@ from evomerge.models.tokenizer import TOKENIZER_FILES, describe_tokenizer
 ADAPTER_CONFIG = "adapter_config.json"
 # Files whose `auto_map` asks transformers to import code shipped with the model.
 REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+_JSON_TYPES = {str: "string", list: "list", dict: "JSON object"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -266,6 +267,13 @@ def read_config(path: Path) -> dict:
     config = read_json(file)
     if not isinstance(config, dict):
         raise ModelError(f"{file} must hold a JSON object.")
+    # The fields evomerge reads to recognise the model, checked once here instead of at every use.
+    for field, expected in (("model_type", str), ("architectures", list), ("text_config", dict)):
+        value = config.get(field)
+        if value is not None and not isinstance(value, expected):
+            raise ModelError(f"{file}: field {field!r} must be a {_JSON_TYPES[expected]}, got {value!r}.")
+    if not all(isinstance(name, str) for name in config.get("architectures") or []):
+        raise ModelError(f"{file}: field 'architectures' must list class names, got {config['architectures']!r}.")
     return config
 
 

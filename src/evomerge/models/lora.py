@@ -253,7 +253,7 @@ def open_lora_view(
     config = read_adapter_config(adapter_dir)
     if base is None:
         base = config.get("base_model_name_or_path")
-        if not base:
+        if not base or not isinstance(base, str):
             raise ModelError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass the base explicitly.")
     if not isinstance(base, Checkpoint):
         base = Checkpoint.open(base, allow_pickle=allow_pickle, allow_download=allow_download)

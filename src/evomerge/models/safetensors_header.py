@@ -108,7 +108,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise ModelError(f"{path} is corrupt: header entry for tensor {name!r} is malformed.")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise ModelError(f"{path}: tensor {name!r} has unsupported dtype {code!r}.")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise ModelError(f"{path} is corrupt: tensor {name!r} has invalid shape {shape!r}.")
