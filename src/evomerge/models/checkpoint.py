@@ -65,7 +65,9 @@ class Checkpoint:
         # A LoRA view has no tokenizer of its own unless the adapter ships one; the base's then applies.
         self._tokenizer_dir = tokenizer_dir or path
         self._content_hash: str | None = None
-        self._num_layers: int | None = None
+        # Checked at open, so a parent whose config disagrees with its tensors is refused even when
+        # another parent's depth drives the merge.
+        self._num_layers = self._config_layers()
         # Recorded here, refused by the commands that read the model (`refuse_remote_code`), never executed.
         self.remote_code_file = (
             self.config_dir / "config.json" if "auto_map" in config
@@ -120,8 +122,6 @@ class Checkpoint:
         A config depth that no block container of the tensors has is refused: the merge places every layer
         by its position in that depth, and a loader would leave the missing layers randomly initialised.
         """
-        if self._num_layers is None:
-            self._num_layers = self._config_layers()
         return self._num_layers
 
     def _config_layers(self) -> int:
