@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cli_forkserver import CliServer
@@ -90,6 +91,93 @@ def ask_for_remote_code(model: Path) -> None:
     (model / "modeling_evil.py").write_text("raise SystemExit('remote code ran')\n")
 
 
+def edit_json(file: Path, change: Callable[[dict], None]) -> None:
+    """Rewrite a JSON file through `change`, which edits the parsed object in place."""
+    data = json.loads(file.read_text())
+    change(data)
+    file.write_text(json.dumps(data))
+
+
+def ask_for_remote_tokenizer(model: Path) -> None:
+    """Only the tokenizer config maps an auto class to shipped code."""
+    edit_json(model / "tokenizer_config.json", lambda c: c.update(auto_map={"AutoTokenizer": ["tok_evil.Evil", None]}))
+
+
+def claim_more_layers(model: Path) -> None:
+    """config.json says 6 layers; the tensors hold 4."""
+    edit_json(model / "config.json", lambda config: config.update(num_hidden_layers=6))
+
+
+def shard(model: Path, locate: Callable[[Path, str], str] | None = None) -> None:
+    """Split the weights into two shards with an index; `locate(model, shard)` says how the index names one."""
+    tensors = read_tensors(model)
+    names = sorted(tensors)
+    weight_map = {}
+    for index, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
+        file = f"model-0000{index}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, str(model / file), metadata={"format": "pt"})
+        written = locate(model, file) if locate else file
+        weight_map.update(dict.fromkeys(part, written))
+    (model / "model.safetensors").unlink()
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def index_with_number(model: Path) -> None:
+    shard(model)
+    edit_json(model / "model.safetensors.index.json", lambda index: index["weight_map"].update({"lm_head.weight": 2}))
+
+
+def escaping_index(*, absolute: bool) -> Callable[[Path], None]:
+    """An index naming its second shard by a path outside the model directory (`../outside_NAME/x...` or
+    absolute), where that shard really is: a reader following the path would succeed."""
+
+    def edit(model: Path) -> None:
+        outside = model.parent / f"outside_{model.name}" / "x.safetensors"
+
+        def locate(model: Path, file: str) -> str:
+            if not file.startswith("model-00002"):
+                return file
+            outside.parent.mkdir()
+            shutil.move(model / file, outside)
+            return str(outside) if absolute else f"../{outside.parent.name}/x.safetensors"
+
+        shard(model, locate)
+
+    return edit
+
+
+def metadata_list(model: Path) -> None:
+    """A header whose __metadata__ is a list instead of a string map."""
+    weights = model / "model.safetensors"
+    header, data = split_header(weights)
+    header["__metadata__"] = ["format", "pt"]
+    weights.write_bytes(join_header(header, data))
+
+
+def vocabulary_id_text(model: Path) -> None:
+    edit_json(model / "tokenizer.json", lambda tok: tok["model"]["vocab"].update({"a": "7"}))
+
+
+def added_token_without_content(model: Path) -> None:
+    edit_json(model / "tokenizer.json", lambda tok: tok["added_tokens"][0].pop("content"))
+
+
+def lora_rank_mismatch(model: Path) -> None:
+    """Turn the copy into a PEFT adapter over its own former weights (moved to `base/`), whose q_proj
+    factors disagree on the rank: A is [2, 32], B is [32, 3]."""
+    base = model / "base"
+    base.mkdir()
+    for file in list(model.iterdir()):
+        if file != base:
+            shutil.move(file, base / file.name)
+    rows, cols = read_tensors(base)["model.layers.0.self_attn.q_proj.weight"].shape
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": torch.ones(2, cols), f"{prefix}.lora_B.weight": torch.ones(rows, 3)},
+              str(model / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": str(base)}
+    (model / "adapter_config.json").write_text(json.dumps(config))
+
+
 def make_gpt2(out_dir: Path, llama: Path) -> Path:
     """A tiny GPT-2 with the same depth and tokenizer as `llama` (only the architecture differs)."""
     torch.manual_seed(5)
@@ -119,6 +207,15 @@ MODEL_VARIANTS: dict[str, tuple[int, dict, Callable[[Path], None] | None]] = {
     "nanweights0": (0, {}, nan_weights),
     "nanweights1": (1, {}, nan_weights),
     "nanweights2": (2, {}, nan_weights),
+    "remotetok": (1, {}, ask_for_remote_tokenizer),
+    "deepconfig": (1, {}, claim_more_layers),
+    "indexnumber": (1, {}, index_with_number),
+    "indexescape": (1, {}, escaping_index(absolute=False)),
+    "indexabsolute": (1, {}, escaping_index(absolute=True)),
+    "metadatalist": (1, {}, metadata_list),
+    "vocabtext": (1, {}, vocabulary_id_text),
+    "addednocontent": (1, {}, added_token_without_content),
+    "lorarank": (1, {}, lora_rank_mismatch),
 }
 
 

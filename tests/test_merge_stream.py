@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import read_tensors
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, ExportError
 from evomerge.merge.params import layer_position
 from evomerge.merge.recipe import parse_recipe
 from evomerge.merge.stream import run_merge
@@ -327,3 +327,18 @@ def test_recipe_errors_surface_before_any_output(tiny_family, tmp_path: Path) ->
     with pytest.raises(ConfigError, match=r"slices\[0\].*exceeds its 4 layers"):
         run_merge(parse_recipe(too_deep), out)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_never_replaces_a_directory_holding_the_recipe(tiny_family, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    recipe_file = project / "configs" / "recipe.yaml"
+    recipe_file.write_text("kept")
+    recipe = parse_recipe({
+        "method": "linear",
+        "models": [{"model": str(tiny_family[name]), "parameters": {"weight": 0.5}} for name in ("ft1", "ft2")],
+    })
+    for out in (project, project / "configs"):
+        with pytest.raises(ExportError, match=f"contains {recipe_file}, which writing it would delete"):
+            run_merge(recipe, out, overwrite=True, keep=[recipe_file])
+    assert recipe_file.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["project"]

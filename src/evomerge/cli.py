@@ -363,6 +363,7 @@ def merge(
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             extra_files={"README.md": card},
+            keep=(recipe,),
             on_plan=lambda total: progress.update(bar, total=total),
             on_tensor=lambda _name: progress.advance(bar),
         )

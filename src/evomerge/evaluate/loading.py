@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.evaluate.engine import default_dtype
+from evomerge.models import refuse_remote_code
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -68,26 +68,6 @@ def load_causal_lm(
         reason = " ".join(str(error).split())[:200]
         raise ModelError(f"model {path} cannot be loaded with transformers ({reason})") from None
     return model.to(device).eval(), tokenizer
-
-
-def refuse_remote_code(path: Path) -> None:
-    """Refuse a model whose config or tokenizer config maps the auto classes to code shipped with it.
-
-    With `trust_remote_code=False`, transformers silently substitutes its built-in class when the
-    `model_type` is known, i.e. it would evaluate a different model than the author's code defines;
-    evomerge never runs that code, so it says so instead of evaluating something else.
-    """
-    for name in ("config.json", "tokenizer_config.json"):
-        file = path / name
-        try:
-            declares = file.is_file() and "auto_map" in json.loads(file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
-            raise ModelError(f"model {path}: {name} is not a readable JSON object") from None
-        if declares:
-            raise ModelError(
-                f"model {path} asks for its own code (auto_map in {name}), which evomerge never runs; "
-                "remove auto_map to load it with the built-in transformers classes"
-            )
 
 
 __all__ = ["load_causal_lm"]

@@ -1,6 +1,7 @@
 """Merge operators, recipes, the plan, the streaming executor and the in-memory merger (see docs/ARCHITECTURE.md)."""
 
-from evomerge.merge.inmemory import InMemoryMerger, NonFiniteWeightsError
+from evomerge.merge.inmemory import InMemoryMerger
+from evomerge.merge.plan import NonFiniteWeightsError
 from evomerge.merge.recipe import Recipe, load_recipe, parse_recipe
 from evomerge.merge.registry import OperatorSpec, ParamSpec, get_operator, operator_names
 from evomerge.merge.stream import MergeResult, StreamingMerge, run_merge

@@ -14,29 +14,23 @@ import torch
 from torch import nn
 
 from evomerge.errors import ConfigError
-from evomerge.merge.plan import TensorJob, apply_job, job_parameters, plan_jobs
+from evomerge.merge.plan import (
+    NonFiniteWeightsError,
+    TensorJob,
+    apply_job,
+    job_parameters,
+    plan_jobs,
+    require_finite,
+)
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.stream import check_parents, open_parents
 from evomerge.models import Checkpoint, CompatReport
-
-
-class NonFiniteWeightsError(RuntimeError):
-    """A candidate recipe produced NaN or Inf weights (recorded as a failed candidate, not a user error)."""
 
 
 @dataclass
 class _Resident:
     base: torch.Tensor | None
     stacked: torch.Tensor  # task vectors for delta-space operators, raw weights otherwise
-
-
-def _all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in `tensor`. min and max propagate NaN and expose +-Inf, so one fused reduction
-    answers it without the boolean tensor of ``isfinite(t).all()`` (bf16 CPU, 11.5M entries: 2 ms vs 42 ms)."""
-    if tensor.numel() == 0:
-        return True
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 class InMemoryMerger:
@@ -110,8 +104,8 @@ class InMemoryMerger:
                 out_name=job.out_name,
                 deltas=resident.stacked if delta_space else None,
             )
-            if check_finite and not _all_finite(merged):
-                raise NonFiniteWeightsError(f"the merge produced non-finite values in tensor {job.out_name}")
+            if check_finite:
+                require_finite(merged, job.out_name)
             yield job.out_name, merged
 
     def state_dict(self, recipe: Recipe) -> dict[str, torch.Tensor]:
@@ -132,3 +126,6 @@ class InMemoryMerger:
                 if target is None:
                     raise ConfigError(f"the live model has no parameter named {name}")
                 target.data.copy_(tensor)
+
+
+__all__ = ["InMemoryMerger", "NonFiniteWeightsError"]  # the error is raised by `tensors`

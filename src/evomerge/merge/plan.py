@@ -197,6 +197,28 @@ def job_parameters(spec: OperatorSpec, job: TensorJob) -> dict[str, Any]:
     return resolved
 
 
+class NonFiniteWeightsError(RuntimeError):
+    """A candidate recipe produced NaN or Inf weights (recorded as a failed candidate, not a user error)."""
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in `tensor`. min and max propagate NaN and expose +-Inf, so one fused reduction
+    answers it without the boolean tensor of ``isfinite(t).all()`` (bf16 CPU, 11.5M entries: 2 ms vs 42 ms)."""
+    if tensor.numel() == 0 or not tensor.is_floating_point():
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def require_finite(tensor: torch.Tensor, out_name: str, error: type[Exception] = NonFiniteWeightsError) -> None:
+    """Raise `error` naming the tensor when a merge produced NaN or Inf: the one rule of both merge paths."""
+    if not all_finite(tensor):
+        raise error(
+            f"the merge produced non-finite values (NaN or Inf) in tensor {out_name}; "
+            "check the recipe's parameters and the parents' weights"
+        )
+
+
 def apply_job(
     spec: OperatorSpec,
     base: torch.Tensor | None,

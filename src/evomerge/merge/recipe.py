@@ -273,8 +273,28 @@ def _check_parameters(spec: OperatorSpec, parameters: Parameters, where: str, *,
         for number in _param_values(value):
             if not param.low <= number <= param.high:
                 raise ConfigError(
-                    f"{where}: parameter '{name}' = {number:g} is out of range [{param.low:g}, {param.high:g}]"
+                    f"{where}: parameter '{name}' = {_digits(number)} is out of range [{param.low:g}, {param.high:g}]"
                 )
+
+
+def _digits(number: float) -> str:
+    """Short where that is exact, every digit otherwise: 1.0000001 must not read as the bound 1."""
+    return f"{number:g}" if float(f"{number:g}") == number else repr(number)
+
+
+def _check_single_input(spec: OperatorSpec, recipe: Recipe, source: str) -> None:
+    """Methods that merge one model per tensor (SLERP, passthrough) fail here, naming the field."""
+    if not spec.single_input:
+        return
+    drops_base = spec.needs_base or spec.space == "delta"  # the planner's rule: the base is not an input
+    groups = [("models", [entry.model for entry in recipe.models])] if recipe.slices is None else [
+        (f"slices[{index}].sources", [src.model for src in sl.sources]) for index, sl in enumerate(recipe.slices)
+    ]
+    into = " into the base model" if spec.needs_base else ""
+    for field, refs in groups:
+        count = sum(1 for ref in refs if not (drops_base and ref == recipe.base_model))
+        if count != 1:
+            raise ConfigError(f"{source}: field '{field}': method '{spec.name}' merges exactly one model{into}, got {count}")
 
 
 def _check_required(spec: OperatorSpec, recipe: Recipe, source: str) -> None:
@@ -313,6 +333,7 @@ def check_against_operator(recipe: Recipe, source: str = "recipe") -> None:
     if spec.needs_base and not recipe.base_model:
         raise ConfigError(f"{source}: method '{spec.name}' needs a `base_model`")
     _check_required(spec, recipe, source)
+    _check_single_input(spec, recipe, source)
     if recipe.tokenizer_source not in (None, "base") and recipe.tokenizer_source not in recipe.parent_refs():
         raise ConfigError(
             f"{source}: field 'tokenizer_source' names '{recipe.tokenizer_source}', which is not one of the models"

@@ -74,6 +74,7 @@ class OperatorSpec:
     needs_base: bool
     is_random: bool
     doc: str
+    single_input: bool = False  # merges exactly one model per tensor (into the base, if it has one)
 
     def param(self, name: str) -> ParamSpec:
         """The spec of parameter `name` (ConfigError if this operator has none)."""
@@ -101,6 +102,7 @@ def operator(
     params: Sequence[ParamSpec] = (),
     needs_base: bool = True,
     is_random: bool = False,
+    single_input: bool = False,
 ) -> Callable[[Kernel], Kernel]:
     """Register the decorated kernel under `name`; the kernel itself is returned unchanged.
 
@@ -122,6 +124,7 @@ def operator(
             needs_base=needs_base,
             is_random=is_random,
             doc=(kernel.__doc__ or "").strip(),
+            single_input=single_input,
         )
         return kernel
 

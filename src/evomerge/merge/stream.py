@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -21,10 +21,26 @@ from typing import Any
 import torch
 
 from evomerge.errors import ExportError
-from evomerge.merge.plan import Source, TensorJob, apply_job, job_parameters, output_num_layers, plan_jobs
+from evomerge.merge.plan import (
+    NonFiniteWeightsError,
+    Source,
+    TensorJob,
+    apply_job,
+    job_parameters,
+    output_num_layers,
+    plan_jobs,
+    require_finite,
+)
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import OperatorSpec
-from evomerge.models import Checkpoint, CheckpointWriter, CompatReport, align_rows, check_compatible
+from evomerge.models import (
+    Checkpoint,
+    CheckpointWriter,
+    CompatReport,
+    align_rows,
+    check_compatible,
+    refuse_remote_code,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # The writer holds a whole shard in memory until it is full, so the shard size is the output's share of the
@@ -58,7 +74,10 @@ class MergeResult:
 def open_parents(recipe: Recipe, *, allow_pickle: bool = False) -> dict[str, Checkpoint]:
     """Open every parent the recipe names (headers only), in the recipe's deterministic order."""
     allow = allow_pickle or recipe.allow_pickle
-    return {ref: Checkpoint.open(ref, allow_pickle=allow) for ref in recipe.parent_refs()}
+    checkpoints = {ref: Checkpoint.open(ref, allow_pickle=allow) for ref in recipe.parent_refs()}
+    for checkpoint in checkpoints.values():
+        refuse_remote_code(checkpoint)  # its config (auto_map included) could become the merged model's
+    return checkpoints
 
 
 def check_parents(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> CompatReport:
@@ -199,6 +218,8 @@ class StreamingMerge:
                         self.spec, base, stacked, self.parameters[index], seed=self.recipe.seed,
                         out_name=job.out_name,
                     )
+                    # A NaN/Inf parent or parameter (`weight: .inf`) must not become a model.
+                    require_finite(merged, job.out_name)
                     if buffers[index % 2].holds(merged):  # e.g. passthrough returns its input
                         merged = merged.clone()
                     if job.base is not None:
@@ -225,6 +246,19 @@ def merged_config(recipe: Recipe, donor: Checkpoint, compat: CompatReport) -> di
     return config
 
 
+def refuse_overlaps(out_dir: str | Path, parents: Sequence[Path], keep: Sequence[Path] = ()) -> None:
+    """Refuse an output that is, contains or lies inside a parent, or contains the current directory or a
+    `keep` file: writing it (with --overwrite, replacing it) would destroy the merge's own inputs."""
+    target = Path(out_dir).resolve()
+    for parent in parents:
+        source = parent.resolve()
+        if target == source or target in source.parents or source in target.parents:
+            raise ExportError(f"output directory {out_dir} overlaps the parent model {parent}; choose another --out")
+    for path, what in [(Path.cwd(), "the current directory"), *((Path(p), str(p)) for p in keep)]:
+        if target == path.resolve() or target in path.resolve().parents:
+            raise ExportError(f"output directory {out_dir} contains {what}, which writing it would delete; choose another --out")
+
+
 def run_merge(
     recipe: Recipe,
     out_dir: str | Path,
@@ -237,29 +271,31 @@ def run_merge(
     on_tensor: Callable[[str], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
     max_shard_bytes: int = MERGE_SHARD_BYTES,
+    keep: Sequence[Path] = (),
 ) -> MergeResult:
-    """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras)."""
+    """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras).
+
+    `keep` names files the output must not replace (the recipe file the CLI read).
+    """
     started = time.perf_counter()
     merge = StreamingMerge(recipe, device=device, compute_dtype=compute_dtype, allow_pickle=allow_pickle)
-    target = Path(out_dir).resolve()
-    for checkpoint in merge.checkpoints.values():
-        source = Path(checkpoint.path).resolve()
-        if target == source or target in source.parents or source in target.parents:
-            # Overwriting (or nesting into) a parent would destroy the merge's own input.
-            raise ExportError(f"output directory {out_dir} overlaps the parent model {checkpoint.path}; choose another --out")
+    refuse_overlaps(out_dir, [Path(c.path) for c in merge.checkpoints.values()], keep)
     if on_plan is not None:
         on_plan(len(merge))
     donor, compat = merge.donor, merge.compat
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
-        for job, tensor in merge:
-            # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
-            first = job.inputs[0]
-            target = out_dtype or merge.checkpoints[first.ref].dtype(first.tensor)
-            # Merged tensors are fresh and copied ones are views of a per-job buffer: no defensive copy.
-            writer.add(job.out_name, tensor.to(dtype=target, device="cpu"), copy=False)
-            if on_tensor is not None:
-                on_tensor(job.out_name)
+        try:
+            for job, tensor in merge:
+                # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
+                first = job.inputs[0]
+                target = out_dtype or merge.checkpoints[first.ref].dtype(first.tensor)
+                # Merged tensors are fresh and copied ones are views of a per-job buffer: no defensive copy.
+                writer.add(job.out_name, tensor.to(dtype=target, device="cpu"), copy=False)
+                if on_tensor is not None:
+                    on_tensor(job.out_name)
+        except NonFiniteWeightsError as error:  # a user's recipe or parents; the writer discards its files
+            raise ExportError(str(error)) from None
         writer.copy_files(donor.path, [name for name in DONOR_FILES if (donor.path / name).exists()])
         writer.write_text("config.json", json.dumps(merged_config(recipe, donor, compat), indent=2, sort_keys=True))
         writer.write_text("recipe.yaml", recipe.to_yaml())

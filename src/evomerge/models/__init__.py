@@ -1,7 +1,7 @@
 """Model I/O: lazy checkpoints, tensor roles, model identity, compatibility checks, atomic sharded writing,
 LoRA task vectors."""
 
-from evomerge.models.checkpoint import Checkpoint
+from evomerge.models.checkpoint import Checkpoint, refuse_remote_code
 from evomerge.models.compat import CompatReport, RowAlignment, align_rows, check_compatible
 from evomerge.models.identity import (
     LINEAGE_FILE,
@@ -32,6 +32,7 @@ __all__ = [
     "merged_model_id",
     "parent_evidence",
     "parent_identity",
+    "refuse_remote_code",
     "resume_identity",
     "tensor_role",
     "with_layer",

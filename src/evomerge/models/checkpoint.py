@@ -30,9 +30,10 @@ from evomerge.models.sources import (
 from evomerge.models.tokenizer import TOKENIZER_FILES, describe_tokenizer
 
 ADAPTER_CONFIG = "adapter_config.json"
+# Files whose `auto_map` asks transformers to import code shipped with the model.
+REMOTE_CODE_FILES = ("config.json", "tokenizer_config.json")
+_JSON_TYPES = {str: "string", list: "list", dict: "JSON object"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
 
 
 class Checkpoint:
@@ -64,9 +65,15 @@ class Checkpoint:
         # A LoRA view has no tokenizer of its own unless the adapter ships one; the base's then applies.
         self._tokenizer_dir = tokenizer_dir or path
         self._content_hash: str | None = None
-        self.requires_remote_code = "auto_map" in config or "auto_map" in read_json_or_empty(
-            self._tokenizer_dir / "tokenizer_config.json"
+        # Checked at open, so a parent whose config disagrees with its tensors is refused even when
+        # another parent's depth drives the merge.
+        self._num_layers = self._config_layers()
+        # Recorded here, refused by the commands that read the model (`refuse_remote_code`), never executed.
+        self.remote_code_file = (
+            self.config_dir / "config.json" if "auto_map" in config
+            else remote_code_file(self._tokenizer_dir, names=("tokenizer_config.json",))
         )
+        self.requires_remote_code = self.remote_code_file is not None
 
     @classmethod
     def open(
@@ -110,11 +117,26 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        """Number of repeated blocks: from the config (also a nested `text_config`), else from tensor names."""
-        for config in (self.config, self.config.get("text_config") or {}):
+        """Number of repeated blocks: from the config (also a nested `text_config`), else from tensor names.
+
+        A config depth that no block container of the tensors has is refused: the merge places every layer
+        by its position in that depth, and a loader would leave the missing layers randomly initialised.
+        """
+        return self._num_layers
+
+    def _config_layers(self) -> int:
+        text_config = self.config.get("text_config")
+        for config in (self.config, text_config if isinstance(text_config, dict) else {}):
             for key in ("num_hidden_layers", "n_layer", "num_layers"):
-                if isinstance(config.get(key), int):
-                    return config[key]
+                value = config.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    depths = layer_depths(self._names)
+                    if depths and value not in depths.values():
+                        raise ModelError(
+                            f"{self.config_dir / 'config.json'} declares {key} = {value} but the tensors of "
+                            f"{self.path} hold {count_layers(self._names)} layers."
+                        )
+                    return value
         return count_layers(self._names)
 
     def tensor_names(self) -> list[str]:
@@ -245,17 +267,51 @@ def read_config(path: Path) -> dict:
     config = read_json(file)
     if not isinstance(config, dict):
         raise ModelError(f"{file} must hold a JSON object.")
+    # The fields evomerge reads to recognise the model, checked once here instead of at every use.
+    for field, expected in (("model_type", str), ("architectures", list), ("text_config", dict)):
+        value = config.get(field)
+        if value is not None and not isinstance(value, expected):
+            raise ModelError(f"{file}: field {field!r} must be a {_JSON_TYPES[expected]}, got {value!r}.")
+    if not all(isinstance(name, str) for name in config.get("architectures") or []):
+        raise ModelError(f"{file}: field 'architectures' must list class names, got {config['architectures']!r}.")
     return config
+
+
+def layer_depths(names: list[str]) -> dict[str, int]:
+    """Depth (1 + the highest layer index) of every block container, the one holding most tensors first."""
+    layers = [(role.module, role.layer) for role in map(tensor_role, names) if role.layer is not None]
+    sizes = Counter(module for module, _ in layers)
+    return {
+        module: 1 + max(layer for owner, layer in layers if owner == module) for module, _ in sizes.most_common()
+    }
 
 
 def count_layers(names: list[str]) -> int:
     """Layers of the block container holding the most tensors (the language model in a multimodal model)."""
-    roles = [tensor_role(name) for name in names]
-    containers = Counter(role.module for role in roles if role.layer is not None)
-    if not containers:
-        return 0
-    main = containers.most_common(1)[0][0]
-    return 1 + max(role.layer for role in roles if role.module == main and role.layer is not None)
+    return next(iter(layer_depths(names).values()), 0)
+
+
+def remote_code_file(directory: Path, names: tuple[str, ...] = REMOTE_CODE_FILES) -> Path | None:
+    """The first file of `names` in `directory` whose JSON object declares `auto_map` (code shipped with it)."""
+    for name in names:
+        if "auto_map" in read_json_or_empty(directory / name):
+            return directory / name
+    return None
+
+
+def refuse_remote_code(model: Checkpoint | Path) -> None:
+    """Refuse a model whose config or tokenizer config maps the auto classes to code shipped with it.
+
+    evomerge never runs that code; reading such a model with the built-in classes would use (or, merged,
+    pass on) a different model than its author's code defines, so every command refuses it instead.
+    """
+    file = model.remote_code_file if isinstance(model, Checkpoint) else remote_code_file(Path(model))
+    if file is not None:
+        path = model.path if isinstance(model, Checkpoint) else model
+        raise ModelError(
+            f"model {path} asks for its own code (auto_map in {file.name}), which evomerge never runs; "
+            "remove auto_map to load it with the built-in transformers classes"
+        )
 
 
 def tensor_record_header(name: str, tensor: torch.Tensor) -> bytes:

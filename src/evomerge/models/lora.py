@@ -74,41 +74,79 @@ class LoraTaskVectors(Mapping[str, torch.Tensor]):
             else:
                 # A full tensor: `modules_to_save`, or the embedding PEFT saves as `<module>.base_layer.weight`
                 # when it adapts (and may have resized) an embedding.
-                self._add(key[len(PEFT_PREFIX) :].replace(".base_layer.", "."), ("full", key))
+                name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+                self._add(name, ("full", key), self._adapter.shape(key))
         for module, factors in sorted(modules.items()):
-            lora = self._module(module, factors)
-            self._add(f"{module}.weight", ("lora", lora))
+            lora, shape = self._module(module, factors)
+            self._add(f"{module}.weight", ("lora", lora), shape)
             if lora.bias_key:
-                self._add(f"{module}.bias", ("bias", lora))
+                self._add(f"{module}.bias", ("bias", lora), self._adapter.shape(lora.bias_key))
 
-    def _add(self, name: str, part: tuple[str, LoraModule | str]) -> None:
+    def _add(self, name: str, part: tuple[str, LoraModule | str], shape: tuple[int, ...]) -> None:
+        """Record a part of tensor `name`'s delta, its shape checked against the base from the headers."""
         if name not in self._base:
             raise ModelError(
                 f"{self.adapter_dir}: adapter changes tensor {name!r}, which base {self._base.path} lacks."
             )
+        if tuple(shape) != self._base.shape(name):
+            raise ModelError(
+                f"{self.adapter_dir}: the delta for tensor {name!r} has shape {tuple(shape)} but the base "
+                f"tensor has {self._base.shape(name)}."
+            )
         self._parts.setdefault(name, []).append(part)
 
-    def _module(self, module: str, factors: dict[str, str]) -> LoraModule:
+    def _module(self, module: str, factors: dict[str, str]) -> tuple[LoraModule, tuple[int, int]]:
+        """One adapted module and the shape of its delta, both checked from the headers before any read."""
         embedding = "lora_embedding_A" in factors
         a_name, b_name = (
             ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         )
         if a_name not in factors or b_name not in factors:
             raise ModelError(f"{self.adapter_dir}: module {module!r} lacks one of its LoRA factors A and B.")
-        a_shape = self._adapter.shape(factors[a_name])
-        if len(a_shape) != 2:
+        a_shape, b_shape = self._adapter.shape(factors[a_name]), self._adapter.shape(factors[b_name])
+        if len(a_shape) != 2 or len(b_shape) != 2:
             raise ModelError(
-                f"{self.adapter_dir}: module {module!r} has a {len(a_shape)}-D LoRA factor; only linear "
+                f"{self.adapter_dir}: module {module!r} has a LoRA factor that is not 2-D; only linear "
                 "and embedding LoRA layers are supported."
             )
         rank = a_shape[0]
-        alpha = float(
-            _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", 8))
-        )
+        if rank == 0 or b_shape[1] != rank:
+            raise ModelError(
+                f"{self.adapter_dir}: module {module!r} has factors of ranks {rank} (A {list(a_shape)}) and "
+                f"{b_shape[1]} (B {list(b_shape)}); they must be equal and positive."
+            )
+        bias_key = factors.get("lora_B.bias")
+        if bias_key is not None and self._adapter.shape(bias_key) != (b_shape[0],):
+            raise ModelError(
+                f"{self.adapter_dir}: LoRA bias {bias_key!r} has shape {list(self._adapter.shape(bias_key))}, "
+                f"expected [{b_shape[0]}]."
+            )
+        alpha = self._pattern(module, self.config.get("lora_alpha", 8))
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ModelError(
+                f"{self.adapter_dir / ADAPTER_CONFIG}: the lora_alpha of module {module!r} must be a finite "
+                f"number, got {alpha!r}."
+            )
         scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
-        return LoraModule(
-            module, factors[a_name], factors[b_name], factors.get("lora_B.bias"), embedding, scale
-        )
+        shape = (b_shape[0], a_shape[1])
+        if embedding or self._fan_in_fan_out:
+            shape = shape[::-1]
+        return LoraModule(module, factors[a_name], factors[b_name], bias_key, embedding, scale), shape
+
+    def _pattern(self, module: str, default: object) -> object:
+        """PEFT's per-module override: the first `alpha_pattern` key matching a dotted suffix of the module."""
+        patterns = self.config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise ModelError(f"{self.adapter_dir / ADAPTER_CONFIG}: field 'alpha_pattern' must be an object.")
+        for key, value in patterns.items():
+            try:
+                if re.match(rf"(.*\.)?({key})$", module):
+                    return value
+            except re.error as error:
+                raise ModelError(
+                    f"{self.adapter_dir / ADAPTER_CONFIG}: alpha_pattern key {key!r} is not a valid pattern ({error})."
+                ) from None
+        return default
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return sum(
@@ -117,39 +155,20 @@ class LoraTaskVectors(Mapping[str, torch.Tensor]):
 
     def _part_delta(self, name: str, kind: str, entry: LoraModule | str) -> torch.Tensor:
         if isinstance(entry, str):  # a full saved tensor replaces the base one
-            saved = self._adapter.get(entry, dtype=torch.float32)
-            if tuple(saved.shape) != self._base.shape(name):
-                raise ModelError(
-                    f"{self.adapter_dir}: saved tensor {entry!r} has shape {tuple(saved.shape)} but base tensor "
-                    f"{name!r} has {self._base.shape(name)}."
-                )
-            return saved - self._base.get(name, dtype=torch.float32)
+            return self._adapter.get(entry, dtype=torch.float32) - self._base.get(name, dtype=torch.float32)
         if kind == "bias":
             return entry.scale * self._adapter.get(entry.bias_key, dtype=torch.float32)
-        b_factor = self._adapter.get(entry.b_key, dtype=torch.float32)
-        product = b_factor @ self._adapter.get(entry.a_key, dtype=torch.float32)
-        if entry.embedding or self._fan_in_fan_out:
-            product = product.T
-        if tuple(product.shape) != self._base.shape(name):
-            raise ModelError(
-                f"{self.adapter_dir}: LoRA delta for {name!r} has shape {tuple(product.shape)} but the base "
-                f"tensor has {self._base.shape(name)}."
-            )
-        return entry.scale * product
+        # Shapes were checked against the base when the adapter was indexed.
+        product = self._adapter.get(entry.b_key, dtype=torch.float32) @ self._adapter.get(
+            entry.a_key, dtype=torch.float32
+        )
+        return entry.scale * (product.T if entry.embedding or self._fan_in_fan_out else product)
 
     def __iter__(self) -> Iterator[str]:
         return iter(sorted(self._parts))
 
     def __len__(self) -> int:
         return len(self._parts)
-
-
-def _pattern_value(patterns: dict[str, object], module: str, default: object) -> object:
-    """PEFT's per-module override rule: the first pattern key matching a dotted suffix of the module name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def read_adapter_config(adapter_dir: Path) -> dict:
@@ -234,7 +253,7 @@ def open_lora_view(
     config = read_adapter_config(adapter_dir)
     if base is None:
         base = config.get("base_model_name_or_path")
-        if not base:
+        if not base or not isinstance(base, str):
             raise ModelError(f"{adapter_dir / ADAPTER_CONFIG} names no base model; pass the base explicitly.")
     if not isinstance(base, Checkpoint):
         base = Checkpoint.open(base, allow_pickle=allow_pickle, allow_download=allow_download)

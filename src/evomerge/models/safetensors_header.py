@@ -92,7 +92,11 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise ModelError(f"{path} is corrupt: its safetensors header is not valid JSON ({error}).") from error
     if not isinstance(header, dict):
         raise ModelError(f"{path} is corrupt: its safetensors header is not a JSON object.")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    # The format defines metadata as a string -> string map; anything else is a damaged or forged file.
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise ModelError(f"{path} is corrupt: its safetensors __metadata__ is not an object of strings.")
     data_size = file_size - 8 - header_len
     tensors = {name: _parse_entry(path, name, entry, 8 + header_len) for name, entry in header.items()}
     _check_tiling(path, header, data_size)
@@ -104,7 +108,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise ModelError(f"{path} is corrupt: header entry for tensor {name!r} is malformed.")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in SAFETENSORS_DTYPES:
+    if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
         raise ModelError(f"{path}: tensor {name!r} has unsupported dtype {code!r}.")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
         raise ModelError(f"{path} is corrupt: tensor {name!r} has invalid shape {shape!r}.")

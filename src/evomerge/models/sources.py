@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import mmap
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import torch
@@ -159,16 +159,11 @@ def open_safetensors_file(file: Path) -> SafetensorsSource:
 
 def _open_sharded_safetensors(index_file: Path) -> SafetensorsSource:
     """Validate an index: it parses, its shards exist, and it lists exactly the tensors the shards hold."""
-    index = read_json(index_file)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelError(f"{index_file} has no 'weight_map' object.")
+    weight_map = read_weight_map(index_file)
     tensors: dict[str, TensorInfo] = {}
     headers: dict[Path, bytes] = {}
     for shard_name in sorted(set(weight_map.values())):
-        shard = index_file.parent / str(shard_name)
-        if not shard.is_file():
-            raise ModelError(f"{index_file} refers to shard {shard_name!r}, which does not exist.")
+        shard = index_file.parent / shard_name
         header = read_header(shard)
         headers[shard] = header.raw
         for name, info in header.tensors.items():
@@ -187,20 +182,34 @@ def _open_sharded_safetensors(index_file: Path) -> SafetensorsSource:
     return SafetensorsSource(tensors, headers)
 
 
+def read_weight_map(index_file: Path) -> dict[str, str]:
+    """An index's tensor -> shard map, every shard an existing file inside the model directory.
+
+    Shard names are checked as written, not resolved: a Hugging Face cache snapshot links its files to
+    blobs elsewhere, but a name with `..` or an absolute path would make a model read any file on disk.
+    """
+    index = read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ModelError(f"{index_file} has no 'weight_map' object.")
+    for name, shard_name in weight_map.items():
+        if not isinstance(shard_name, str) or not shard_name:
+            raise ModelError(f"{index_file}: weight_map entry {name!r} must be a shard file name, got {shard_name!r}.")
+        relative = PurePosixPath(shard_name.replace("\\", "/"))
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ModelError(
+                f"{index_file}: weight_map entry {name!r} names shard {shard_name!r} outside the model directory."
+            )
+    for shard_name in sorted(set(weight_map.values())):
+        if not (index_file.parent / shard_name).is_file():
+            raise ModelError(f"{index_file} refers to shard {shard_name!r}, which does not exist.")
+    return weight_map
+
+
 def _pickle_files(path: Path) -> list[Path]:
     """Pickle weight files of a directory, from an index when present."""
     if (path / PICKLE_INDEX).is_file():
-        index = read_json(path / PICKLE_INDEX)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict):
-            raise ModelError(f"{path / PICKLE_INDEX} has no 'weight_map' object.")
-        files = [path / str(name) for name in sorted(set(weight_map.values()))]
-        for file in files:
-            if not file.is_file():
-                raise ModelError(
-                    f"{path / PICKLE_INDEX} refers to shard {file.name!r}, which does not exist."
-                )
-        return files
+        return [path / name for name in sorted(set(read_weight_map(path / PICKLE_INDEX).values()))]
     if (path / PICKLE_SINGLE).is_file():
         return [path / PICKLE_SINGLE]
     return sorted(path.glob("*.pt")) + sorted(p for p in path.glob("*.bin") if p.name != "training_args.bin")

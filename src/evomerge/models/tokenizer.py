@@ -69,16 +69,30 @@ def _vocab_from_tokenizer_json(file: Path) -> tuple[dict[str, int], list[list]]:
         raise ModelError(f"{file} has no 'model' section.")
     raw_vocab = model.get("vocab")
     if isinstance(raw_vocab, dict):  # BPE, WordPiece, WordLevel
-        vocab = {str(token): int(index) for token, index in raw_vocab.items()}
+        vocab = {token: _token_id(file, f"vocabulary entry {token!r}", index) for token, index in raw_vocab.items()}
     elif isinstance(raw_vocab, list):  # Unigram: [[token, score], ...], the id is the position
-        vocab = {str(entry[0]): index for index, entry in enumerate(raw_vocab)}
+        if not all(isinstance(entry, list) and entry and isinstance(entry[0], str) for entry in raw_vocab):
+            raise ModelError(f"{file}: every Unigram vocabulary entry must be a [token, score] pair.")
+        vocab = {entry[0]: index for index, entry in enumerate(raw_vocab)}
     else:
         raise ModelError(f"{file} has a tokenizer model without a vocabulary.")
     added = []
-    for token in data.get("added_tokens") or []:
-        vocab[str(token["content"])] = int(token["id"])
-        added.append([int(token["id"]), str(token["content"]), bool(token.get("special", False))])
+    tokens = data.get("added_tokens") or []
+    for position, token in enumerate(tokens if isinstance(tokens, list) else [tokens]):
+        content = token.get("content") if isinstance(token, dict) else None
+        if not isinstance(content, str):
+            raise ModelError(f"{file}: added_tokens[{position}] has no string 'content'.")
+        index = _token_id(file, f"added_tokens[{position}]", token.get("id"))
+        vocab[content] = index
+        added.append([index, content, bool(token.get("special", False))])
     return vocab, added
+
+
+def _token_id(file: Path, what: str, value: object) -> int:
+    """A token id as the file states it: a non-negative JSON integer, nothing converted."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ModelError(f"{file}: {what} has id {value!r}, which is not a non-negative integer.")
+    return value
 
 
 def _vocab_from_auto_tokenizer(directory: Path) -> tuple[dict[str, int], list[list]]:

@@ -52,6 +52,7 @@ def linear(
 @operator(
     "slerp",
     space="weights",
+    single_input=True,
     params=(
         ParamSpec("t", None, low=0.0, high=1.0, doc="Position from the base (0) to the other model (1)."),
     ),
@@ -89,6 +90,7 @@ def slerp(
     "passthrough",
     space="weights",
     needs_base=False,
+    single_input=True,
     params=(ParamSpec("scale", 1.0, per_model=True, doc="Factor applied to the tensor (mergekit `scale`)."),),
 )
 def passthrough(
