@@ -22,7 +22,6 @@ import torch
 
 from evomerge.errors import ExportError
 from evomerge.merge.plan import (
-    NonFiniteWeightsError,
     Source,
     TensorJob,
     apply_job,
@@ -218,8 +217,6 @@ class StreamingMerge:
                         self.spec, base, stacked, self.parameters[index], seed=self.recipe.seed,
                         out_name=job.out_name,
                     )
-                    # A NaN/Inf parent or parameter (`weight: .inf`) must not become a model.
-                    require_finite(merged, job.out_name)
                     if buffers[index % 2].holds(merged):  # e.g. passthrough returns its input
                         merged = merged.clone()
                     if job.base is not None:
@@ -285,17 +282,16 @@ def run_merge(
     donor, compat = merge.donor, merge.compat
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
     with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, overwrite=overwrite) as writer:
-        try:
-            for job, tensor in merge:
-                # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
-                first = job.inputs[0]
-                target = out_dtype or merge.checkpoints[first.ref].dtype(first.tensor)
-                # Merged tensors are fresh and copied ones are views of a per-job buffer: no defensive copy.
-                writer.add(job.out_name, tensor.to(dtype=target, device="cpu"), copy=False)
-                if on_tensor is not None:
-                    on_tensor(job.out_name)
-        except NonFiniteWeightsError as error:  # a user's recipe or parents; the writer discards its files
-            raise ExportError(str(error)) from None
+        for job, tensor in merge:
+            if not job.copy:  # a NaN/Inf parent or parameter (`weight: .inf`) must not become a model
+                require_finite(tensor, job.out_name, ExportError)
+            # Without an explicit dtype the output keeps the dtype of the tensor it was made from.
+            first = job.inputs[0]
+            target = out_dtype or merge.checkpoints[first.ref].dtype(first.tensor)
+            # Merged tensors are fresh and copied ones are views of a per-job buffer: no defensive copy.
+            writer.add(job.out_name, tensor.to(dtype=target, device="cpu"), copy=False)
+            if on_tensor is not None:
+                on_tensor(job.out_name)
         writer.copy_files(donor.path, [name for name in DONOR_FILES if (donor.path / name).exists()])
         writer.write_text("config.json", json.dumps(merged_config(recipe, donor, compat), indent=2, sort_keys=True))
         writer.write_text("recipe.yaml", recipe.to_yaml())
