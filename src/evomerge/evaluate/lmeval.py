@@ -7,6 +7,7 @@ result has the same `TaskScore` shape as our own tasks, so the search treats bot
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -76,8 +77,9 @@ def evaluate_lm_eval(
     is negated so that every score is higher-is-better.
     """
     lm_eval, hflm_class, task_manager_class = _import_lm_eval()
+    # lm-eval logs every task it indexes; its own `verbosity=` arguments are deprecated for this.
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     manager = task_manager_class(
-        verbosity="ERROR",
         include_path=None if include_path is None else str(include_path),
         include_defaults=include_defaults,
     )
@@ -97,7 +99,6 @@ def evaluate_lm_eval(
         num_fewshot=num_fewshot,
         log_samples=True,
         bootstrap_iters=0,  # we compute the standard error from the per-document values ourselves
-        verbosity="ERROR",
     )
     seconds = time.perf_counter() - started
     scores = {}
