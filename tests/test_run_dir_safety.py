@@ -102,3 +102,28 @@ def test_report_out_naming_a_directory_is_refused_and_leaves_nothing(finished, t
     with pytest.raises(ExportError, match="is a directory; give the report's file name"):
         write_report(finished, tmp_path)
     assert list(tmp_path.iterdir()) == [] and not list(tmp_path.parent.glob(f".{tmp_path.name}.tmp"))
+
+
+def test_a_failed_candidate_is_not_exported(finished, tmp_path):
+    """Every candidate of this run overflows: none may become a release packet."""
+    from evomerge.lineage import export_candidate
+    from evomerge.search.store import FAILED
+
+    config = yaml.safe_load((finished.parent / f"{finished.name}.yaml").read_text())
+    config["genome"] = {"weight": {"bounds": [1e300, 2e300]}}
+    config["fixed"] = {"density": 1.0}
+    config["name"] = "overflow"
+    (tmp_path / "overflow.yaml").write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    from evomerge.search.config import load_evolve_config
+    from evomerge.search.run import SearchRun
+    from evomerge.search.store import prepare_run_dir
+
+    loaded, root = load_evolve_config(tmp_path / "overflow.yaml")
+    prepare_run_dir(loaded, run)
+    SearchRun(loaded, root, run).run()  # the loop itself keeps going past failed candidates
+    _, store = load_run(run)
+    failed = next(r for r in store.trials() if r.status == FAILED)
+    with pytest.raises(ConfigError, match=rf"candidate {failed.number} of .* failed \(.*\); a failed candidate is not exported"):
+        export_candidate(run, str(failed.number), tmp_path / "packet")
+    assert not (tmp_path / "packet").exists()

@@ -16,7 +16,7 @@ from evomerge.merge import run_merge
 from evomerge.models import LINEAGE_FILE, Checkpoint, merged_model_id, parent_identity
 from evomerge.search.config import EvolveConfig
 from evomerge.search.dfs import PathCandidate
-from evomerge.search.store import RunStore, TrialRecord, find_trial, load_run, recipe_of
+from evomerge.search.store import DUPLICATE, FAILED, RunStore, TrialRecord, find_trial, load_run, recipe_of
 
 EVALUATION_FILE = "evaluation.json"
 
@@ -81,6 +81,10 @@ def export_candidate(run_dir: str | Path, candidate: str, out_dir: str | Path, *
     """Write `candidate` (a trial number or `champion`) of a run as a release packet in `out_dir`."""
     config, store = load_run(run_dir)
     trial = find_trial(store, candidate)
+    if trial.status == FAILED or (trial.status == DUPLICATE and trial.failure):
+        raise ConfigError(
+            f"candidate {trial.number} of {run_dir} failed ({trial.failure}); a failed candidate is not exported"
+        )
     if config.dfs is not None:
         return _export_path_candidate(run_dir, config, store, trial, Path(out_dir), overwrite=overwrite)
     recipe = recipe_of(trial)
