@@ -201,7 +201,10 @@ def test_an_interrupted_build_leaves_nothing_behind(tmp_path: Path, signum: int)
     """Ctrl-C or a polite kill in the middle of training: no zoo, no hidden staging directory."""
     script = textwrap.dedent(
         f"""
-        import dataclasses, sys
+        import dataclasses, signal, sys
+        # A shell that starts jobs in the background leaves SIGINT ignored in them; Ctrl-C in a terminal
+        # reaches a Python whose SIGINT raises KeyboardInterrupt, which is what this stands for.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_zoo import REDUCED
         from evomerge.zoo import build_zoo
@@ -213,10 +216,14 @@ def test_an_interrupted_build_leaves_nothing_behind(tmp_path: Path, signum: int)
         """
     )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert child.stdout.readline() == "training\n", child.stderr.read()
-    assert list(tmp_path.glob(".zoo.building-*"))
-    child.send_signal(signum)
-    _, stderr = child.communicate(timeout=60)
+    try:
+        assert child.stdout.readline() == "training\n", child.stderr.read()
+        assert list(tmp_path.glob(".zoo.building-*"))
+        child.send_signal(signum)
+        _, stderr = child.communicate(timeout=120)
+    finally:
+        child.kill()  # never leave a 100,000-step build running if an assertion failed
+        child.wait()
     assert child.returncode != 0
     assert "KeyboardInterrupt" in stderr
     assert not list(tmp_path.glob(".zoo.building-*"))

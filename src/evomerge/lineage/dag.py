@@ -109,16 +109,18 @@ def _add_packet(graph: LineageGraph, packet_dir: Path) -> str:
     """Add an exported model; its run supplies the full evidence when it is still on disk."""
     record = _read_json(packet_dir / LINEAGE_FILE)
     node_id = record.get("model_id")
-    if not node_id:
+    if not isinstance(node_id, str) or not node_id:
         raise ConfigError(f"{packet_dir / LINEAGE_FILE} has no model_id")
+    run = record.get("run") or {}
+    if not isinstance(run, dict) or not isinstance(run.get("dir", ""), str):
+        raise ConfigError(f"{packet_dir / LINEAGE_FILE}: field 'run' must be an object naming the run directory")
     if node_id in graph.nodes:
         return node_id
     if node_id in graph.visiting:
         raise ConfigError(f"{packet_dir / LINEAGE_FILE} names itself among its own ancestors (model {node_id})")
     graph.visiting.add(node_id)
-    run = record.get("run") or {}
     run_dir = Path(run["dir"]) if run.get("dir") else None
-    if run_dir is not None and is_run_dir(run_dir):
+    if run_dir is not None and is_run_dir(run_dir) and run.get("trial") is not None:
         _add_candidate(graph, run_dir, str(run["trial"]), packet=packet_dir)
         return node_id
     # The run is gone: what the packet itself carries is all the evidence there is.
@@ -147,6 +149,8 @@ def _parent_list(record: Mapping[str, Any], source: Path) -> list[Mapping[str, A
             raise ConfigError(f"{source}: parents[{index}] has no content_hash")
         if not isinstance(parent.get("path") or parent.get("ref"), str):
             raise ConfigError(f"{source}: parents[{index}] has neither a path nor a ref")
+        if not isinstance(parent.get("model_id", ""), str):
+            raise ConfigError(f"{source}: parents[{index}].model_id must be a string")
     return parents
 
 
