@@ -127,3 +127,17 @@ def test_a_failed_candidate_is_not_exported(finished, tmp_path):
     with pytest.raises(ConfigError, match=rf"candidate {failed.number} of .* failed \(.*\); a failed candidate is not exported"):
         export_candidate(run, str(failed.number), tmp_path / "packet")
     assert not (tmp_path / "packet").exists()
+
+
+def test_an_unreachable_study_database_is_a_config_error_and_leaves_nothing(finished, tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = yaml.safe_load((finished.parent / f"{finished.name}.yaml").read_text())
+    config["storage"] = f"postgresql+psycopg2://nobody@127.0.0.1:{port}/nothing"
+    (tmp_path / "pg.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=rf"cannot open the study database postgresql\+psycopg2://nobody@127.0.0.1:{port}/nothing"):
+        evolve(tmp_path / "pg.yaml", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

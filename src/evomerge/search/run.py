@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 import torch
 
+from evomerge.errors import ConfigError
 from evomerge.evaluate import TaskScore
 from evomerge.search import store as runs
 from evomerge.search.baselines import evaluate_baselines, warm_start
@@ -85,13 +87,18 @@ class SearchRun:
     # --- study ----------------------------------------------------------------------------------
     def open_study(self, x0: Mapping[str, float] | None) -> optuna.Study:
         sampler = make_sampler(self.config, num_genes=len(self.genome), x0=x0)
-        self.study = optuna.create_study(
-            study_name=self.config.name,
-            storage=runs.storage_url(self.config, self.run_dir),
-            sampler=sampler,
-            directions=self.session.objectives.study_directions,
-            load_if_exists=True,
-        )
+        url = runs.storage_url(self.config, self.run_dir)
+        try:
+            self.study = optuna.create_study(
+                study_name=self.config.name,
+                storage=url,
+                sampler=sampler,
+                directions=self.session.objectives.study_directions,
+                load_if_exists=True,
+            )
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:  # unreachable server, missing driver
+            reason = " ".join(str(error).split())[:200]
+            raise ConfigError(f"cannot open the study database {url} ({type(error).__name__}: {reason})") from None
         self.store = RunStore(self.study)
         return self.study
 
