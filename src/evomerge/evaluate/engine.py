@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -34,6 +35,16 @@ class _Prepared:
     prompt_ids: list[list[int]]
     # For log-likelihood tasks: per example, the (context, continuation) id pairs to score.
     requests: list[list[tuple[list[int], list[int]]]]
+
+    @cached_property
+    def longest(self) -> tuple[int, int]:
+        """(example index, tokens the model must read) of the split's longest example, computed once:
+        `evaluate` checks it against the model's context on every call (racing calls it per round)."""
+        lengths = [len(ids) for ids in self.prompt_ids] or [
+            max(len(ctx) + len(cont) for ctx, cont in pairs) for pairs in self.requests
+        ]
+        index = max(range(len(lengths)), key=lengths.__getitem__)
+        return index, lengths[index]
 
 
 class Evaluator:
@@ -151,15 +162,11 @@ class Evaluator:
         if not context:
             return
         for prepared in self._prepared.values():
-            generative = prepared.prompt_ids
-            new_tokens = prepared.task.spec.generation.max_new_tokens if generative else 0
-            lengths = [len(ids) for ids in generative] or [
-                max(len(ctx) + len(cont) for ctx, cont in pairs) for pairs in prepared.requests
-            ]
-            longest = max(range(len(lengths)), key=lengths.__getitem__)
-            if lengths[longest] + new_tokens > context:
+            new_tokens = prepared.task.spec.generation.max_new_tokens if prepared.prompt_ids else 0
+            index, tokens = prepared.longest
+            if tokens + new_tokens > context:
                 raise TaskError(
-                    f"task {prepared.task.name!r}: {self.split} example {longest + 1} needs {lengths[longest]} prompt "
+                    f"task {prepared.task.name!r}: {self.split} example {index + 1} needs {tokens} prompt "
                     f"tokens + {new_tokens} new tokens, more than the model's context of {context}"
                 )
 
