@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from evomerge.errors import ExportError
+from evomerge.merge.card import MERGEKIT_CONFIG, CardInfo, render_model_card, resolve_license
+from evomerge.merge.chat_template import TEMPLATE_FILE, resolve_chat_template, without_chat_template
 from evomerge.merge.plan import (
     Source,
     TensorJob,
@@ -256,6 +258,37 @@ def refuse_overlaps(out_dir: str | Path, parents: Sequence[Path], keep: Sequence
             raise ExportError(f"output directory {out_dir} contains {what}, which writing it would delete; choose another --out")
 
 
+def merge_files(recipe: Recipe, merge: StreamingMerge, name: str, *, card: bool = True) -> dict[str, str]:
+    """The text files a merge writes besides weights and config: mergekit YAML, chat template, model card.
+
+    The card names the model `recipe.name`, else `name`. A template given as a file is inlined into the mergekit YAML, which takes only names and Jinja text.
+    """
+    files: dict[str, str] = {}
+    parent_dirs = {ref: Path(merge.checkpoints[ref].path) for ref in recipe.parent_refs()}
+    mergekit_recipe = recipe
+    if recipe.chat_template is not None:
+        template = resolve_chat_template(recipe.chat_template, list(parent_dirs.values()))
+        if template is not None:
+            files[TEMPLATE_FILE] = template
+            donor_config = merge.donor.path / "tokenizer_config.json"
+            if donor_config.is_file():
+                files["tokenizer_config.json"] = without_chat_template(donor_config.read_text(encoding="utf-8"))
+            if Path(recipe.chat_template).is_file():
+                mergekit_recipe = recipe.model_copy(update={"chat_template": template})
+    mergekit_yaml = mergekit_recipe.to_mergekit_yaml()
+    if mergekit_yaml is not None:
+        files[MERGEKIT_CONFIG] = mergekit_yaml
+    if not card:
+        return files
+    license_ = resolve_license(parent_dirs, recipe.license, required=False, field_name="the recipe's `license`")
+    files["README.md"] = render_model_card(CardInfo(
+        name=recipe.name or name, method=recipe.method, parents=recipe.parent_refs(),
+        base_model=recipe.base_model, recipe_yaml=recipe.to_yaml(), license=license_,
+        mergekit_config=mergekit_yaml is not None,
+    ))
+    return files
+
+
 def run_merge(
     recipe: Recipe,
     out_dir: str | Path,
@@ -270,13 +303,17 @@ def run_merge(
     max_shard_bytes: int = MERGE_SHARD_BYTES,
     keep: Sequence[Path] = (),
 ) -> MergeResult:
-    """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras).
+    """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, mergekit YAML,
+    `chat_template.jinja`, model card `README.md`; `extra_files` add to or replace them).
 
-    `keep` names files the output must not replace (the recipe file the CLI read).
+    `keep` names files the output must not replace (the recipe file the CLI read). Parents whose cards
+    declare different licenses are refused (`ConfigError`) unless the recipe sets `license`.
     """
     started = time.perf_counter()
     merge = StreamingMerge(recipe, device=device, compute_dtype=compute_dtype, allow_pickle=allow_pickle)
     refuse_overlaps(out_dir, [Path(c.path) for c in merge.checkpoints.values()], keep)
+    # Before any tensor is merged: a license conflict or a missing template file fails fast.
+    files = {**merge_files(recipe, merge, Path(out_dir).name, card="README.md" not in (extra_files or {})), **(extra_files or {})}
     if on_plan is not None:
         on_plan(len(merge))
     donor, compat = merge.donor, merge.compat
@@ -295,10 +332,7 @@ def run_merge(
         writer.copy_files(donor.path, [name for name in DONOR_FILES if (donor.path / name).exists()])
         writer.write_text("config.json", json.dumps(merged_config(recipe, donor, compat), indent=2, sort_keys=True))
         writer.write_text("recipe.yaml", recipe.to_yaml())
-        mergekit_yaml = recipe.to_mergekit_yaml()
-        if mergekit_yaml is not None:
-            writer.write_text("mergekit_config.yml", mergekit_yaml)
-        for relpath, text in (extra_files or {}).items():
+        for relpath, text in files.items():
             writer.write_text(relpath, text)
     return MergeResult(Path(out_dir), len(merge), time.perf_counter() - started, compat)
 

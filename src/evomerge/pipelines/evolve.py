@@ -44,7 +44,7 @@ def export_ps_champion(config: EvolveConfig, root: Path) -> Path | None:
     out = ps_run / runs.PS_CHAMPION_DIR
     config_ps, store = runs.load_run(ps_run)
     if config_ps.dfs is None and store.selection is not None and not (out / LINEAGE_FILE).is_file():
-        export_candidate(ps_run, "champion", out)
+        export_candidate(ps_run, "champion", out, license=config.license)
     return out
 
 

@@ -160,6 +160,9 @@ class EvolveConfig(BaseModel):
     storage: str | None = None
     batch_size: int = Field(128, ge=1, le=65_536)
     intended_use: str = ""
+    license: str | None = Field(
+        None, description="the exported models' license (Hub id, e.g. apache-2.0); default: the one the parents' cards agree on"
+    )
     allow_pickle: bool = False
 
     @model_validator(mode="before")
