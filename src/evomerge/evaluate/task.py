@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from evomerge.errors import TaskError
+from evomerge.evaluate.offline import datasets_offline
 from evomerge.evaluate.scorers import (
     GenerativeScorer,
     LoglikScorer,
@@ -174,17 +175,13 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _load_cached_dataset(spec: CachedDataset, task_file: Path) -> tuple[dict[str, list[Row]], str]:
     """Load a `datasets` dataset strictly offline; return the rows per split and a content fingerprint."""
-    # Offline before the first import: `datasets` reads these flags when it is imported.
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        import datasets
+        datasets_offline()
     except ImportError:
         raise TaskError(
             f"task file {task_file}: data.dataset needs the `datasets` package installed"
         ) from None
-    if hasattr(datasets.config, "HF_HUB_OFFLINE"):
-        datasets.config.HF_HUB_OFFLINE = True
+    import datasets
     splits: dict[str, list[Row]] = {}
     digest = hashlib.sha256()
     for split, name in (("search", spec.search_split), ("test", spec.test_split)):
