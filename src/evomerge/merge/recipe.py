@@ -147,7 +147,7 @@ class Recipe(BaseModel):
 
     def donor_ref(self) -> str:
         """Where config and tokenizer files come from: explicit source, else base, else first model."""
-        if self.tokenizer_source and self.tokenizer_source != "base":
+        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):  # union extends the base's
             return self.tokenizer_source
         return self.base_model or self.parent_refs()[0]
 
@@ -342,7 +342,7 @@ def check_against_operator(recipe: Recipe, source: str = "recipe") -> None:
     _check_single_input(spec, recipe, source)
     if recipe.chat_template is not None:
         check_chat_template(recipe.chat_template, source)
-    if recipe.tokenizer_source not in (None, "base") and recipe.tokenizer_source not in recipe.parent_refs():
+    if recipe.tokenizer_source not in (None, "base", "union") and recipe.tokenizer_source not in recipe.parent_refs():
         raise ConfigError(
             f"{source}: field 'tokenizer_source' names '{recipe.tokenizer_source}', which is not one of the models"
         )

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from evomerge.merge.plan import (
 )
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import OperatorSpec
+from evomerge.merge.union import UNION, UnionVocabulary, union_vocabulary
 from evomerge.models import (
     Checkpoint,
     CheckpointWriter,
@@ -93,11 +94,12 @@ def check_parents(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> Comp
     if recipe.slices is not None:
         depth = (base or merged[0]).num_layers
         merged = [ckpt for ckpt in merged if ckpt.num_layers == depth]
-    tokenizer_source = checkpoints[recipe.donor_ref()] if recipe.tokenizer_source else None
+    union = recipe.tokenizer_source == UNION
+    tokenizer_source = checkpoints[recipe.donor_ref()] if recipe.tokenizer_source and not union else None
     prefix_map = None
     if recipe.submodule is not None:
         prefix_map = {recipe.submodule.prefix: recipe.submodule.parent_prefix}
-    return check_compatible(merged, base=base, tokenizer_source=tokenizer_source, prefix_map=prefix_map)
+    return check_compatible(merged, base=base, tokenizer_source=tokenizer_source, prefix_map=prefix_map, union=union)
 
 
 def _load_inputs(
@@ -109,8 +111,19 @@ def _load_inputs(
     device: str | torch.device,
     dtype: torch.dtype,
     buffer: _ReusedBuffer | None,
+    union: UnionVocabulary | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    aligned: dict[Path, torch.Tensor] = {}
+    if union is not None and job.out_name in compat.vocabulary_tensors:
+        # Re-indexed to the union's ids together: a parent's missing rows come from the others' rows.
+        sources = [*job.inputs, *([job.base] if job.base is not None else [])]
+        aligned = union.align({
+            checkpoints[s.ref].path: checkpoints[s.ref].get(s.tensor, device=device, dtype=dtype) for s in sources
+        })
+
     def load(source: Source) -> torch.Tensor:
+        if aligned:
+            return aligned[checkpoints[source.ref].path]
         tensor = checkpoints[source.ref].get(source.tensor, device=device, dtype=dtype)
         for alignment in compat.row_alignments:
             # Parents with another vocabulary size: rows follow the tokenizer donor (see check_compatible).
@@ -181,6 +194,10 @@ class StreamingMerge:
         self.compute_dtype = compute_dtype
         self.checkpoints = open_parents(recipe, allow_pickle=allow_pickle)
         self.compat = check_parents(recipe, self.checkpoints)
+        self.union: UnionVocabulary | None = None
+        if recipe.tokenizer_source == UNION:
+            self.union = union_vocabulary([self.checkpoints[ref] for ref in recipe.parent_refs()])
+            self.compat = replace(self.compat, config_updates={**self.compat.config_updates, "vocab_size": self.union.size})
         self.jobs = plan_jobs(recipe, self.spec, self.checkpoints)
         self.parameters = [job_parameters(self.spec, job) for job in self.jobs]
 
@@ -195,7 +212,7 @@ class StreamingMerge:
         # The tokenizer donor is one of the opened parents (rows are only aligned with a tokenizer_source).
         load = partial(
             _load_inputs, checkpoints=self.checkpoints, compat=self.compat, tokenizer_donor=self.donor,
-            device=self.device, dtype=self.compute_dtype,
+            device=self.device, dtype=self.compute_dtype, union=self.union,
         )
         # Two buffers take turns: job i is merged from one while job i + 1 is read into the other, which
         # job i - 1 no longer needs (its result was copied out of it, if it pointed into it). Copied
@@ -263,7 +280,7 @@ def merge_files(recipe: Recipe, merge: StreamingMerge, name: str, *, card: bool 
 
     The card names the model `recipe.name`, else `name`. A template given as a file is inlined into the mergekit YAML, which takes only names and Jinja text.
     """
-    files: dict[str, str] = {}
+    files: dict[str, str] = dict(merge.union.files) if merge.union is not None else {}
     parent_dirs = {ref: Path(merge.checkpoints[ref].path) for ref in recipe.parent_refs()}
     mergekit_recipe = recipe
     if recipe.chat_template is not None:
@@ -271,7 +288,9 @@ def merge_files(recipe: Recipe, merge: StreamingMerge, name: str, *, card: bool 
         if template is not None:
             files[TEMPLATE_FILE] = template
             donor_config = merge.donor.path / "tokenizer_config.json"
-            if donor_config.is_file():
+            if "tokenizer_config.json" in files:  # the union tokenizer's
+                files["tokenizer_config.json"] = without_chat_template(files["tokenizer_config.json"])
+            elif donor_config.is_file():
                 files["tokenizer_config.json"] = without_chat_template(donor_config.read_text(encoding="utf-8"))
             if Path(recipe.chat_template).is_file():
                 mergekit_recipe = recipe.model_copy(update={"chat_template": template})
