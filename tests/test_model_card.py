@@ -119,3 +119,17 @@ def test_release_packet_without_a_known_license_is_refused(lineage_runs, tmp_pat
     with pytest.raises(ConfigError, match="license of .* is unknown .* set `license` in the evolve config"):
         export_candidate(run, "champion", tmp_path / "packet")
     assert ModelCard.load(export_candidate(run, "champion", tmp_path / "ok", license="mit") / "README.md").data.license == "mit"
+
+
+def test_export_without_a_license_exits_2_in_one_sentence(lineage_runs, tmp_path, evomerge_cli):
+    run = Path(shutil.copytree(lineage_runs["run_a"], tmp_path / "run"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["license"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    code, _, err = evomerge_cli.run(["export", str(run), "--out", str(tmp_path / "packet")], tmp_path)
+    assert code == 2 and "Traceback" not in err
+    assert " ".join(err.split()).startswith("error: the license of ")
+    assert not (tmp_path / "packet").exists()
+    code, _, err = evomerge_cli.run(["export", str(run), "--out", str(tmp_path / "ok"), "--license", "mit"], tmp_path)
+    assert code == 0, err
+    assert ModelCard.load(tmp_path / "ok" / "README.md").data.license == "mit"
