@@ -94,7 +94,7 @@ def open_lm_eval_task(
     _check_known(manager, name)
     try:
         task = manager.load(name)["tasks"][name]
-    except (OSError, ValueError) as error:  # ConnectionError, offline-mode and not-found errors are OSErrors
+    except OSError as error:  # ConnectionError, offline-mode and not-found errors are all OSErrors
         reason = " ".join(str(error).split())[:160]
         raise TaskError(
             f"lm-eval task {name!r} needs data that is not on this machine and evomerge does not download "

@@ -103,8 +103,8 @@ class Objective(BaseModel):
 
     @property
     def key(self) -> str:
-        """The objective's name in score tables: `name`, else the lm-eval task or Python key, else the task
-        file's own name (known once loaded; this is then the path)."""
+        """An lm-eval or Python objective's name in score tables: `name`, else the lm-eval task or the key
+        (a task file's objective is named by the file's own `name:`)."""
         return self.name or self.task.removeprefix(LM_EVAL_PREFIX).removeprefix(PYTHON_PREFIX)
 
     @property
