@@ -39,13 +39,13 @@ def write_lm_eval_task(zoo, directory: Path) -> Path:
     return directory
 
 
-def config(zoo, tmp_path: Path, objective: dict) -> Path:
+def config(zoo, tmp_path: Path, objective: dict, racing: bool = False) -> Path:
     path = tmp_path / "evolve.yaml"
     path.write_text(yaml.safe_dump({
         "name": "lmeval", "base_model": str(zoo.base), "parents": [str(zoo.specialists["math"])],
         "method": "task_arithmetic", "genome": {"weight": {"bounds": [0.5, 1.5]}},
-        "objectives": [objective], "budget": {"candidates": 2, "population": 2}, "optimizer": "random",
-        "racing": {"enabled": False}, "license": "apache-2.0", "cpu_threads": 1,
+        "objectives": [objective], "budget": {"candidates": 3 if racing else 2, "population": 2}, "optimizer": "random",
+        "racing": {"enabled": racing, "first_fraction": 0.34}, "license": "apache-2.0", "cpu_threads": 1,
     }))
     return path
 
@@ -69,12 +69,17 @@ def test_evolve_on_a_local_lm_eval_task(zoo, tmp_path):
     assert direct.values == champion["values"]
 
 
-def test_one_split_is_divided_by_a_seeded_shuffle(zoo, tmp_path):
+def test_one_split_is_divided_by_a_seeded_shuffle_and_raced(zoo, tmp_path):
     tasks = write_lm_eval_task(zoo, tmp_path / "lm_tasks")
     objective = {"task": f"lm_eval:{TASK}", "include_path": str(tasks), "split": "test", "search_fraction": 0.6}
-    outcome = evolve(config(zoo, tmp_path, objective), tmp_path / "run")
-    evidence = load_run(tmp_path / "run")[1].evidence["suite"][0]
-    assert evidence["n"] == {"search": 6, "test": 4}
+    outcome = evolve(config(zoo, tmp_path, objective, racing=True), tmp_path / "run")
+    store = load_run(tmp_path / "run")[1]
+    assert store.evidence["suite"][0]["n"] == {"search": 6, "test": 4}
+    assert {t.scores[TASK]["n"] for t in store.fully_evaluated()} == {6}
+    # Once two candidates are complete, the third races on growing parts of the split (lm-eval `samples`):
+    # ceil(0.34 * 6) = 3, then ceil(0.68 * 6) = 5, then all 6, unless it is raced out before.
+    raced = store.study.trials[2].intermediate_values
+    assert sorted(raced) == [3, 5, 6][: len(raced)]
     assert outcome.test_results[f"candidate:{outcome.selection.champion}"]["test"][TASK]["n"] == 4
 
 
