@@ -63,3 +63,10 @@ def test_unknown_template_name_is_refused_at_load(tiny_family):
     with pytest.raises(ConfigError, match="field 'chat_template' = 'chatlm' is not a template name"):
         parse_recipe({"method": "linear", "chat_template": "chatlm", "parameters": {"weight": 1.0},
                       "models": [{"model": str(tiny_family["ft1"])}]})
+
+
+def test_long_jinja_text_is_taken_as_the_template(tiny_family, tmp_path):
+    # Longer than any file name may be: Jinja text must never be looked up as a path.
+    text = "{# " + "x" * 400 + " #}" + PARENT_TEMPLATE
+    out = merged(tiny_family, tmp_path / "inline", text)
+    assert (out / "chat_template.jinja").read_text() == text

@@ -47,9 +47,14 @@ def is_template_text(value: str) -> bool:
     return len(value) >= MIN_TEMPLATE_CHARS and "{" in value
 
 
+def is_template_file(value: str) -> bool:
+    """A value naming a template file (Jinja text is never taken for a path: it may be too long for one)."""
+    return not is_template_text(value) and Path(value).is_file()
+
+
 def check_chat_template(value: str, source: str) -> None:
     """Refuse, at recipe load, a value that is neither `auto`, a known name, Jinja text nor a file."""
-    if value == "auto" or value in NAMED_TEMPLATES or is_template_text(value) or Path(value).is_file():
+    if value == "auto" or value in NAMED_TEMPLATES or is_template_text(value) or is_template_file(value):
         return
     names = ", ".join(["auto", *sorted(NAMED_TEMPLATES)])
     raise ConfigError(
@@ -81,12 +86,11 @@ def resolve_chat_template(value: str, parent_dirs: Sequence[Path]) -> str | None
         return Counter(found).most_common(1)[0][0] if found else None
     if value in NAMED_TEMPLATES:
         return NAMED_TEMPLATES[value]
-    path = Path(value)
-    if not is_template_text(value) and path.is_file():
+    if is_template_file(value):
         try:
-            return path.read_text(encoding="utf-8")
+            return Path(value).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"chat template file {path} cannot be read: {error}") from None
+            raise ConfigError(f"chat template file {value} cannot be read: {error}") from None
     if is_template_text(value):
         return value
     raise ConfigError(f"chat template file {value} does not exist")

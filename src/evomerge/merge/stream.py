@@ -22,7 +22,12 @@ import torch
 
 from evomerge.errors import ExportError
 from evomerge.merge.card import MERGEKIT_CONFIG, CardInfo, render_model_card, resolve_license
-from evomerge.merge.chat_template import TEMPLATE_FILE, resolve_chat_template, without_chat_template
+from evomerge.merge.chat_template import (
+    TEMPLATE_FILE,
+    is_template_file,
+    resolve_chat_template,
+    without_chat_template,
+)
 from evomerge.merge.plan import (
     Source,
     TensorJob,
@@ -278,7 +283,8 @@ def refuse_overlaps(out_dir: str | Path, parents: Sequence[Path], keep: Sequence
 def merge_files(recipe: Recipe, merge: StreamingMerge, name: str, *, card: bool = True) -> dict[str, str]:
     """The text files a merge writes besides weights and config: mergekit YAML, chat template, model card.
 
-    The card names the model `recipe.name`, else `name`. A template given as a file is inlined into the mergekit YAML, which takes only names and Jinja text.
+    The card names the model `recipe.name`, else `name`. A template given as a file is inlined into the
+    mergekit YAML, which takes only names and Jinja text.
     """
     files: dict[str, str] = dict(merge.union.files) if merge.union is not None else {}
     parent_dirs = {ref: Path(merge.checkpoints[ref].path) for ref in recipe.parent_refs()}
@@ -292,7 +298,7 @@ def merge_files(recipe: Recipe, merge: StreamingMerge, name: str, *, card: bool 
                 files["tokenizer_config.json"] = without_chat_template(files["tokenizer_config.json"])
             elif donor_config.is_file():
                 files["tokenizer_config.json"] = without_chat_template(donor_config.read_text(encoding="utf-8"))
-            if Path(recipe.chat_template).is_file():
+            if is_template_file(recipe.chat_template):
                 mergekit_recipe = recipe.model_copy(update={"chat_template": template})
     mergekit_yaml = mergekit_recipe.to_mergekit_yaml()
     if mergekit_yaml is not None:
