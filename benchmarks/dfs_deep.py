@@ -65,7 +65,7 @@ def dfs_alone(zoo, out: Path, *, seed: int, candidates: int, population: int, la
         "vs_best_parent": paired_comparison(champion["test"][task]["values"], parents[best]["values"]).to_dict(),
         "steps": path["steps"],
         "scales": path["scales"],
-        "sources_used": sorted({source for source, _ in path["steps"]}),
+        "sources_used": sorted({list(zoo.specialists)[source] for source, _ in path["steps"]}),
     }
 
 

@@ -45,7 +45,7 @@ def one_search(zoo, out: Path, *, seed: int, candidates: int, racing: bool) -> d
     test = champion["test"][zoo.target_task.stem]
     return {
         "examples": sum(r.examples or 0 for r in candidates_only),
-        "raced_out": sum(r.status == "RACED_OUT" for r in candidates_only),
+        "raced_out": sum(r.status == "raced_out" for r in candidates_only),
         "champion_search": find_trial(store, str(outcome.selection.champion)).fitness,
         "champion_test": test["score"],
         "test_values": test["values"],
