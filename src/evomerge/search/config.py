@@ -105,6 +105,29 @@ class Racing(BaseModel):
     top_k: int | None = Field(None, ge=1, description="must still be able to enter this top; default: population")
 
 
+class Fitness(BaseModel):
+    """How a candidate's fitness is measured: the whole search split, or estimated from a few anchor examples.
+
+    `subset`: the accuracy on the anchors. `irt`: a 2PL item-response model fitted on every fully
+    evaluated model (parents, untuned merges, the first `warmup` candidates, audited candidates) predicts
+    the full-split accuracy from the anchor answers (`search.irt`). Estimated candidates are told to the
+    optimizer with their estimate; the champion is chosen only among fully evaluated ones, so the top
+    estimated candidates are audited (scored on the whole split) every `audit_every` candidates and at the end.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    estimator: Literal["full", "subset", "irt"] = "full"
+    examples: PositiveInt = Field(30, description="anchor examples per candidate, over all objectives' tasks")
+    anchors: Literal["stratified", "clustered"] = Field(
+        "clustered", description="pick anchors by difficulty strata, or by k-means on the baselines' answers"
+    )
+    warmup: int = Field(0, ge=0, description="first candidates scored on the whole split (they join the IRT fit)")
+    audit_every: PositiveInt | None = Field(
+        None, description="every this many candidates, score the best estimated ones fully; default: only at the end"
+    )
+    audit_top_k: PositiveInt = Field(3, description="how many of the best estimated candidates each audit scores")
+
+
 class DfsConfig(BaseModel):
     """Data-flow-space search: layer paths through the sources (see `evomerge.flow`)."""
 
@@ -151,6 +174,7 @@ class EvolveConfig(BaseModel):
     optimizer: Optimizer | None = None
     sigma0: float = Field(1 / 6, gt=0, le=1, description="CMA-ES step size as a fraction of each gene's range")
     racing: Racing = Field(default_factory=Racing)
+    fitness: Fitness = Field(default_factory=Fitness)
     seed: int = 0
     device: str = "cpu"
     cpu_threads: int | None = Field(
@@ -177,6 +201,8 @@ class EvolveConfig(BaseModel):
             raise ValueError("`genome` must name at least one free operator parameter")
         if self.combine == "pareto" and len(self.objectives) < 2:
             raise ValueError("`combine: pareto` needs at least two objectives")
+        if self.combine == "pareto" and self.fitness.estimator != "full":
+            raise ValueError("an estimated fitness predicts one weighted fitness; use `combine: weighted`")
         seen: dict[str, int] = {}
         for index, objective in enumerate(self.objectives):
             key = objective.name or objective.task
