@@ -158,6 +158,14 @@ class EvolveConfig(BaseModel):
     name: str = "evolve"
     base_model: str | None = None
     parents: list[str] = Field(default_factory=list)
+    parents_pool: list[str] = Field(
+        default_factory=list, description="candidate parents: each candidate merges the ones its selection genes pick"
+    )
+    max_parents: PositiveInt | None = Field(None, description="most pool models one candidate merges")
+    pool_max_distance: float = Field(
+        0.5, gt=0, description="screen: a pool model farther from the base than this share of the base's norm is "
+        "not a fine-tune of it and is left out"
+    )
     method: str = "dare_ties"
     genome: dict[str, GeneSpec] = Field(default_factory=dict)
     start: Start = Field(
@@ -195,7 +203,13 @@ class EvolveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> EvolveConfig:
-        if self.dfs is None and not self.parents:
+        if self.parents and self.parents_pool:
+            raise ValueError("give either `parents` or `parents_pool`, not both")
+        if self.parents_pool and (self.dfs is not None or self.base_model is None):
+            raise ValueError("`parents_pool` needs a `base_model` (the pool's common base) and no `dfs`")
+        if self.max_parents is not None and not self.parents_pool:
+            raise ValueError("`max_parents` limits a `parents_pool`; give one")
+        if self.dfs is None and not (self.parents or self.parents_pool):
             raise ValueError("give `parents` (a parameter-space search) or `dfs` (a layer-path search)")
         if self.dfs is None and not self.genome:
             raise ValueError("`genome` must name at least one free operator parameter")
@@ -210,6 +224,11 @@ class EvolveConfig(BaseModel):
                 raise ValueError(f"objectives[{index}] repeats objectives[{seen[key]}] ({key}); list each task once")
             seen[key] = index
         return self
+
+    @property
+    def merged_parents(self) -> list[str]:
+        """The models a candidate may merge: `parents`, or the whole `parents_pool`."""
+        return list(self.parents or self.parents_pool)
 
     @property
     def resolved_optimizer(self) -> Optimizer:
@@ -265,7 +284,7 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
     if blocked and config.dfs is None:
         # The depth comes from config.json and the weight headers: no tensor is read yet.
         donor = Checkpoint.open(
-            resolve_path(config.base_model or config.parents[0], root), allow_pickle=config.allow_pickle
+            resolve_path(config.base_model or config.merged_parents[0], root), allow_pickle=config.allow_pickle
         )
         for name, gene in blocked.items():
             try:
@@ -310,7 +329,7 @@ def user_baselines(config: EvolveConfig, root: Path, source: str = "evolve confi
 def _check_baselines(config: EvolveConfig, source: str, root: Path) -> None:
     if config.baselines and config.dfs is not None:
         raise ConfigError(f"{source}: field 'baselines' takes recipes, which a layer-path (dfs) search cannot use")
-    known = {resolve_path(ref, root) for ref in config.parents}
+    known = {resolve_path(ref, root) for ref in config.merged_parents}
     if config.base_model:
         known.add(resolve_path(config.base_model, root))
     for name, recipe in user_baselines(config, root, source).items():
