@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from conftest import make_llama
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.merge import StreamingMerge
 from evomerge.pipelines.demo import demo_config
@@ -15,7 +16,6 @@ from evomerge.search.genome import ParameterGenome
 from evomerge.search.pool import screen_pool, selected
 from evomerge.search.session import SearchSession
 from evomerge.zoo.pool import build_pool_zoo
-from conftest import make_llama
 
 
 @pytest.fixture(scope="module")
