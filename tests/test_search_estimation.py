@@ -7,6 +7,7 @@ import pytest
 
 from evomerge.errors import ConfigError
 from evomerge.pipelines.demo import demo_config
+from evomerge.report.extras import extra_sections
 from evomerge.search.config import parse_evolve_config
 from evomerge.search.estimation import split_examples
 from evomerge.search.irt import estimate_ability, fit_2pl, predicted_accuracy
@@ -51,6 +52,9 @@ def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp
         record = next(r for r in records if r.number == number)
         assert record.status == COMPLETE and record.fitness == audit["fitness"] and record.examples == 324
         assert record.values == [record.estimate["fitness"]]  # the optimizer was told the estimate
+    # The report's estimate-error table lists exactly the candidates scored both ways.
+    ((section_id, _, body, _),) = extra_sections(run.store)
+    assert section_id == "estimation" and body.count("<tr>") == 1 + len(warm) + len(audits)
     champion = next(r for r in run.store.trials() if r.number == run.store.champion())
     assert champion.fully_evaluated and champion.scores["target"]["n"] == 300
     # The first estimate (before any audit) is the IRT prediction recomputed independently from the stored
