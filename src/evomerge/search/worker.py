@@ -192,6 +192,8 @@ def run_with_workers(run: SearchRun, workers: int, *, on_status: Callable[[str],
     run.open_study(x0=None)
     if failed and len(run.finished_trials()) < run.config.budget.candidates:
         raise ConfigError(f"{len(failed)} of {workers} workers failed before the budget was spent; resume with the same --run")
+    if run.estimator is not None:  # workers only estimate: the final audit of the best estimates is done here
+        run.audit()
     return run.study
 
 
