@@ -77,16 +77,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             chosen = sorted(entry.model for entry in recipe_of(champion(pooled_run)).models)
             a, b = test_values(pooled_run, champion(pooled_run)), test_values(hand, champion(hand))
             comparison = paired_comparison(a, b, seed=seed)
+            # How much the hand-picked champion leans on each parent: its mean layer weight per parent.
+            params = champion(hand).params
+            weights = {name: statistics.fmean(v for k, v in params.items() if k.startswith(f"weight.m{i}."))
+                       for i, name in enumerate(("math", "language", "strings"))}
             result = {
                 "seed": seed, "chosen": [Path(m).name for m in chosen], "specialists": set(chosen) == specialists,
                 "rejected": {Path(m).name: why for m, why in pooled_run.session.pool_screen.rejected.items()},
                 "test": {"pool": statistics.fmean(a), "hand": statistics.fmean(b)},
-                "paired": comparison.to_dict(), "values": {"pool": a, "hand": b},
+                "paired": comparison.to_dict(), "values": {"pool": a, "hand": b}, "hand_weights": weights,
             }
             results.append(result)
             print(f"seed {seed}: pool champion merges {result['chosen']} (rejected by the screen: "
                   f"{sorted(result['rejected'])}); test {result['test']['pool']:.3f} vs hand-picked "
-                  f"{result['test']['hand']:.3f} (paired p {comparison.p_value:.3g})", flush=True)
+                  f"{result['test']['hand']:.3f} (paired p {comparison.p_value:.3g}); hand-picked champion's mean "
+                  f"weights {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}", flush=True)
     a = [v for r in results for v in r["values"]["pool"]]
     b = [v for r in results for v in r["values"]["hand"]]
     comparison = paired_comparison(a, b)
