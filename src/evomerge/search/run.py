@@ -101,12 +101,17 @@ class SearchRun:
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:  # unreachable server, missing driver
             reason = " ".join(str(error).split())[:200]
             raise ConfigError(f"cannot open the study database {url} ({type(error).__name__}: {reason})") from None
-        self.store = RunStore(self.study)
+        return self.attach(self.study)
+
+    def attach(self, study: optuna.Study) -> optuna.Study:
+        """Use `study`: its run store, and the fitness estimator reading from it (workers attach theirs too)."""
+        self.study = study
+        self.store = RunStore(study)
         if self.config.fitness.estimator != "full":
             self.estimator = FitnessEstimator(
                 self.config.fitness, self.session.objectives, self.session.sizes(), self.store, self.config.seed
             )
-        return self.study
+        return study
 
     def finished_trials(self) -> list[TrialRecord]:
         """Trials that count against the budget (interrupted ones were re-queued and do not)."""

@@ -32,7 +32,7 @@ from evomerge.search.coordination import (
 )
 from evomerge.search.run import CandidateResult, SearchRun
 from evomerge.search.samplers import make_sampler
-from evomerge.search.store import RunStore, TrialRecord
+from evomerge.search.store import TrialRecord
 
 POLL_SECONDS = 0.25
 
@@ -86,11 +86,10 @@ class WorkerRun(SearchRun):
         # same genomes. The recipe seed (DARE masks) stays the config's, so results do not depend on
         # which worker evaluated a candidate.
         sampler_config = self.config.model_copy(update={"seed": self.config.seed + 7919 * (self.worker_index + 1)})
-        self.study = optuna.load_study(
+        self.attach(optuna.load_study(
             study_name=self.config.name, storage=self.storage,
             sampler=make_sampler(sampler_config, num_genes=len(self.genome), x0=x0),
-        )
-        self.store = RunStore(self.study)
+        ))
         self.study_id = self.storage.get_study_id_from_name(self.config.name)
         self.claims = GenomeClaims(self.storage, self.study_id)
         self.slots = BudgetSlots(self.storage, self.study_id, self.config.budget.candidates, self.storage.grace_period)
