@@ -125,7 +125,9 @@ class Fitness(BaseModel):
     audit_every: PositiveInt | None = Field(
         None, description="every this many candidates, score the best estimated ones fully; default: only at the end"
     )
-    audit_top_k: PositiveInt = Field(3, description="how many of the best estimated candidates each audit scores")
+    audit_top_k: PositiveInt = Field(
+        3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
+    )
 
 
 class DfsConfig(BaseModel):

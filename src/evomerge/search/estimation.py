@@ -19,7 +19,7 @@ from evomerge.evaluate import TaskScore
 from evomerge.search.config import Fitness
 from evomerge.search.irt import IrtFit, estimate_ability, fit_2pl, predicted_accuracy, select_anchors
 from evomerge.search.objectives import Objectives
-from evomerge.search.store import ESTIMATED, RunStore, TrialRecord
+from evomerge.search.store import COMPLETE, ESTIMATED, RunStore, TrialRecord
 
 #: Smallest prior standard deviation of a candidate's ability: a merge may lie well outside its parents.
 MIN_PRIOR_SD = 1.0
@@ -128,7 +128,11 @@ class FitnessEstimator:
         return every is not None and counted > 0 and counted % every == 0
 
     def to_audit(self) -> list[TrialRecord]:
-        """The best estimated, not yet audited trials (at most `audit_top_k`), best estimate first."""
-        waiting = [r for r in self.store.trials() if r.status == ESTIMATED and r.fitness is not None]
-        waiting.sort(key=lambda r: (-r.fitness, r.number))
-        return waiting[: self.settings.audit_top_k]
+        """The trials among the `audit_top_k` best estimates that are not yet scored on the whole split.
+
+        Ranked by estimate over every candidate that has one (audited and warm-up ones included), so
+        auditing again without new candidates audits nothing (a resumed, finished run stays as it was).
+        """
+        ranked = [r for r in self.store.trials() if r.estimate is not None and r.status in (ESTIMATED, COMPLETE)]
+        ranked.sort(key=lambda r: (-r.estimate["fitness"], r.number))
+        return [r for r in ranked[: self.settings.audit_top_k] if r.status == ESTIMATED]
