@@ -271,13 +271,21 @@ def prepare_run_dir(config: EvolveConfig, run_dir: Path) -> None:
     frozen = run_dir / CONFIG_FILE
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     if frozen.exists():
-        if _read_yaml(frozen) != yaml.safe_load(text):
+        if _with_defaults(_read_yaml(frozen)) != yaml.safe_load(text):
             raise ConfigError(
                 f"run directory {run_dir} holds a different config; resume with the same config or pick a new --run"
             )
         _require_study_file(config, run_dir)
         return
     frozen.write_text(text)
+
+
+def _with_defaults(data: Any) -> Any:
+    # A run frozen before a config field existed has no entry for it; its default is what the run used.
+    try:
+        return EvolveConfig.model_validate(data).model_dump(mode="json")
+    except ValidationError:
+        return data
 
 
 def _require_study_file(config: EvolveConfig, run_dir: Path) -> None:
