@@ -196,7 +196,7 @@ class _SearchDisplay:
             self.best = result.fitness if self.best is None else max(self.best, result.fitness)
         rate = 60 * self.count / max(time.monotonic() - self.started, 1e-9)
         best = "-" if self.best is None else f"{self.best:.4f}"
-        info = f"gen {result.generation}  best {best}  {rate:.0f}/min  racing saved {self.saved} examples"
+        info = f"gen {result.generation}  best {best}  {rate:.0f}/min  saved {self.saved} examples (racing or estimates)"
         self.progress.update(self.task, description="candidates", advance=1, info=info)
 
 

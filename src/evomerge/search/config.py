@@ -137,6 +137,31 @@ class Racing(BaseModel):
     top_k: int | None = Field(None, ge=1, description="must still be able to enter this top; default: population")
 
 
+class Fitness(BaseModel):
+    """How a candidate's fitness is measured: the whole search split, or estimated from a few anchor examples.
+
+    `subset`: the accuracy on the anchors. `irt`: a 2PL item-response model fitted on every fully
+    evaluated model (parents, untuned merges, the first `warmup` candidates, audited candidates) predicts
+    the full-split accuracy from the anchor answers (`search.irt`). Estimated candidates are told to the
+    optimizer with their estimate; the champion is chosen only among fully evaluated ones, so the top
+    estimated candidates are audited (scored on the whole split) every `audit_every` candidates and at the end.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    estimator: Literal["full", "subset", "irt"] = "full"
+    examples: PositiveInt = Field(30, description="anchor examples per candidate, over all objectives' tasks")
+    anchors: Literal["stratified", "clustered"] = Field(
+        "clustered", description="pick anchors by difficulty strata, or by k-means on the baselines' answers"
+    )
+    warmup: int = Field(0, ge=0, description="first candidates scored on the whole split (they join the IRT fit)")
+    audit_every: PositiveInt | None = Field(
+        None, description="every this many candidates, score the best estimated ones fully; default: only at the end"
+    )
+    audit_top_k: PositiveInt = Field(
+        3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
+    )
+
+
 class DfsConfig(BaseModel):
     """Data-flow-space search: layer paths through the sources (see `evomerge.flow`)."""
 
@@ -167,6 +192,14 @@ class EvolveConfig(BaseModel):
     name: str = "evolve"
     base_model: str | None = None
     parents: list[str] = Field(default_factory=list)
+    parents_pool: list[str] = Field(
+        default_factory=list, description="candidate parents: each candidate merges the ones its selection genes pick"
+    )
+    max_parents: PositiveInt | None = Field(None, description="most pool models one candidate merges")
+    pool_max_distance: float = Field(
+        0.5, gt=0, description="screen: a pool model farther from the base than this share of the base's norm is "
+        "not a fine-tune of it and is left out"
+    )
     method: str = "dare_ties"
     genome: dict[str, GeneSpec] = Field(default_factory=dict)
     start: Start = Field(
@@ -183,6 +216,7 @@ class EvolveConfig(BaseModel):
     optimizer: Optimizer | None = None
     sigma0: float = Field(1 / 6, gt=0, le=1, description="CMA-ES step size as a fraction of each gene's range")
     racing: Racing = Field(default_factory=Racing)
+    fitness: Fitness = Field(default_factory=Fitness)
     seed: int = 0
     device: str = "cpu"
     cpu_threads: int | None = Field(
@@ -206,12 +240,20 @@ class EvolveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> EvolveConfig:
-        if self.dfs is None and not self.parents:
+        if self.parents and self.parents_pool:
+            raise ValueError("give either `parents` or `parents_pool`, not both")
+        if self.parents_pool and (self.dfs is not None or self.base_model is None):
+            raise ValueError("`parents_pool` needs a `base_model` (the pool's common base) and no `dfs`")
+        if self.max_parents is not None and not self.parents_pool:
+            raise ValueError("`max_parents` limits a `parents_pool`; give one")
+        if self.dfs is None and not (self.parents or self.parents_pool):
             raise ValueError("give `parents` (a parameter-space search) or `dfs` (a layer-path search)")
         if self.dfs is None and not self.genome:
             raise ValueError("`genome` must name at least one free operator parameter")
         if self.combine == "pareto" and len(self.objectives) < 2:
             raise ValueError("`combine: pareto` needs at least two objectives")
+        if self.combine == "pareto" and self.fitness.estimator != "full":
+            raise ValueError("an estimated fitness predicts one weighted fitness; use `combine: weighted`")
         seen: dict[str, int] = {}
         for index, objective in enumerate(self.objectives):
             key = objective.name or objective.task
@@ -219,6 +261,11 @@ class EvolveConfig(BaseModel):
                 raise ValueError(f"objectives[{index}] repeats objectives[{seen[key]}] ({key}); list each task once")
             seen[key] = index
         return self
+
+    @property
+    def merged_parents(self) -> list[str]:
+        """The models a candidate may merge: `parents`, or the whole `parents_pool`."""
+        return list(self.parents or self.parents_pool)
 
     @property
     def resolved_optimizer(self) -> Optimizer:
@@ -276,7 +323,7 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
     if blocked and config.dfs is None:
         # The depth comes from config.json and the weight headers: no tensor is read yet.
         donor = Checkpoint.open(
-            resolve_path(config.base_model or config.parents[0], root), allow_pickle=config.allow_pickle
+            resolve_path(config.base_model or config.merged_parents[0], root), allow_pickle=config.allow_pickle
         )
         for name, gene in blocked.items():
             try:
@@ -321,7 +368,7 @@ def user_baselines(config: EvolveConfig, root: Path, source: str = "evolve confi
 def _check_baselines(config: EvolveConfig, source: str, root: Path) -> None:
     if config.baselines and config.dfs is not None:
         raise ConfigError(f"{source}: field 'baselines' takes recipes, which a layer-path (dfs) search cannot use")
-    known = {resolve_path(ref, root) for ref in config.parents}
+    known = {resolve_path(ref, root) for ref in config.merged_parents}
     if config.base_model:
         known.add(resolve_path(config.base_model, root))
     for name, recipe in user_baselines(config, root, source).items():

@@ -15,7 +15,15 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from evomerge.evaluate import EvalReport, Evaluator, Task, TaskScore, load_causal_lm, resolve_device
+from evomerge.errors import ConfigError
+from evomerge.evaluate import (
+    EvalReport,
+    Evaluator,
+    Task,
+    TaskScore,
+    load_causal_lm,
+    resolve_device,
+)
 from evomerge.merge import InMemoryMerger, NonFiniteWeightsError, Recipe, StreamingMerge, get_operator
 from evomerge.merge.recipe import ModelEntry
 from evomerge.merge.stream import DTYPES
@@ -31,6 +39,7 @@ from evomerge.search.external import (
 )
 from evomerge.search.genome import Gene, ParameterGenome, genome_key
 from evomerge.search.objectives import Objectives
+from evomerge.search.pool import SELECT, PoolScreen, screen_pool
 from evomerge.search.store import TrialRecord, recipe_of
 
 
@@ -186,8 +195,17 @@ class SearchSession(SessionBase):
 
     def __init__(self, config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None):
         super().__init__(config, root, objective_function)
-        self.merged = [resolve_path(ref, root) for ref in config.parents]
         self.base = resolve_path(config.base_model, root) if config.base_model else None
+        self.pool_screen: PoolScreen | None = None
+        if config.parents_pool:
+            assert self.base is not None  # the config requires a base with a pool
+            self.pool_screen = screen_pool(
+                self.base, [resolve_path(ref, root) for ref in config.parents_pool],
+                max_distance=config.pool_max_distance, allow_pickle=config.allow_pickle,
+            )
+            if not self.pool_screen.kept:
+                raise ConfigError(f"evolve config: field 'parents_pool': the screen left no model ({self.pool_screen.rejected})")
+        self.merged = self.pool_screen.kept if self.pool_screen else [resolve_path(ref, root) for ref in config.parents]
         template = Recipe(
             method=config.method,
             base_model=self.base,
@@ -207,7 +225,8 @@ class SearchSession(SessionBase):
 
     def _with_paths(self, config: EvolveConfig) -> EvolveConfig:
         # Decoded recipes name parents by resolved path, so they work from any working directory.
-        return config.model_copy(update={"base_model": self.base, "parents": self.merged})
+        field = "parents_pool" if config.parents_pool else "parents"
+        return config.model_copy(update={"base_model": self.base, field: self.merged})
 
     # --- candidates -----------------------------------------------------------------------------
     def decode(self, genes: Mapping[str, float]) -> Recipe:
@@ -297,16 +316,20 @@ class SearchSession(SessionBase):
         genomes = {}
         for model in self.genome.merged_models:
             values = {("weight", m): (1.0 if m == model else 0.0) for m in self.genome.merged_models}
+            values.update({(SELECT, m): (1.0 if m == model else 0.0) for m in self.genome.merged_models})
             values[("density", None)] = 1.0
             genomes[f"parent:{Path(model).name}"] = self.genome.encode_uniform(values)
         return genomes
 
     def evidence(self) -> dict[str, Any]:
         compat = self.merger.compat
-        return run_evidence(
+        evidence = run_evidence(
             self.config, checkpoints=self.merger.checkpoints, base=self.base, compat_verdict=compat.verdict,
             compat_notes=compat.notes, tasks=self.objectives.tasks,
         )
+        if self.pool_screen is not None:
+            evidence["pool_screen"] = self.pool_screen.to_dict()
+        return evidence
 
 
 def open_session(config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None) -> Session:
