@@ -13,7 +13,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -50,6 +50,11 @@ class CandidateResult:
     merge_seconds: float
     eval_seconds: float
     failure: str | None = None
+    # Filled in by the run loop for the live display: trials counted against the budget so far, the
+    # budget, and the best parent's search fitness (the reference the search must beat).
+    finished: int = 0
+    budget: int = 0
+    best_parent: float | None = None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -72,6 +77,7 @@ class SearchRun:
     session: Session = field(init=False)
     study: optuna.Study = field(init=False)
     store: RunStore = field(init=False)
+    best_parent: float | None = field(init=False, default=None)  # the best parent's search fitness, once scored
 
     def __post_init__(self) -> None:
         self.session = open_session(self.config, self.root)
@@ -113,6 +119,8 @@ class SearchRun:
         self.store.requeue_interrupted()
         record_run_evidence(self.store, self.session.evidence(), device=str(self.session.device))
         baselines = evaluate_baselines(self.session, self.store, self._status)
+        parents = [b["fitness"] for b in baselines.values() if b["kind"] == "parent" and b["fitness"] is not None]
+        self.best_parent = max(parents, default=None)
         x0 = warm_start(self.session, baselines) if self.config.start == "best_baseline" else self.genome.initial()
         self.store.set_search_space([gene.__dict__ for gene in self.genome.genes], self.popsize)
         return x0
@@ -124,12 +132,15 @@ class SearchRun:
             self.open_study(x0=x0)
         started = time.monotonic()
         budget = self.config.budget
-        while len(self.finished_trials()) < budget.candidates:
+        finished = len(self.finished_trials())
+        while finished < budget.candidates:
             if budget.wall_seconds is not None and time.monotonic() - started > budget.wall_seconds:
                 break
             result = self.step()
+            finished = len(self.finished_trials())
             if self.on_candidate is not None:
-                self.on_candidate(result)
+                self.on_candidate(replace(result, finished=finished, budget=budget.candidates,
+                                          best_parent=self.best_parent))
         return self.study
 
     # --- candidates -----------------------------------------------------------------------------
