@@ -125,7 +125,8 @@ def dfs_run(tiny_llama, tmp_path_factory):
 def test_short_dfs_run_stores_paths_and_selects_a_champion(dfs_run):
     root, sources, outcome = dfs_run
     study = load_run(root / "run")[1].study
-    done = [t for t in study.trials if t.state.is_finished()]
+    # The parents and baselines are fixed trials marked with `kind` (tests/test_optuna_study.py): not candidates.
+    done = [t for t in study.trials if t.state.is_finished() and "kind" not in t.user_attrs]
     assert len(done) == BUDGET == outcome.candidates
     for trial in done:
         candidate = PathCandidate.from_json(trial.user_attrs["path"])

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.merge.registry import OperatorSpec
@@ -85,6 +87,7 @@ class ParameterGenome:
         self.spec = spec
         self.merged_models = list(merged_models)
         self.groups: dict[str, TensorGroups] = {}
+        labels = model_labels(self.merged_models)
         genes: list[Gene] = []
         for param_name, gene_spec in config.genome.items():
             param = spec.param(param_name)
@@ -96,7 +99,7 @@ class ParameterGenome:
             models: list[str | None] = list(self.merged_models) if per_model else [None]
             for model in models:
                 for label in groups.labels:
-                    who = f"{model_label(self.merged_models, model)}." if model is not None else ""
+                    who = f"{labels[model]}." if model is not None else ""
                     genes.append(Gene(f"{param_name}.{who}{label}", param_name, model, label, low, high, init))
         self.genes: tuple[Gene, ...] = tuple(genes)
 
@@ -183,9 +186,33 @@ def _patterns(members: Sequence[str], groups: TensorGroups) -> list[str]:
     return patterns
 
 
-def model_label(models: Sequence[str], model: str) -> str:
-    """A short, stable label for a parent inside gene names: `m0`, `m1`, ..."""
-    return f"m{models.index(model)}"
+def model_labels(models: Sequence[str]) -> dict[str, str]:
+    """A short, stable, unique label per parent inside gene names: the last part of its path or hub id
+    (`math`, so genes read `weight.math.layer0`), with characters other than letters, digits, `_` and
+    `-` replaced by `_` (a dot would split the gene name), and `_2`, `_3`, ... appended to a repeat."""
+    labels: dict[str, str] = {}
+    for index, model in enumerate(models):
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", PurePosixPath(model.replace("\\", "/").rstrip("/")).name) or f"m{index}"
+        label, n = stem, 1
+        while label in labels.values():
+            n += 1
+            label = f"{stem}_{n}"
+        labels[model] = label
+    return labels
+
+
+def adopt_recorded_names(genes: Sequence[Gene], recorded: Sequence[Mapping[str, object]]) -> tuple[Gene, ...]:
+    """The genes under the names a study recorded when it started, matched by position, parameter and group.
+
+    A run started before gene names carried parent names (`weight.m0.layer0`) keeps its names on resume:
+    its trials, re-queued genomes and the CMA-ES state all refer to them. A record of another genome
+    (other parameters or groups) leaves the names as they are.
+    """
+    if len(recorded) != len(genes) or any(
+        record.get("param") != gene.param or record.get("group") != gene.group for record, gene in zip(recorded, genes)
+    ):
+        return tuple(genes)
+    return tuple(replace(gene, name=str(record["name"])) for gene, record in zip(genes, recorded))
 
 
 def genome_key(values: Mapping[str, float], digits: int = 6) -> str:

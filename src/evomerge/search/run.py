@@ -26,6 +26,7 @@ from evomerge.search import store as runs
 from evomerge.search.baselines import evaluate_baselines, warm_start
 from evomerge.search.config import EvolveConfig
 from evomerge.search.evidence import record_run_evidence
+from evomerge.search.genome import adopt_recorded_names
 from evomerge.search.objectives import combine_scores, score_table
 from evomerge.search.racing import entry_threshold, plan_race, race
 from evomerge.search.samplers import make_sampler, population_size
@@ -86,9 +87,11 @@ class SearchRun:
         racing = self.config.racing
         self.race = plan_race(self.session.sizes(), racing.first_fraction, self.config.seed, racing.growth)
         self.top_k = self.config.racing.top_k or self.popsize
-        self.distributions = {
-            gene.name: optuna.distributions.FloatDistribution(gene.low, gene.high) for gene in self.genome.genes
-        }
+
+    @property
+    def distributions(self) -> dict[str, optuna.distributions.FloatDistribution]:
+        """Every gene's range, what each trial is asked for."""
+        return {gene.name: optuna.distributions.FloatDistribution(gene.low, gene.high) for gene in self.genome.genes}
 
     # --- study ----------------------------------------------------------------------------------
     def open_study(self, x0: Mapping[str, float] | None) -> optuna.Study:
@@ -108,6 +111,11 @@ class SearchRun:
         self.store = RunStore(self.study)
         return self.study
 
+    def adopt_recorded_names(self) -> None:
+        """Keep the gene names a resumed study recorded (`genome.adopt_recorded_names`: runs from before genes
+        were named by parent use `m0`, `m1`), so its trials and re-queued genomes stay in the search space."""
+        self.genome.genes = adopt_recorded_names(self.genome.genes, self.store.genes)
+
     def finished_trials(self) -> list[TrialRecord]:
         """Trials that count against the budget (interrupted ones were re-queued and do not)."""
         return self.store.counted_trials()
@@ -116,6 +124,8 @@ class SearchRun:
         """Open the study, re-queue what a killed process left running, record the run's evidence and
         baselines, and store the search space; returns the CMA-ES mean the config's `start` asks for."""
         self.open_study(x0=None)
+        self.adopt_recorded_names()
+        self.store.set_metric_names(self.session.objectives.metric_names)
         self.store.requeue_interrupted()
         record_run_evidence(self.store, self.session.evidence(), device=str(self.session.device))
         baselines = evaluate_baselines(self.session, self.store, self._status)
