@@ -16,7 +16,7 @@ from rich.console import Console
 
 import evomerge
 from evomerge import cli
-from evomerge.progress import Progress, SearchProgress, format_seconds
+from evomerge.display import Progress, SearchProgress, format_seconds
 from evomerge.search.run import CandidateResult
 
 SRC = str(Path(evomerge.__file__).parent.parent)
@@ -80,7 +80,11 @@ def test_help_lists_the_choices(command, choices, tmp_path):
 
 def test_a_wrong_choice_is_refused_with_the_choices(tmp_path):
     done = evomerge_process("zoo", "--out", "z", "--size", "huge", cwd=tmp_path)
-    assert done.returncode == 2 and "tiny" in done.stderr and not (tmp_path / "z").exists()
+    assert done.returncode == 2 and not (tmp_path / "z").exists()
+    assert done.stderr.strip() == "error: option --size: 'huge' is not one of 'tiny', 'small', 'medium'."
+    done = evomerge_process("evolve", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == "error: Missing argument 'config'."
+
 
 
 def test_shared_flags_mean_the_same_everywhere():

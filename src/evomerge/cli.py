@@ -22,10 +22,11 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from evomerge import __version__
+from evomerge.display import Progress, SearchProgress, results_table
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.progress import Progress, SearchProgress
 
 app = typer.Typer(
     name="evomerge",
@@ -60,6 +61,13 @@ def report_error(error: EvomergeError) -> int:
     message = " ".join(str(error).split())
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return error.exit_code
+
+
+def option_sentence(error: typer.BadParameter) -> str:
+    """A wrong or missing option value as one sentence naming the option (a choice's error lists the choices)."""
+    if error.param is None or not error.message:  # e.g. a missing argument: typer's own sentence
+        return error.format_message()
+    return f"option {'/'.join(error.param.opts)}: {error.message.removeprefix('Value error, ')}"
 
 
 def report_internal_error(error: Exception) -> int:
@@ -185,7 +193,7 @@ def worker(
 @app.command()
 def zoo(
     out: Path | None = typer.Option(None, "--out", "-o", help="Directory of the zoo; an identical existing build is reused."),
-    legacy_out: Path | None = typer.Argument(None, hidden=True, show_default=False),
+    legacy_out: Path | None = typer.Argument(None, hidden=True, show_default=False, metavar="OUT"),
     size: ZooSize = typer.Option(ZooSize.tiny, "--size", help="tiny (CPU, minutes), small or medium (GPU)."),
     seed: int = typer.Option(0, help="Seed of data, initialisation and training."),
     force: bool = typer.Option(False, help="Rebuild even if an identical zoo exists."),
@@ -221,25 +229,6 @@ def zoo(
     console.print(f"  tasks: {', '.join(built.tasks)}; target: {built.target_task}")
 
 
-def _print_results(test_results: dict, title: str) -> None:
-    from rich.table import Table
-
-    tasks = sorted({task for result in test_results.values() for task in (result.get("test") or {})})
-    table = Table(title=title)
-    table.add_column("model")
-    table.add_column("role")
-    for task in tasks:
-        table.add_column(f"{task} (test)", justify="right")
-    for name, result in test_results.items():
-        role = ", ".join(result.get("roles", [result["kind"]]))
-        cells = []
-        for task in tasks:
-            entry = (result.get("test") or {}).get(task)
-            cells.append("-" if entry is None else f"{entry['score']:.3f} ± {entry['stderr'] or 0:.3f}")
-        table.add_row(name, role, *cells)
-    console.print(table)
-
-
 @app.command()
 def evolve(
     config: Path = typer.Argument(..., help="Evolve config YAML."),
@@ -267,7 +256,8 @@ def evolve(
         print_json({"run": outcome.run_dir, "candidates": outcome.candidates, "champion": outcome.selection.champion,
                     "examples_saved": outcome.examples_saved, "test_results": outcome.test_results})
         return
-    _print_results(outcome.test_results, f"{outcome.candidates} candidates; champion = candidate {outcome.selection.champion}")
+    title = f"{outcome.candidates} candidates; champion = candidate {outcome.selection.champion}"
+    console.print(results_table(outcome.test_results, title))
 
 
 @app.command()
@@ -310,7 +300,8 @@ def demo(
     if as_json:
         print_json(summary)
         return
-    _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
+    title = f"demo: target task '{summary['target_task']}', champion = {summary['champion']}"
+    console.print(results_table(outcome.test_results, title))
     for label, paired in summary["comparison"].items():
         low, high = paired["ci95"]
         console.print(
@@ -429,11 +420,22 @@ def run() -> None:
     # shards", once per saved model) would scroll through it. Read by huggingface_hub, which transformers asks.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        app()
+        # Not standalone, so that typer's usage errors come here: a wrong choice is one sentence like any
+        # other user error, rather than a framed usage message.
+        code = app(standalone_mode=False)
     except EvomergeError as error:
         sys.exit(report_error(error))
+    except typer.BadParameter as error:
+        sys.exit(report_error(ConfigError(option_sentence(error))))
+    except TyperException as error:  # other usage errors (unknown option, missing argument): typer's message
+        error.show()
+        sys.exit(getattr(error, "exit_code", 2))
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
     except Exception as error:  # noqa: BLE001 -- anything else is a bug in evomerge, reported as one
         sys.exit(report_internal_error(error))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

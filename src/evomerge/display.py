@@ -1,4 +1,5 @@
-"""Progress of long commands: a rich bar on a terminal, plain dated lines in a log.
+"""What the command line shows: progress of long commands (a rich bar on a terminal, plain dated lines in a
+log) and the table of test-split results.
 
 Every command that takes more than a moment (zoo, eval, export, merge, evolve, demo) shows one
 `Progress`: a bar when the amount of work is known, a status line otherwise. On a TTY it is a transient
@@ -18,6 +19,7 @@ from typing import Self
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
+from rich.table import Table
 
 
 def format_seconds(seconds: float) -> str:
@@ -139,3 +141,21 @@ class SearchProgress:
 
 def _score(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def results_table(test_results: dict, title: str) -> Table:
+    """Parents, baselines and selected candidates with their test-split score ± stderr per task."""
+    tasks = sorted({task for result in test_results.values() for task in (result.get("test") or {})})
+    table = Table(title=title)
+    table.add_column("model")
+    table.add_column("role")
+    for task in tasks:
+        table.add_column(f"{task} (test)", justify="right")
+    for name, result in test_results.items():
+        role = ", ".join(result.get("roles", [result["kind"]]))
+        cells = []
+        for task in tasks:
+            entry = (result.get("test") or {}).get(task)
+            cells.append("-" if entry is None else f"{entry['score']:.3f} ± {entry['stderr'] or 0:.3f}")
+        table.add_row(name, role, *cells)
+    return table
