@@ -244,6 +244,11 @@ class RunStore:
         self.study.set_user_attr("population", population)
 
     @property
+    def population(self) -> int | None:
+        """Candidates per generation, as recorded when the search started (None before)."""
+        return self._get("population")
+
+    @property
     def x0(self) -> dict[str, float] | None:
         """The coordinator's warm start for workers' samplers."""
         return self._get("x0")
