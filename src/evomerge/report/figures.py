@@ -103,7 +103,8 @@ def pareto_figure(data: RunData, fronts: Mapping[int, Sequence[int]]) -> go.Figu
     everyone = go.Scatter(
         x=[c.scores[x_task] for c in complete], y=[c.scores[y_task] for c in complete], mode="markers",
         name="candidates", marker={"color": [c.generation for c in complete], "colorscale": "Viridis",
-                                   "colorbar": {"title": "generation"}, "opacity": 0.6},
+                                   "colorbar": {"title": "generation", **_integer_axis(max(generations) + 1)},
+                                   "opacity": 0.6},
         text=[f"trial {c.number}, generation {c.generation}" for c in complete],
     )
     fig = go.Figure(data=[everyone, front_trace(generations[-1])])

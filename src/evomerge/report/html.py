@@ -230,8 +230,8 @@ def _results(data: RunData) -> Section:
 
 def _lineage(data: RunData) -> Section:
     title = "Lineage"
-    if data.champion is None:
-        return Section("lineage", title, note="No champion yet.")
+    if data.store.selection is None:
+        return Section("lineage", title, note="The lineage is drawn once the run has selected its champion.")
     if data.config.dfs is not None:
         graph = _path_lineage(data)
         if graph is None:

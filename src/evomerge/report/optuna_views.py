@@ -17,8 +17,10 @@ from evomerge.report.data import RunData
 
 #: Below this many fully evaluated candidates an importance estimate is noise, and is not drawn.
 MIN_TRIALS = 10
-#: Genes shown in the parallel-coordinates and slice plots: the most important ones.
+#: Genes shown in the parallel-coordinates and slice plots: the most important ones (fewer slices, which
+#: sit side by side).
 TOP_GENES = 8
+TOP_SLICES = 4
 
 
 def _target(data: RunData) -> tuple[object, str]:
@@ -72,6 +74,9 @@ def parallel_figure(data: RunData, genes: list[str]) -> go.Figure:
 
 def slice_figure(data: RunData, genes: list[str]) -> go.Figure:
     target, name = _target(data)
+    genes = genes[:TOP_SLICES]
     fig = optuna.visualization.plot_slice(data.store.study, params=genes, target=target, target_name=name)
-    fig.update_layout(title=f"{name} against each of the {len(genes)} most important genes (colour: trial number)")
+    # Optuna sizes the figure 300 px per gene; the page's width suits the report.
+    fig.update_layout(title=f"{name} against each of the {len(genes)} most important genes (colour: trial number)",
+                      width=None, autosize=True)
     return fig
