@@ -150,7 +150,8 @@ def result(finished: int, fitness: float, status: str = "complete") -> Candidate
 
 def test_the_search_display_shows_total_rate_eta_and_best_against_the_best_parent():
     now = [0.0]
-    display = SearchProgress(Console(file=io.StringIO(), force_terminal=False), clock=lambda: now[0])
+    display = SearchProgress(Console(file=io.StringIO(), force_terminal=False), budget=10, clock=lambda: now[0])
+    assert display.progress.total == 10  # known from the config before the first candidate
     now[0] = 100.0
     display.candidate(result(3, 0.3))  # a resumed run: 2 finished before; no rate from one point
     assert display.progress.total == 10 and display.progress.completed == 3

@@ -243,10 +243,10 @@ def evolve(
     from evomerge.search.config import load_evolve_config
 
     # A mistake in the config is reported before torch, transformers and optuna are imported.
-    load_evolve_config(config)
+    parsed, _ = load_evolve_config(config)
     from evomerge.pipelines.evolve import evolve as run_evolve
 
-    display = SearchProgress(err_console)
+    display = SearchProgress(err_console, budget=parsed.budget.candidates)
     with interrupt_hint(resumable=True), display.progress:
         outcome = run_evolve(
             config, run, on_candidate=display.candidate, on_status=display.status, workers=workers,
@@ -289,9 +289,9 @@ def demo(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
-    from evomerge.pipelines.demo import run_demo
+    from evomerge.pipelines.demo import DEMO_CANDIDATES, run_demo
 
-    display = SearchProgress(err_console)
+    display = SearchProgress(err_console, budget=budget or DEMO_CANDIDATES)
     with interrupt_hint(resumable=True), display.progress:
         outcome, summary = run_demo(
             out, seed=seed, zoo_dir=zoo, start=start.value, on_candidate=display.candidate, on_status=display.status,

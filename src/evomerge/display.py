@@ -105,9 +105,10 @@ class SearchProgress:
     """The live view of a search: candidates done of the budget, rate, ETA, best so far against the best
     parent (`CandidateResult.finished`, `.budget`, `.best_parent`), examples racing saved."""
 
-    def __init__(self, console: Console, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, console: Console, budget: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.progress = Progress(console, "starting the search", clock=clock)
+        # The total is known from the config before the first candidate (the bar reads 0/400, not 0/?).
+        self.progress = Progress(console, "starting the search", total=budget, clock=clock)
         self.best: float | None = None
         self.saved = 0
         self.first: tuple[float, int] | None = None  # (time, finished) when the first candidate of this process ended
