@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,7 @@ from rich.console import Console
 from typer.exceptions import TyperException
 
 from evomerge import __version__
-from evomerge.display import Progress, SearchProgress, results_table
+from evomerge.display import Progress, SearchProgress, interruptible, results_table
 from evomerge.errors import ConfigError, EvomergeError
 
 app = typer.Typer(
@@ -90,19 +87,6 @@ def report_internal_error(error: Exception) -> int:
     return 1
 
 
-@contextmanager
-def interrupt_hint(resumable: bool) -> Iterator[None]:
-    """On Ctrl-C, say what rerunning the exact command line does (typer then exits 130)."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        command = shlex.join(["evomerge", *sys.argv[1:]])
-        what = "resume where it stopped" if resumable else "start over (nothing partial was kept)"
-        err_console.print(f"interrupted; run `{command}` again to {what}", highlight=False, markup=False,
-                          soft_wrap=True)
-        raise
-
-
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -143,6 +127,7 @@ def lineage_command(
 
 
 @app.command("report")
+@interruptible(err_console, resumable=False)
 def report_command(
     run: Path = typer.Argument(..., help="Run directory of an evolve (finished or still running)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write; default RUN/report.html."),
@@ -168,6 +153,7 @@ def report_command(
 
 
 @app.command()
+@interruptible(err_console, resumable=True)
 def worker(
     target: str = typer.Argument(..., help="Run directory, or the study's database URL (postgresql://...)."),
     study: str | None = typer.Option(None, "--study", help="Study name (default: the run's config name)."),
@@ -181,9 +167,8 @@ def worker(
     """Join a search: hold the parents on one device and evaluate candidates until the budget is spent."""
     from evomerge.search.worker import run_worker
 
-    with interrupt_hint(resumable=True):
-        done = run_worker(target, study=study, device=device, index=index, max_candidates=max_candidates,
-                          heartbeat_seconds=heartbeat, grace_seconds=grace)
+    done = run_worker(target, study=study, device=device, index=index, max_candidates=max_candidates,
+                      heartbeat_seconds=heartbeat, grace_seconds=grace)
     if as_json:
         print_json({"worker": index, "evaluated": done})
     else:
@@ -191,6 +176,7 @@ def worker(
 
 
 @app.command()
+@interruptible(err_console, resumable=False)
 def zoo(
     out: Path | None = typer.Option(None, "--out", "-o", help="Directory of the zoo; an identical existing build is reused."),
     legacy_out: Path | None = typer.Argument(None, hidden=True, show_default=False, metavar="OUT"),
@@ -212,7 +198,7 @@ def zoo(
     preset = PRESETS[size.value]
     total = preset.base.steps + sum(config.steps for _, _, config in preset.specialists)
     finished: dict[str, int] = {}
-    with interrupt_hint(resumable=False), Progress(err_console, "training", total=total) as progress:
+    with Progress(err_console, "training", total=total) as progress:
 
         def advance(model: str, done: int, steps: int) -> None:
             finished[model] = done
@@ -230,6 +216,7 @@ def zoo(
 
 
 @app.command()
+@interruptible(err_console, resumable=True)
 def evolve(
     config: Path = typer.Argument(..., help="Evolve config YAML."),
     run: Path = typer.Option(..., "--out", "--run", "-o", help="Run directory; an existing one is resumed."),
@@ -247,7 +234,7 @@ def evolve(
     from evomerge.pipelines.evolve import evolve as run_evolve
 
     display = SearchProgress(err_console, budget=parsed.budget.candidates)
-    with interrupt_hint(resumable=True), display.progress:
+    with display.progress:
         outcome = run_evolve(
             config, run, on_candidate=display.candidate, on_status=display.status, workers=workers,
             accept_changed_parents=accept_changed_parents,
@@ -261,6 +248,7 @@ def evolve(
 
 
 @app.command()
+@interruptible(err_console, resumable=False)
 def export(
     run: Path = typer.Argument(..., help="Run directory of an evolve."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory of the release packet."),
@@ -271,7 +259,7 @@ def export(
     """Write a candidate as a release packet: weights, recipe, lineage, evaluation and model card."""
     from evomerge.lineage.packet import export_candidate
 
-    with interrupt_hint(resumable=False), Progress(err_console, f"exporting candidate {candidate} of {run}"):
+    with Progress(err_console, f"exporting candidate {candidate} of {run}"):
         path = export_candidate(run, candidate, out, overwrite=overwrite)
     if as_json:
         print_json({"run": run, "candidate": candidate, "out": path})
@@ -280,6 +268,7 @@ def export(
 
 
 @app.command()
+@interruptible(err_console, resumable=True)
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the zoo, the run and the champion go."),
     budget: int | None = typer.Option(None, "--budget", min=1, help="Candidates the search evaluates (default: 400)."),
@@ -292,7 +281,7 @@ def demo(
     from evomerge.pipelines.demo import DEMO_CANDIDATES, run_demo
 
     display = SearchProgress(err_console, budget=budget or DEMO_CANDIDATES)
-    with interrupt_hint(resumable=True), display.progress:
+    with display.progress:
         outcome, summary = run_demo(
             out, seed=seed, zoo_dir=zoo, start=start.value, on_candidate=display.candidate, on_status=display.status,
             **({} if budget is None else {"candidates": budget}),
@@ -313,6 +302,7 @@ def demo(
 
 
 @app.command("eval")
+@interruptible(err_console, resumable=False)
 def eval_command(
     model: str = typer.Argument(..., help="Local model directory (Hugging Face layout)."),
     task: list[str] = typer.Option(..., "--task", help="Task YAML file; repeat for several tasks."),
@@ -363,6 +353,7 @@ def eval_command(
 
 
 @app.command()
+@interruptible(err_console, resumable=False)
 def merge(
     recipe: Path = typer.Argument(..., help="Recipe YAML (evomerge's or mergekit's, auto-detected)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
@@ -389,7 +380,7 @@ def merge(
             recipe_yaml=parsed.to_yaml(),
         )
     )
-    with interrupt_hint(resumable=False), Progress(err_console, "merging tensors") as progress:
+    with Progress(err_console, "merging tensors") as progress:
         result = run_merge(
             parsed,
             out,

@@ -11,10 +11,13 @@ error's one sentence, are not preceded by progress lines.
 
 from __future__ import annotations
 
+import functools
+import shlex
+import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Self
+from typing import Any, Self, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -30,6 +33,29 @@ def format_seconds(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def interruptible(console: Console, resumable: bool) -> Callable[[Command], Command]:
+    """A command decorator: on Ctrl-C anywhere in the command (its imports included), say what rerunning
+    the exact command line does (resume, or start over), then let the interrupt end it (exit 130)."""
+
+    def decorate(command: Command) -> Command:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return command(*args, **kwargs)
+            except KeyboardInterrupt:
+                line = shlex.join(["evomerge", *sys.argv[1:]])
+                what = "resume where it stopped" if resumable else "start over (nothing partial was kept)"
+                console.print(f"interrupted; run `{line}` again to {what}", highlight=False, markup=False,
+                              soft_wrap=True)
+                raise
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 class Progress:
@@ -114,7 +140,8 @@ class SearchProgress:
         self.first: tuple[float, int] | None = None  # (time, finished) when the first candidate of this process ended
 
     def status(self, message: str) -> None:
-        self.progress.update(description=message)
+        # A phase other than the candidates (baselines, test scoring): the last candidate's figures would be stale.
+        self.progress.update(description=message, info="")
 
     def candidate(self, result) -> None:
         """Show one finished candidate (`search.run.CandidateResult`)."""
