@@ -92,3 +92,19 @@ def test_optuna_importance_runs_on_the_candidates(demo_study):
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     importances = optuna.importance.get_param_importances(study, evaluator=evaluator, params=params)
     assert set(importances) == set(params) and sum(importances.values()) == pytest.approx(1.0)
+
+
+def test_the_report_shows_optunas_views_of_the_same_study(demo_study):
+    from evomerge.report import optuna_views
+    from evomerge.report.data import load_run_data
+
+    out, _, study = demo_study
+    data = load_run_data(out / "run")
+    names = [gene["name"] for gene in data.genes]
+    scores, why = optuna_views.importance(data)
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0, **optuna_views.FOREST)
+    expected = optuna.importance.get_param_importances(study, evaluator=evaluator, params=names)
+    assert why == "" and scores == pytest.approx(dict(expected))
+    text = (out / "report.html").read_text()  # the demo writes its report
+    for section in ("fitness", "history", "task-scores", "importance", "parallel", "slice"):
+        assert f'<div id="fig-{section}" class="plotly-graph-div"' in text, section

@@ -17,6 +17,10 @@ from evomerge.report.data import RunData
 
 #: Below this many fully evaluated candidates an importance estimate is noise, and is not drawn.
 MIN_TRIALS = 10
+#: fANOVA's forest, smaller than Optuna's default (64 trees, depth 64): on 400 trials of 21 or 88 genes the
+#: default took 27-29 s per report on this machine, 16 trees of depth 8 took 3-5 s and ranked the genes that
+#: matter the same (a synthetic study where the value depends on two genes).
+FOREST = {"n_trees": 16, "max_depth": 8}
 #: Genes shown in the parallel-coordinates and slice plots: the most important ones (fewer slices, which
 #: sit side by side).
 TOP_GENES = 8
@@ -31,7 +35,7 @@ def _target(data: RunData) -> tuple[object, str]:
 
 
 def importance(data: RunData) -> tuple[dict[str, float] | None, str]:
-    """(gene -> importance, "") or (None, why not), by Optuna's fANOVA evaluator, seeded."""
+    """(gene -> importance, "") or (None, why not), by Optuna's fANOVA evaluator (seeded, `FOREST`)."""
     names = [gene["name"] for gene in data.genes]
     if len(data.complete) < MIN_TRIALS or not names:
         return None, (f"Parameter importance needs at least {MIN_TRIALS} fully evaluated candidates; "
@@ -41,7 +45,7 @@ def importance(data: RunData) -> tuple[dict[str, float] | None, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             scores = optuna.importance.get_param_importances(
-                data.store.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), params=names,
+                data.store.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0, **FOREST), params=names,
                 target=target,
             )
     except (RuntimeError, ValueError) as error:  # e.g. every candidate scored the same: no variance to split
