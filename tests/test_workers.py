@@ -222,7 +222,7 @@ def test_nan_recipe_is_recorded_failed_and_the_run_goes_on(tiny_llama, tmp_path)
     study.enqueue_trial({hot_gene: 1.5, other: 0.5})  # inf in the merged weights
     study.enqueue_trial({hot_gene: 0.0, other: 0.5})  # the hot task vector switched off
     evolve(config_path, tmp_path / "run")
-    trials = study.get_trials()
+    trials = [t for t in study.get_trials() if "kind" not in t.user_attrs]  # candidates, not the fixed references
     assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].user_attrs["status"] == "failed"
     assert "finite" in trials[0].user_attrs["failure"].lower()
     assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].user_attrs["status"] == "complete"
@@ -230,6 +230,9 @@ def test_nan_recipe_is_recorded_failed_and_the_run_goes_on(tiny_llama, tmp_path)
     third = trials[2].user_attrs
     assert third["status"] == "complete" or "non-finite" in third["failure"]
     assert len(trials) == 3
+    # The hot parent scored NaN: Optuna holds only finite values, so its reference trial is a failed one.
+    references = {t.user_attrs["name"]: t for t in study.get_trials() if "kind" in t.user_attrs}
+    assert references["parent:hot"].state == optuna.trial.TrialState.FAIL and references["parent:hot"].values is None
 
 
 def test_changed_parent_is_refused_on_resume_unless_accepted(tiny_llama, tmp_path, evomerge_cli):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -162,6 +163,9 @@ class RunStore:
         """
         attrs = {"kind": kind, "name": name, "scores": dict(scores), "fitness": fitness, "split": "search",
                  "recipe": recipe, "failure": failure}
+        # Optuna holds only finite values: a parent that scored NaN (weights that overflow) is a failed reference.
+        if values is not None and not all(math.isfinite(v) for v in values):
+            values = None
         state = TrialState.FAIL if values is None else TrialState.COMPLETE
         self.study.add_trial(optuna.trial.create_trial(
             state=state, values=None if values is None else list(values), params={}, distributions={},
