@@ -193,9 +193,33 @@ def test_overlap_of_boxes_is_their_shared_area():
     assert overlap(box, {"left": 10, "top": 0, "right": 20, "bottom": 10}) == 0  # touching is not overlapping
 
 
-@pytest.mark.parametrize("run", ["run_a", "run_b"])
-def test_no_legend_colour_bar_slider_or_title_overlaps_another(browser, lineage_runs, run, tmp_path):
-    report = write_report(lineage_runs[run], tmp_path / "report.html")
+@pytest.fixture(scope="module")
+def pareto_run(lineage_runs, tmp_path_factory):
+    """A tiny two-objective run: the Pareto figure (colour bar, legend, slider, buttons) and hypervolume."""
+    import yaml
+
+    from conftest import write_task_files
+    from evomerge.pipelines import evolve
+
+    root = tmp_path_factory.mktemp("pareto")
+    rows = [{"question": f"{a}+{b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    second = write_task_files(root / "twice", rows[:8], rows[8:], name="again", generation={"max_new_tokens": 2})
+    config = root / "pareto.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "pareto", "base_model": str(lineage_runs["base"]),
+        "parents": [str(lineage_runs["one"]), str(lineage_runs["two"])], "method": "task_arithmetic",
+        "genome": {"weight": {"bounds": [0, 1.5], "granularity": "per_layer"}}, "combine": "pareto",
+        "objectives": [{"task": str(lineage_runs["task"])}, {"task": str(second)}],
+        "budget": {"candidates": 6, "population": 2}, "optimizer": "random", "batch_size": 16,
+    }))
+    evolve(config, root / "run")
+    return root / "run"
+
+
+@pytest.mark.parametrize("run", ["run_a", "run_b", "pareto"])
+def test_no_legend_colour_bar_slider_or_title_overlaps_another(browser, lineage_runs, pareto_run, run, tmp_path):
+    report = write_report(pareto_run if run == "pareto" else lineage_runs[run], tmp_path / "report.html")
+    assert ("hypervolume" in report.sections) == (run == "pareto")
     page = browser.new_page(viewport=VIEWPORT)
     page.goto(report.path.resolve().as_uri(), wait_until="load", timeout=TIMEOUT_MS)
     expected = figure_ids(report)
