@@ -254,13 +254,14 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory of the release packet."),
     candidate: str = typer.Option("champion", "--candidate", help="A trial number, or 'champion'."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory once complete."),
+    license: str | None = typer.Option(None, help="The packet's license (default: the config's, else the parents')."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a candidate as a release packet: weights, recipe, lineage, evaluation and model card."""
     from evomerge.lineage.packet import export_candidate
 
     with Progress(err_console, f"exporting candidate {candidate} of {run}"):
-        path = export_candidate(run, candidate, out, overwrite=overwrite)
+        path = export_candidate(run, candidate, out, overwrite=overwrite, license=license)
     if as_json:
         print_json({"run": run, "candidate": candidate, "out": path})
     else:
@@ -364,22 +365,12 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Merge checkpoints as a recipe says and write a Hugging Face checkpoint with its model card."""
-    from evomerge.lineage.card import CardInfo, render_model_card
     from evomerge.merge.recipe import load_recipe
     from evomerge.merge.stream import run_merge
 
     parsed = load_recipe(recipe)
     if dtype is not None:
         parsed = parsed.model_copy(update={"out_dtype": dtype.value})
-    card = render_model_card(
-        CardInfo(
-            name=parsed.name or out.name,
-            method=parsed.method,
-            parents=parsed.parent_refs(),
-            base_model=parsed.base_model,
-            recipe_yaml=parsed.to_yaml(),
-        )
-    )
     with Progress(err_console, "merging tensors") as progress:
         result = run_merge(
             parsed,
@@ -387,7 +378,6 @@ def merge(
             device=device,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
-            extra_files={"README.md": card},
             keep=(recipe,),
             on_plan=lambda total: progress.update(total=total),
             on_tensor=lambda _name: progress.update(advance=1),

@@ -21,11 +21,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from evomerge.errors import TaskError
+from evomerge.evaluate.language import language_check
+from evomerge.evaluate.offline import datasets_offline
 from evomerge.evaluate.scorers import (
     GenerativeScorer,
     LoglikScorer,
     Scorer,
     choice_index,
+    compile_charset,
     get_scorer_spec,
     scorer_names,
 )
@@ -111,6 +114,8 @@ class TaskSpec(_Strict):
     response_charset: str | None = None
     """Regex every non-space character of the *whole response* (up to the stop string) must match: the
     deterministic stand-in for the paper's language identification of the full answer."""
+    response_language: str | None = None
+    """ISO 639-1 code the whole response must be identified as (the paper's check; the `langid` extra)."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
 
 
@@ -174,17 +179,13 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _load_cached_dataset(spec: CachedDataset, task_file: Path) -> tuple[dict[str, list[Row]], str]:
     """Load a `datasets` dataset strictly offline; return the rows per split and a content fingerprint."""
-    # Offline before the first import: `datasets` reads these flags when it is imported.
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        import datasets
+        datasets_offline()
     except ImportError:
         raise TaskError(
             f"task file {task_file}: data.dataset needs the `datasets` package installed"
         ) from None
-    if hasattr(datasets.config, "HF_HUB_OFFLINE"):
-        datasets.config.HF_HUB_OFFLINE = True
+    import datasets
     splits: dict[str, list[Row]] = {}
     digest = hashlib.sha256()
     for split, name in (("search", spec.search_split), ("test", spec.test_split)):
@@ -238,8 +239,9 @@ class Task:
         self._splits = splits
         self._fingerprint = fingerprint
         self.scorer: Scorer = _build_scorer(spec, path)
-        self.charset: re.Pattern[str] | None = _compile_charset(spec.answer_charset, "answer_charset", path)
-        self.response_charset = _compile_charset(spec.response_charset, "response_charset", path)
+        self.charset: re.Pattern[str] | None = compile_charset(spec.answer_charset, "answer_charset", path)
+        self.response_charset = compile_charset(spec.response_charset, "response_charset", path)
+        self.response_language = language_check(spec.response_language, path)
         self._fields = _prompt_fields(spec.prompt, path)
         self._validate_rows()
 
@@ -377,15 +379,6 @@ def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
         return scorer_spec.build(args)
     except ValueError as error:  # a factory's own check of its arguments, naming the field
         raise TaskError(f"task file {path}: {error}") from None
-
-
-def _compile_charset(pattern: str | None, field: str, path: Path) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as error:
-        raise TaskError(f"task file {path}: field '{field}' is not a valid regex ({error})") from None
 
 
 def check_split(split: str) -> str:

@@ -65,14 +65,46 @@ def direction_sign(direction: str) -> float:
     return 1.0 if direction == "maximize" else -1.0
 
 
+LM_EVAL_PREFIX = "lm_eval:"
+PYTHON_PREFIX = "python:"
+LM_EVAL_FIELDS = ("include_path", "search_split", "test_split", "split", "metric", "num_fewshot")
+
+
 class Objective(BaseModel):
-    """One task to optimise on its search split."""
+    """One task to optimise on its search split: an evomerge task file, `lm_eval:NAME` (an lm-eval task,
+    with the fields below) or `python:KEY` (a key of the Python objective function's result)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     task: str
     weight: float = 1.0
     direction: Literal["maximize", "minimize"] = "maximize"
     name: str | None = None
+    include_path: str | None = Field(None, description="lm-eval: a directory of extra task YAMLs")
+    search_split: str | None = Field(None, description="lm-eval: the split searched on (with test_split)")
+    test_split: str | None = Field(None, description="lm-eval: the split the selected models are tested on")
+    split: str | None = Field(None, description="lm-eval: one split, divided into search and test by a seeded shuffle")
+    search_fraction: float = Field(0.5, gt=0, lt=1, description="lm-eval: the share of `split` searched on")
+    metric: str | None = Field(None, description="lm-eval: the per-document metric (default: the task's first)")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval: few-shot examples (default: the task's)")
+
+    @model_validator(mode="after")
+    def _lm_eval_fields(self) -> Objective:
+        given = [f for f in LM_EVAL_FIELDS if getattr(self, f) is not None]
+        if given and not self.task.startswith(LM_EVAL_PREFIX):
+            raise ValueError(f"{', '.join(given)} only apply to an lm-eval task (`task: {LM_EVAL_PREFIX}NAME`)")
+        if (self.search_split is None) != (self.test_split is None):
+            raise ValueError("give both search_split and test_split, or neither (then `split` is divided)")
+        if self.search_split is not None and self.split is not None:
+            raise ValueError("give search_split and test_split, or one `split` to divide, not both")
+        if self.search_split is not None and self.search_split == self.test_split:
+            raise ValueError(f"search_split and test_split are both {self.search_split!r}; test on other documents")
+        return self
+
+    @property
+    def key(self) -> str:
+        """An lm-eval or Python objective's name in score tables: `name`, else the lm-eval task or the key
+        (a task file's objective is named by the file's own `name:`)."""
+        return self.name or self.task.removeprefix(LM_EVAL_PREFIX).removeprefix(PYTHON_PREFIX)
 
     @property
     def sign(self) -> float:
@@ -159,6 +191,9 @@ class EvolveConfig(BaseModel):
     storage: str | None = None
     batch_size: int = Field(128, ge=1, le=65_536)
     intended_use: str = ""
+    license: str | None = Field(
+        None, description="the exported models' license (Hub id, e.g. apache-2.0); default: the one the parents' cards agree on"
+    )
     allow_pickle: bool = False
 
     @model_validator(mode="before")
@@ -231,6 +266,8 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
     if config.optimizer == "cmaes" and config.combine == "pareto":
         raise ConfigError(f"{source}: optimizer 'cmaes' optimises one objective; use 'nsga2' with `combine: pareto`")
     for index, objective in enumerate(config.objectives):
+        if objective.task.startswith((LM_EVAL_PREFIX, PYTHON_PREFIX)):
+            continue  # checked when the session opens them (lm-eval is an optional, slow import)
         path = resolve_path(objective.task, root)
         if not Path(path).is_file():
             raise ConfigError(f"{source}: objectives[{index}].task names {objective.task}, which does not exist")

@@ -26,6 +26,7 @@ from evomerge.search import store as runs
 from evomerge.search.baselines import evaluate_baselines, warm_start
 from evomerge.search.config import EvolveConfig
 from evomerge.search.evidence import record_run_evidence
+from evomerge.search.external import ObjectiveFunction
 from evomerge.search.genome import adopt_recorded_names
 from evomerge.search.objectives import combine_scores, score_table
 from evomerge.search.racing import entry_threshold, plan_race, race
@@ -75,13 +76,14 @@ class SearchRun:
     run_dir: Path
     on_candidate: Callable[[CandidateResult], None] | None = None
     on_status: Callable[[str], None] | None = None
+    objective_function: ObjectiveFunction | None = None
     session: Session = field(init=False)
     study: optuna.Study = field(init=False)
     store: RunStore = field(init=False)
     best_parent: float | None = field(init=False, default=None)  # the best parent's search fitness, once scored
 
     def __post_init__(self) -> None:
-        self.session = open_session(self.config, self.root)
+        self.session = open_session(self.config, self.root, self.objective_function)
         self.genome = self.session.genome
         self.popsize = population_size(self.config, len(self.genome))
         racing = self.config.racing

@@ -15,13 +15,20 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task, resolve_device
+from evomerge.evaluate import EvalReport, Evaluator, Task, TaskScore, load_causal_lm, resolve_device
 from evomerge.merge import InMemoryMerger, NonFiniteWeightsError, Recipe, StreamingMerge, get_operator
 from evomerge.merge.recipe import ModelEntry
 from evomerge.merge.stream import DTYPES
 from evomerge.models import Checkpoint
 from evomerge.search.config import EvolveConfig, resolve_path, user_baselines
 from evomerge.search.evidence import run_evidence
+from evomerge.search.external import (
+    LmEvalObjective,
+    ObjectiveFunction,
+    PythonObjective,
+    open_objectives,
+    python_scores,
+)
 from evomerge.search.genome import Gene, ParameterGenome, genome_key
 from evomerge.search.objectives import Objectives
 from evomerge.search.store import TrialRecord, recipe_of
@@ -123,7 +130,7 @@ class SessionBase:
     tokenizer: PreTrainedTokenizerBase
     model: torch.nn.Module
 
-    def __init__(self, config: EvolveConfig, root: Path):
+    def __init__(self, config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None):
         self.config = config
         self.root = root
         self.device = resolve_device(config.device)
@@ -131,7 +138,8 @@ class SessionBase:
         if config.cpu_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)
         self.objectives = Objectives(
-            tasks=[load_task(resolve_path(o.task, root)) for o in config.objectives],
+            tasks=open_objectives(config.objectives, root, objective_function, seed=config.seed,
+                                  batch_size=config.batch_size),
             weights=[o.weight for o in config.objectives],
             directions=[o.direction for o in config.objectives],
             pareto=config.combine == "pareto",
@@ -139,27 +147,45 @@ class SessionBase:
         self._evaluators: dict[str, Evaluator] = {}
 
     def evaluator(self, split: str) -> Evaluator:
-        """The split's evaluator, built on first use (a search never builds the test one)."""
+        """The split's evaluator of the task files, built on first use (a search never builds the test one)."""
         if split not in self._evaluators:
+            native = [task for task in self.objectives.tasks if isinstance(task, Task)]
             self._evaluators[split] = Evaluator(
-                self.tokenizer, self.objectives.tasks, split, device=self.device, batch_size=self.config.batch_size
+                self.tokenizer, native, split, device=self.device, batch_size=self.config.batch_size
             )
         return self._evaluators[split]
 
     def sizes(self) -> dict[str, int]:
         """Search-split size per task."""
-        return {task.name: len(task.examples("search")) for task in self.objectives.tasks}
+        return {
+            task.name: len(task.examples("search")) if isinstance(task, Task) else task.size("search")
+            for task in self.objectives.tasks
+        }
 
     def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport:
-        """Score the live model on a split (optionally only `indices` per task)."""
-        return self.evaluator(split).evaluate(self.model, indices=indices)
+        """Score the live model on a split (optionally only `indices` per task; a task with none is skipped)."""
+        started = time.perf_counter()
+        tasks = [t for t in self.objectives.tasks if indices is None or indices.get(t.name)]
+        scores: dict[str, TaskScore] = {}
+        if any(isinstance(t, Task) for t in tasks):
+            native = None if indices is None else {t.name: indices[t.name] for t in tasks if isinstance(t, Task)}
+            scores.update(self.evaluator(split).evaluate(self.model, indices=native).scores)
+        for task in tasks:
+            if isinstance(task, LmEvalObjective):
+                chosen = None if indices is None else indices[task.name]
+                scores[task.name] = task.score(self.model, self.tokenizer, split, chosen)
+        python = [t for t in tasks if isinstance(t, PythonObjective)]
+        if python:
+            scores.update(python_scores(python, self.model, self.tokenizer, split))
+        ordered = {t.name: scores[t.name] for t in tasks}
+        return EvalReport(split, ordered, time.perf_counter() - started)
 
 
 class SearchSession(SessionBase):
     """Parameter-space search: parents resident in an in-memory merger, one live model overwritten per candidate."""
 
-    def __init__(self, config: EvolveConfig, root: Path):
-        super().__init__(config, root)
+    def __init__(self, config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None):
+        super().__init__(config, root, objective_function)
         self.merged = [resolve_path(ref, root) for ref in config.parents]
         self.base = resolve_path(config.base_model, root) if config.base_model else None
         template = Recipe(
@@ -283,10 +309,12 @@ class SearchSession(SessionBase):
         )
 
 
-def open_session(config: EvolveConfig, root: Path) -> Session:
-    """The session for the config's search space: merge recipes, or layer paths when `dfs` is set."""
+def open_session(config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None) -> Session:
+    """The session for the config's search space: merge recipes, or layer paths when `dfs` is set.
+
+    `objective_function` scores the config's `python:KEY` objectives (`search.external`)."""
     if config.dfs is not None:
         from evomerge.search.dfs import DfsSession  # builds on this module
 
-        return DfsSession(config, root)
-    return SearchSession(config, root)
+        return DfsSession(config, root, objective_function)
+    return SearchSession(config, root, objective_function)
