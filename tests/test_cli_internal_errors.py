@@ -13,9 +13,9 @@ from evomerge import cli
 #: Each command and the library function it calls first, which we make fail with an unexpected error.
 COMMANDS = {
     "merge": (["merge", "recipe.yaml", "--out", "out"], "evomerge.merge.recipe.load_recipe"),
-    "zoo": (["zoo", "zoo-dir"], "evomerge.zoo.builder.build_zoo"),
+    "zoo": (["zoo", "--out", "zoo-dir"], "evomerge.zoo.builder.build_zoo"),
     "eval": (["eval", "model", "--task", "t.yaml"], "evomerge.evaluate.load_task"),
-    "evolve": (["evolve", "evolve.yaml", "--run", "run"], "evomerge.pipelines.evolve.evolve"),
+    "evolve": (["evolve", "evolve.yaml", "--out", "run"], "evomerge.search.config.load_evolve_config"),
     "export": (["export", "run", "--out", "out"], "evomerge.lineage.packet.export_candidate"),
     "demo": (["demo", "--out", "out"], "evomerge.pipelines.demo.run_demo"),
     "lineage": (["lineage", "run"], "evomerge.lineage.dag.lineage"),

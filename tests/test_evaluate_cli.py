@@ -38,7 +38,7 @@ def test_eval_prints_table_and_writes_json_in_a_process_of_its_own(tmp_path, tin
     task = write_task_files(tmp_path, SEARCH, TEST, generation={"max_new_tokens": 3})
     out_json = tmp_path / "scores.json"
     args = ["eval", str(tiny_llama(seed=0)), "--task", str(task), "--split", "test", "--limit", "2",
-            "--json", str(out_json)]
+            "--out", str(out_json)]
     code, stdout, stderr = evomerge_cli.run(args, tmp_path)
     assert code == 0, stderr
     assert "score ± stderr" in stdout and "│ t " in stdout
@@ -46,3 +46,7 @@ def test_eval_prints_table_and_writes_json_in_a_process_of_its_own(tmp_path, tin
     assert data["split"] == "test"
     assert data["tasks"]["t"]["n"] == 2 and data["tasks"]["t"]["indices"] == [0, 1]
     assert data["tasks"]["t"]["score"] == sum(data["tasks"]["t"]["values"]) / 2
+    # --json prints the same result on stdout instead of the table
+    code, stdout, stderr = evomerge_cli.run([*args[:-2], "--json"], tmp_path)
+    assert code == 0, stderr
+    assert json.loads(stdout)["tasks"]["t"]["values"] == data["tasks"]["t"]["values"]

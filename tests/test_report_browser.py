@@ -8,6 +8,7 @@ request to another scheme is recorded, so the test also proves the report works 
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -21,7 +22,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the `test` extra i
 # Playwright adds its own headless flag; these keep Chromium from reaching out to the network.
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
-TABLE_SECTIONS = {"summary", "results"}  # the report's only sections that are HTML tables, not figures
 VIEWPORT = {"width": 1280, "height": 900}
 TIMEOUT_MS = 20_000
 
@@ -92,6 +92,11 @@ def browser(chromium: str) -> Iterator[sync_api.Browser]:
         launched.close()
 
 
+def figure_ids(report) -> list[str]:
+    """The figure divs of a written report, in page order (a section without data shows a note instead)."""
+    return re.findall(r'<div id="(fig-[\w-]+)" class="plotly-graph-div"', report.path.read_text())
+
+
 def png_pixels(browser: sync_api.Browser, png: bytes) -> dict:
     """Size, share of non-white pixels and number of distinct colours of a PNG, decoded in a blank page."""
     page = browser.new_page()
@@ -103,7 +108,7 @@ def png_pixels(browser: sync_api.Browser, png: bytes) -> dict:
 
 def test_every_figure_renders_offline_without_console_errors(browser, lineage_runs, tmp_path):
     report = write_report(lineage_runs["run_b"], tmp_path / "report.html")
-    expected = [f"fig-{section}" for section in report.sections if section not in TABLE_SECTIONS]
+    expected = figure_ids(report)
     page = browser.new_page(viewport=VIEWPORT)
     errors: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
@@ -156,3 +161,81 @@ def test_every_figure_renders_offline_without_console_errors(browser, lineage_ru
     assert pixels["inked"] > 0.05 and pixels["colours"] > 1000, pixels
     assert not errors, errors
     assert not remote, remote
+
+
+# Bounding boxes (page pixels) of what a figure draws around its plot: legend, colour bars, animation
+# slider and buttons, title. Any two of them overlapping hides one under the other.
+FURNITURE = """gd => {
+  const boxes = [];
+  const add = (kind, element) => {
+    const r = element.getBoundingClientRect();
+    if (r.width > 0 && r.height > 0) boxes.push({kind, left: r.left, top: r.top, right: r.right, bottom: r.bottom});
+  };
+  gd.querySelectorAll('g.legend').forEach(e => add('legend', e));
+  gd.querySelectorAll('g.colorbar').forEach(e => add('colorbar', e));
+  gd.querySelectorAll('g.slider-container').forEach(e => add('slider', e));
+  gd.querySelectorAll('g.updatemenu-container').forEach(e => add('buttons', e));
+  gd.querySelectorAll('text.gtitle').forEach(e => add('title', e));
+  return boxes;
+}"""
+
+
+def overlap(a: dict, b: dict) -> float:
+    """Area (px²) two boxes share."""
+    width = min(a["right"], b["right"]) - max(a["left"], b["left"])
+    height = min(a["bottom"], b["bottom"]) - max(a["top"], b["top"])
+    return max(width, 0) * max(height, 0)
+
+
+def test_overlap_of_boxes_is_their_shared_area():
+    box = {"left": 0, "top": 0, "right": 10, "bottom": 10}
+    assert overlap(box, {"left": 5, "top": 5, "right": 20, "bottom": 20}) == 25
+    assert overlap(box, {"left": 10, "top": 0, "right": 20, "bottom": 10}) == 0  # touching is not overlapping
+
+
+@pytest.fixture(scope="module")
+def pareto_run(lineage_runs, tmp_path_factory):
+    """A tiny two-objective run: the Pareto figure (colour bar, legend, slider, buttons) and hypervolume."""
+    import yaml
+
+    from conftest import write_task_files
+    from evomerge.pipelines import evolve
+
+    root = tmp_path_factory.mktemp("pareto")
+    rows = [{"question": f"{a}+{b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
+    second = write_task_files(root / "twice", rows[:8], rows[8:], name="again", generation={"max_new_tokens": 2})
+    config = root / "pareto.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "pareto", "base_model": str(lineage_runs["base"]),
+        "parents": [str(lineage_runs["one"]), str(lineage_runs["two"])], "method": "task_arithmetic",
+        "genome": {"weight": {"bounds": [0, 1.5], "granularity": "per_layer"}}, "combine": "pareto",
+        "objectives": [{"task": str(lineage_runs["task"])}, {"task": str(second)}],
+        "budget": {"candidates": 6, "population": 2}, "optimizer": "random", "batch_size": 16,
+    }))
+    evolve(config, root / "run")
+    return root / "run"
+
+
+@pytest.mark.parametrize("run", ["run_a", "run_b", "pareto"])
+def test_no_legend_colour_bar_slider_or_title_overlaps_another(browser, lineage_runs, pareto_run, run, tmp_path):
+    report = write_report(pareto_run if run == "pareto" else lineage_runs[run], tmp_path / "report.html")
+    assert ("hypervolume" in report.sections) == (run == "pareto")
+    page = browser.new_page(viewport=VIEWPORT)
+    page.goto(report.path.resolve().as_uri(), wait_until="load", timeout=TIMEOUT_MS)
+    expected = figure_ids(report)
+    page.wait_for_function(
+        "n => window.Plotly && [...document.querySelectorAll('.plotly-graph-div')].filter("
+        "gd => gd._fullLayout && gd.querySelector('svg.main-svg')).length === n",
+        arg=len(expected), timeout=TIMEOUT_MS,
+    )
+    checked = 0
+    for section in expected:
+        boxes = page.locator(f"#{section}").evaluate(FURNITURE)
+        kinds = {box["kind"] for box in boxes}
+        assert "title" in kinds, (section, boxes)
+        for i, first in enumerate(boxes):
+            for second in boxes[i + 1:]:
+                assert overlap(first, second) < 1, (section, first, second)
+        checked += len(boxes) >= 2
+    assert checked >= len(expected) - 2, checked  # most figures have a legend or colour bar besides the title
+    page.screenshot(path=tmp_path / "report.png", full_page=True)

@@ -14,27 +14,79 @@ from evomerge.flow import PathSpec
 from evomerge.models import Checkpoint
 from evomerge.report.data import (
     coefficient_grids,
+    final_population,
     generation_stats,
     genome_projection,
+    hypervolume,
     load_run_data,
     pareto_fronts,
+    reference_lines,
+    trial_history,
 )
 from evomerge.report.figures import path_figure
 from evomerge.report.html import write_report
 from evomerge.search import TrialRecord, load_run, recipe_of
 
-SECTIONS = ("summary", "fitness", "task-scores", "projection", "coefficients", "results", "lineage")
+# A 4-candidate run: too few for parameter importance, so its section is a note and Optuna's other views
+# (which follow the most important genes) are left out.
+SECTIONS = ("summary", "fitness", "history", "task-scores", "importance", "projection", "coefficients", "results",
+            "lineage")
 
 
-def test_generation_stats_are_best_and_median_of_complete_trials(lineage_runs):
+def test_generation_stats_are_best_so_far_and_median_of_complete_trials(lineage_runs):
     study = load_run(lineage_runs["run_a"])[1].study
     stats = generation_stats(load_run_data(lineage_runs["run_a"]))
     complete = [t for t in study.get_trials() if t.user_attrs.get("status") == "complete"]
+    assert stats["fitness"]["generation"] == [0, 1]  # whole generations, for integer ticks
     for i, generation in enumerate(stats["fitness"]["generation"]):
         fitness = [t.user_attrs["fitness"] for t in complete if t.user_attrs["generation"] == generation]
-        assert stats["fitness"]["best"][i] == max(fitness)
+        so_far = [t.user_attrs["fitness"] for t in complete if t.user_attrs["generation"] <= generation]
+        assert stats["fitness"]["best_so_far"][i] == max(so_far)
         assert stats["fitness"]["median"][i] == statistics.median(fitness)
-    assert stats["add"]["best"] == stats["fitness"]["best"]  # one task with weight 1
+    # One objective: its task's curve would only hide under the fitness curve, so it is not drawn twice.
+    assert list(stats) == ["fitness"]
+
+
+def test_reference_lines_are_the_best_parent_and_untuned_merge(lineage_runs):
+    data = load_run_data(lineage_runs["run_a"])
+    baselines = load_run(lineage_runs["run_a"])[1].baselines
+    parents = {n: b["fitness"] for n, b in baselines.items() if b["kind"] == "parent"}
+    untuned = {n: b["fitness"] for n, b in baselines.items() if b["kind"] == "untuned" and b["fitness"] is not None}
+    best_parent, best_untuned = max(parents, key=parents.get), max(untuned, key=untuned.get)
+    assert reference_lines(data) == {
+        f"best parent ({best_parent.removeprefix('parent:')})": parents[best_parent],
+        f"best untuned merge ({best_untuned})": untuned[best_untuned],
+    }
+
+
+def test_history_is_every_scored_trial_with_the_best_complete_so_far(lineage_runs):
+    data = load_run_data(lineage_runs["run_a"])
+    scored, best = trial_history(data)
+    assert [c.number for c in scored] == sorted(c.number for c in data.candidates if c.fitness is not None)
+    for i, candidate in enumerate(scored):
+        earlier = [c.fitness for c in scored[: i + 1] if c.fully_evaluated]
+        assert best[i] == max(earlier)
+
+
+def test_final_population_skips_a_partial_last_generation(lineage_runs):
+    import dataclasses
+
+    data = load_run_data(lineage_runs["run_a"])
+    assert final_population(data)[0] == 1  # two full generations of two
+    # A third generation with one of its two candidates told so far: the population shown stays generation 1.
+    straggler = dataclasses.replace(data.complete[0], number=4, generation=2)
+    partial = dataclasses.replace(data, candidates=[*data.candidates, straggler])
+    generation, population = final_population(partial)
+    assert generation == 1 and {c.number for c in population} == {c.number for c in data.complete if c.generation == 1}
+
+
+def test_hypervolume_is_the_dominated_area():
+    # Two points (1, 2) and (2, 1) over (0, 0): two 1x2 boxes sharing a 1x1 square.
+    assert hypervolume([[1, 2], [2, 1]], [0, 0]) == 3
+    # Three unit-thickness slabs in 3-D: 3 x 2 - 3 x 1 + 1 (inclusion-exclusion).
+    assert hypervolume([[2, 1, 1], [1, 2, 1], [1, 1, 2]], [0, 0, 0]) == 4
+    assert hypervolume([[1, 1], [0.5, 0.5]], [0, 0]) == 1  # a dominated point adds nothing
+    assert hypervolume([[-1, 5]], [0, 0]) == 0  # nothing above the reference point
 
 
 def test_projection_variance_matches_the_covariance_eigenvalues(lineage_runs):
@@ -86,8 +138,9 @@ def test_report_has_every_section_and_needs_no_network(lineage_runs, tmp_path):
     for section in SECTIONS:
         assert f"<section id='{section}'>" in text
     for section in SECTIONS[1:]:
-        if section != "results":
+        if section not in ("results", "importance"):
             assert f'id="fig-{section}"' in text
+    assert "Parameter importance needs at least 10 fully evaluated candidates; this run has 4." in text
     assert not re.search(r"<script[^>]+src=", text)  # plotly.js is inline, once
     assert text.count("plotly.js v") >= 1 and len(text) > 3_000_000
     assert "candidate:" in text and "parent:" in text and "task_arithmetic_uniform" in text
@@ -138,6 +191,6 @@ def test_cli_writes_report_and_pngs(lineage_runs, tmp_path):
                                       "--png-dir", str(tmp_path / "png")])
     assert result.exit_code == 0, result.output
     pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
-    assert pngs == sorted(f"{s}.png" for s in SECTIONS[1:] if s != "results")
+    assert pngs == sorted(f"{s}.png" for s in SECTIONS[1:] if s not in ("results", "importance"))
     for png in (tmp_path / "png").iterdir():
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -126,7 +126,8 @@ def dfs_run(tiny_llama, tmp_path_factory):
 def test_short_dfs_run_stores_paths_and_selects_a_champion(dfs_run):
     root, sources, outcome = dfs_run
     study = load_run(root / "run")[1].study
-    done = [t for t in study.trials if t.state.is_finished()]
+    # The parents and baselines are fixed trials marked with `kind` (tests/test_optuna_study.py): not candidates.
+    done = [t for t in study.trials if t.state.is_finished() and "kind" not in t.user_attrs]
     assert len(done) == BUDGET == outcome.candidates
     for trial in done:
         candidate = PathCandidate.from_json(trial.user_attrs["path"])
@@ -251,3 +252,25 @@ def test_ps_run_champion_is_exported_once_and_becomes_model_a(lineage_runs, tiny
     (model_a / "lineage.json").write_text(json.dumps(record))
     with pytest.raises(ConfigError, match=f"holds candidate {champion + 1} but the champion"):
         evolve(config, tmp_path / "run")
+
+
+def test_the_report_of_a_dfs_run_shows_its_method_champion_path_and_lineage(dfs_run, tmp_path):
+    from evomerge.report.data import load_run_data
+    from evomerge.report.html import build_sections, write_report
+
+    root, sources, outcome = dfs_run
+    sections = {s.id: s for s in build_sections(load_run_data(root / "run"))}
+    assert "coefficients" not in sections  # a path has no merge coefficients
+    path = sections["path"].figure
+    # Legend entries are the sources' directory names, never their full (temporary) paths.
+    assert {t.name for t in path.data if t.mode == "markers"} <= {Path(s).name for s in sources}
+    assert path.layout.xaxis.dtick == 1 and path.layout.xaxis.tickformat == "d"  # whole steps only
+    lineage = sections["lineage"].figure
+    assert lineage is not None, sections["lineage"].note
+    labels = {text for trace in lineage.data for text in (trace.hovertext or ())}
+    assert f"layer path, trial {outcome.selection.champion} of run paths" in labels
+    assert all(any(label.startswith(str(Path(s).resolve())) for label in labels) for s in sources), labels
+    text = write_report(root / "run", tmp_path / "r.html").path.read_text()
+    assert "layer paths (DFS) through 2 source(s), 2 repeats" in text and "dare_ties" not in text
+    assert f"<th>champion</th><td>trial {outcome.selection.champion}</td>" in text
+    assert "No champion yet" not in text and "cannot be traced" not in text

@@ -50,7 +50,8 @@ def finished_run(tiny_llama, tmp_path_factory):
 def test_history_records_every_candidate(finished_run):
     root, outcome = finished_run
     study = load_run(root / "run")[1].study
-    done = [t for t in study.trials if t.state.is_finished()]
+    # The parents and baselines are fixed trials marked with `kind` (tests/test_optuna_study.py): not candidates.
+    done = [t for t in study.trials if t.state.is_finished() and "kind" not in t.user_attrs]
     assert len(done) == BUDGET == outcome.candidates
     for trial in done:
         attrs = trial.user_attrs

@@ -57,7 +57,9 @@ def test_per_layer_weights_reach_exactly_their_layer(parents, tmp_path):
     recipe = genome.decode(values, seed=3)
     params = resolved(recipe, parents)
     for gene in genome.genes:
-        model_index = int(gene.name.split(".")[1][1:])
+        model_index = genome.merged_models.index(gene.model)
+        # Genes carry the parent's directory name, not its index: `weight.llama_s10.layer0`.
+        assert gene.name == f"weight.{Path(gene.model).name}.{gene.group}"
         for name, kernel_params in params.items():
             in_group = (f"layers.{gene.group[5:]}." in name) if gene.group.startswith("layer") else ("layers." not in name)
             if in_group:
@@ -109,3 +111,32 @@ def test_genome_key_ignores_float_noise_but_not_real_changes():
 def test_required_operator_parameter_must_be_searched_or_fixed(parents, tmp_path):
     with pytest.raises(ConfigError, match="parameter 'weight' of method 'dare_ties' is required"):
         make_genome(parents, tmp_path, {"density": {"bounds": [0.1, 1]}})
+
+
+def test_parent_labels_are_readable_unique_and_safe_in_gene_names():
+    from evomerge.search.genome import model_labels
+
+    models = ["/zoo/models/math", "/zoo/models/language", "other/math", "hub-org/name.v2 final", "x/math_2", "/"]
+    labels = model_labels(models)
+    assert labels == {"/zoo/models/math": "math", "/zoo/models/language": "language", "other/math": "math_2",
+                      "hub-org/name.v2 final": "name_v2_final", "x/math_2": "math_2_2", "/": "m5"}
+    assert len(set(labels.values())) == len(models)
+    assert all("." not in label for label in labels.values())  # a dot would split `weight.LABEL.group`
+
+
+def test_a_study_recorded_under_index_names_keeps_them(parents, tmp_path):
+    from dataclasses import asdict
+
+    from evomerge.search.genome import adopt_recorded_names
+
+    genome = make_genome(parents, tmp_path, {"weight": {"bounds": [0, 2], "granularity": "per_layer"}})
+    # What a run started before parent-named genes recorded: `weight.m0.layer0`, ...
+    old = [{**asdict(gene), "name": f"weight.m{genome.merged_models.index(gene.model)}.{gene.group}"}
+           for gene in genome.genes]
+    adopted = adopt_recorded_names(genome.genes, old)
+    assert [gene.name for gene in adopted] == [record["name"] for record in old]
+    assert [(g.param, g.model, g.group, g.low, g.high) for g in adopted] == [
+        (g.param, g.model, g.group, g.low, g.high) for g in genome.genes]
+    # Another genome's record (a different granularity) renames nothing.
+    other = [{**record, "group": "all"} for record in old]
+    assert adopt_recorded_names(genome.genes, other) == genome.genes

@@ -46,8 +46,8 @@ def test_a_candidate_merges_only_its_selected_parents(zoo, tmp_path):
     config, root = pool_config(zoo, tmp_path, [math, language, strings])
     session = SearchSession(config, root)
     genome = session.genome
-    assert [g.name for g in genome.genes if g.param == "select"] == ["select.m0", "select.m1", "select.m2"]
-    values = genome.initial() | {"select.m0": 0.9, "select.m1": 0.2, "select.m2": 0.7, "weight.m2.layer1": 0.3}
+    assert [g.name for g in genome.genes if g.param == "select"] == ["select.math", "select.language", "select.strings"]
+    values = genome.initial() | {"select.math": 0.9, "select.language": 0.2, "select.strings": 0.7, "weight.strings.layer1": 0.3}
     recipe = session.decode(values)
     assert [entry.model for entry in recipe.models] == [str(math), str(strings)]
     # The same genes for a hand-picked search over those two parents (no pool), merged by the streaming
@@ -57,14 +57,13 @@ def test_a_candidate_merges_only_its_selected_parents(zoo, tmp_path):
     hand = ParameterGenome(hand_config.model_copy(update={"parents": [str(math), str(strings)]}),
                            recipe.operator, [str(math), str(strings)], donor.tensor_names(), donor.model_type,
                            donor.num_layers)
-    renamed = {name.replace(".m2.", ".m1."): value for name, value in values.items() if ".m1." not in name}
-    by_hand = hand.decode({name: renamed[name] for name in hand.names}, seed=0)
+    by_hand = hand.decode({name: values[name] for name in hand.names}, seed=0)  # genes named by parent
     expected = {job.out_name: tensor for job, tensor in StreamingMerge(by_hand, device="cpu", compute_dtype=torch.float32)}
     merged = dict(session.merger.tensors(recipe))
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name], tensor)
     # Every selection gene below 0.5: the single most selected model alone.
-    low = values | {"select.m0": 0.1, "select.m1": 0.4, "select.m2": 0.3}
+    low = values | {"select.math": 0.1, "select.language": 0.4, "select.strings": 0.3}
     assert [entry.model for entry in session.decode(low).models] == [str(language)]
 
 

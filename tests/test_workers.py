@@ -83,7 +83,8 @@ def evaluated_keys(trials: list[optuna.trial.FrozenTrial]) -> Counter:
 
 def assert_history_complete(study: optuna.Study, budget: int) -> None:
     """Budget spent exactly, nothing left in flight, no genome evaluated twice, duplicates point at their originals."""
-    trials = study.get_trials(deepcopy=False)
+    # A finished run also holds its parents and baselines as fixed trials marked with `kind`: not candidates.
+    trials = [t for t in study.get_trials(deepcopy=False) if "kind" not in t.user_attrs]
     states = Counter(t.state for t in trials)
     assert states[optuna.trial.TrialState.RUNNING] == 0 and states[optuna.trial.TrialState.WAITING] == 0
     retried = {n for t in trials for n in t.system_attrs.get("retry_history", ())}
@@ -158,7 +159,7 @@ def test_four_workers_share_one_study_without_loss_or_double_evaluation(tiny_lla
                                 storage=postgres_url, name="four")
     study = coordinate(config_path, tmp_path / "run")
     # The same genome queued three times: exactly one worker may evaluate it; the others copy its result.
-    twin = {"weight.m0.all": 0.25, "weight.m1.all": 0.75}
+    twin = {f"weight.{tiny_llama(1).name}.all": 0.25, f"weight.{tiny_llama(2).name}.all": 0.75}
     for _ in range(3):
         study.enqueue_trial(twin, skip_if_exists=False)
     workers = [start_worker(evomerge_cli, postgres_url, "four", index) for index in range(4)]
@@ -217,10 +218,11 @@ def test_nan_recipe_is_recorded_failed_and_the_run_goes_on(tiny_llama, tmp_path)
     config, root = load_evolve_config(config_path)
     prepare_run_dir(config, tmp_path / "run")
     study = SearchRun(config, root, tmp_path / "run").open_study(x0=None)
-    study.enqueue_trial({"weight.m0.all": 1.5, "weight.m1.all": 0.5})  # inf in the merged weights
-    study.enqueue_trial({"weight.m0.all": 0.0, "weight.m1.all": 0.5})  # the hot task vector switched off
+    hot_gene, other = "weight.hot.all", f"weight.{tiny_llama(2).name}.all"  # genes are named by parent directory
+    study.enqueue_trial({hot_gene: 1.5, other: 0.5})  # inf in the merged weights
+    study.enqueue_trial({hot_gene: 0.0, other: 0.5})  # the hot task vector switched off
     evolve(config_path, tmp_path / "run")
-    trials = study.get_trials()
+    trials = [t for t in study.get_trials() if "kind" not in t.user_attrs]  # candidates, not the fixed references
     assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].user_attrs["status"] == "failed"
     assert "finite" in trials[0].user_attrs["failure"].lower()
     assert trials[1].state == optuna.trial.TrialState.COMPLETE and trials[1].user_attrs["status"] == "complete"
@@ -228,6 +230,9 @@ def test_nan_recipe_is_recorded_failed_and_the_run_goes_on(tiny_llama, tmp_path)
     third = trials[2].user_attrs
     assert third["status"] == "complete" or "non-finite" in third["failure"]
     assert len(trials) == 3
+    # The hot parent scored NaN: Optuna holds only finite values, so its reference trial is a failed one.
+    references = {t.user_attrs["name"]: t for t in study.get_trials() if "kind" in t.user_attrs}
+    assert references["parent:hot"].state == optuna.trial.TrialState.FAIL and references["parent:hot"].values is None
 
 
 def test_changed_parent_is_refused_on_resume_unless_accepted(tiny_llama, tmp_path, evomerge_cli):

@@ -1,19 +1,28 @@
 """The `evomerge` command line: typer commands that parse, call the library and print.
 
 Every user-caused error (an `EvomergeError`) becomes one sentence on stderr and exit code 2;
-no traceback is shown for those.
+no traceback is shown for those. The same names mean the same thing in every command: `--out` is
+where an output is written, `--json` prints the machine-readable result on stdout instead of tables,
+`--candidate` is a trial of a run (a number or `champion`), `--device` and `--allow-pickle` are those
+of model loading. Choices are enums, so `--help` lists them. Nothing heavy (torch, transformers,
+optuna) is imported before the arguments and config files are checked.
 """
 
 from __future__ import annotations
 
-import difflib
+import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
+from evomerge import __version__
+from evomerge.display import Progress, SearchProgress, interruptible, results_table
 from evomerge.errors import ConfigError, EvomergeError
 
 app = typer.Typer(
@@ -21,20 +30,27 @@ app = typer.Typer(
     help="Evolutionary model merging: merge, evaluate, evolve, export and report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
 )
 console = Console()
 err_console = Console(stderr=True)
 TRANSPARENT_HUGEPAGE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
-    """Validate an option against its allowed values, suggesting the nearest one."""
-    if value in allowed:
-        return value
-    hint = difflib.get_close_matches(value, allowed, n=1)
-    suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; choose one of {', '.join(allowed)}"
-    raise ConfigError(f"option {option} got '{value}'{suggestion}")
+def _choices(name: str, *values: str) -> type[Enum]:
+    """A str enum of an option's choices: typer checks them and `--help` lists them."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
+
+
+LineageFormat = _choices("LineageFormat", "text", "json", "dot")
+ZooSize = _choices("ZooSize", "tiny", "small", "medium")
+Split = _choices("Split", "search", "test")
+Dtype = _choices("Dtype", "float32", "float16", "bfloat16")
+Start = _choices("Start", "init", "best_baseline")
+
+# Shared option declarations: one wording per meaning.
+JSON_HELP = "Print the result as JSON on stdout (instead of tables)."
+DEVICE_HELP = "Device: cpu, cuda, cuda:N."
+PICKLE_HELP = "Allow pickled (.bin/.pt) weights; they can run code when loaded."
 
 
 def report_error(error: EvomergeError) -> int:
@@ -42,6 +58,13 @@ def report_error(error: EvomergeError) -> int:
     message = " ".join(str(error).split())
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return error.exit_code
+
+
+def option_sentence(error: typer.BadParameter) -> str:
+    """A wrong or missing option value as one sentence naming the option (a choice's error lists the choices)."""
+    if error.param is None or not error.message:  # e.g. a missing argument: typer's own sentence
+        return error.format_message()
+    return f"option {'/'.join(error.param.opts)}: {error.message.removeprefix('Value error, ')}"
 
 
 def report_internal_error(error: Exception) -> int:
@@ -64,6 +87,23 @@ def report_internal_error(error: Exception) -> int:
     return 1
 
 
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"evomerge {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Evolutionary model merging: merge, evaluate, evolve, export and report."""
+
+
 # --- commands ---------------------------------------------------------------------------------
 # One block per command; keep them thin (parse, call the library, print).
 
@@ -71,209 +111,187 @@ def report_internal_error(error: Exception) -> int:
 @app.command("lineage")
 def lineage_command(
     target: Path = typer.Argument(..., help="An exported model (directory with lineage.json) or a run directory."),
-    format: str = typer.Option("text", "--format", help="text (tree), json or dot (Graphviz)."),
+    format: LineageFormat = typer.Option(LineageFormat.text, "--format", help="text (a tree), json or dot (Graphviz)."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
 ) -> None:
     """Show a model's ancestry across runs, back to the original checkpoints, with all its evidence."""
-    import json
-
     from evomerge.lineage.dag import lineage, render_tree, to_dot
 
-    fmt = _choice(format, ("text", "json", "dot"), "--format")
     graph = lineage(target)
-    if fmt == "json":
-        sys.stdout.write(json.dumps(graph.to_dict(), indent=2) + "\n")
-    elif fmt == "dot":
+    if as_json or format == LineageFormat.json:
+        print_json(graph.to_dict())
+    elif format == LineageFormat.dot:
         sys.stdout.write(to_dot(graph))
     else:
         console.print(render_tree(graph))
 
 
 @app.command("report")
+@interruptible(err_console, resumable=False)
 def report_command(
     run: Path = typer.Argument(..., help="Run directory of an evolve (finished or still running)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="HTML file to write; default RUN/report.html."),
     png_dir: Path | None = typer.Option(None, "--png-dir", help="Also write PNGs of the figures here (needs Chromium)."),
     watch: float | None = typer.Option(None, "--watch", min=1, help="Rewrite every SECONDS until Ctrl-C; the page reloads."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write the evolution report: one self-contained HTML file that opens without a network."""
     from evomerge.report.html import watch as watch_report
     from evomerge.report.html import write_report
 
     if watch is not None:
-        watch_report(run, out, watch, lambda result: console.print(f"report written to {result.path}"))
+        watch_report(run, out, watch, lambda result: err_console.print(f"report written to {result.path}"))
         return
-    result = write_report(run, out, png_dir=png_dir)
+    with Progress(err_console, f"writing the report of {run}"):
+        result = write_report(run, out, png_dir=png_dir)
+    if as_json:
+        print_json({"path": result.path, "sections": list(result.sections), "pngs": list(result.pngs)})
+        return
     console.print(f"report written to {result.path} ({len(result.sections)} sections)")
     for png in result.pngs:
         console.print(f"  {png}")
 
 
 @app.command()
+@interruptible(err_console, resumable=True)
 def worker(
     target: str = typer.Argument(..., help="Run directory, or the study's database URL (postgresql://...)."),
     study: str | None = typer.Option(None, "--study", help="Study name (default: the run's config name)."),
-    device: str | None = typer.Option(None, "--device", help="cpu, cuda:N; default: the config's device."),
+    device: str | None = typer.Option(None, "--device", help=f"{DEVICE_HELP} Default: the config's device."),
     max_candidates: int | None = typer.Option(None, "--max-candidates", min=1, help="Stop after N candidates here."),
     index: int = typer.Option(0, "--index", min=0, help="Worker number (seeds this worker's sampler)."),
     heartbeat: int = typer.Option(5, "--heartbeat", min=1, help="Seconds between this worker's heartbeats."),
     grace: int = typer.Option(60, "--grace", min=1, help="Seconds without a heartbeat before a trial is re-queued."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Join a search: hold the parents on one device and evaluate candidates until the budget is spent."""
     from evomerge.search.worker import run_worker
 
     done = run_worker(target, study=study, device=device, index=index, max_candidates=max_candidates,
                       heartbeat_seconds=heartbeat, grace_seconds=grace)
-    console.print(f"worker {index} evaluated {done} candidates")
+    if as_json:
+        print_json({"worker": index, "evaluated": done})
+    else:
+        console.print(f"worker {index} evaluated {done} candidates")
 
 
 @app.command()
+@interruptible(err_console, resumable=False)
 def zoo(
-    out: Path = typer.Argument(..., help="Directory of the zoo; an identical existing build is reused."),
-    size: str = typer.Option("tiny", help="tiny (CPU, minutes) | small | medium (GPU)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Directory of the zoo; an identical existing build is reused."),
+    legacy_out: Path | None = typer.Argument(None, hidden=True, show_default=False, metavar="OUT"),
+    size: ZooSize = typer.Option(ZooSize.tiny, "--size", help="tiny (CPU, minutes), small or medium (GPU)."),
     seed: int = typer.Option(0, help="Seed of data, initialisation and training."),
     force: bool = typer.Option(False, help="Rebuild even if an identical zoo exists."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Build the tiny model family (base, specialists, task files) deterministically."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from evomerge.zoo.builder import PRESETS, build_zoo
 
-    preset = PRESETS[_choice(size, tuple(PRESETS), "--size")]
+    if legacy_out is not None:  # `zoo OUT` was the old form; every other command takes --out
+        if out is not None:
+            raise ConfigError("give the zoo directory once, with --out")
+        err_console.print("note: `evomerge zoo OUT` is deprecated; use `evomerge zoo --out OUT`", highlight=False)
+        out = legacy_out
+    if out is None:
+        raise ConfigError("option --out is required: the directory of the zoo")
+    preset = PRESETS[size.value]
     total = preset.base.steps + sum(config.steps for _, _, config in preset.specialists)
     finished: dict[str, int] = {}
-    progress = Progress(
-        TextColumn("[bold]training {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True,
-    )
+    with Progress(err_console, "training", total=total) as progress:
 
-    def advance(model: str, done: int, steps: int) -> None:
-        finished[model] = done
-        progress.update(bar, description=model, completed=sum(finished.values()))
+        def advance(model: str, done: int, steps: int) -> None:
+            finished[model] = done
+            progress.update(description=f"training {model}", completed=sum(finished.values()))
 
-    with progress:
-        bar = progress.add_task("zoo", total=total)
-        built = build_zoo(out, size=size, seed=seed, force=force, on_progress=advance)
-    console.print(f"zoo ({size}, seed {seed}) at {built.root}: base {built.base}")
+        built = build_zoo(out, size=size.value, seed=seed, force=force, on_progress=advance)
+    if as_json:
+        print_json({"root": built.root, "base": built.base, "specialists": built.specialists,
+                    "skills": built.skills, "tasks": built.tasks, "target_task": built.target_task})
+        return
+    console.print(f"zoo ({size.value}, seed {seed}) at {built.root}: base {built.base}")
     for name, path in built.specialists.items():
         console.print(f"  specialist {name} ({built.skills[name]}): {path}")
     console.print(f"  tasks: {', '.join(built.tasks)}; target: {built.target_task}")
 
 
-class _SearchDisplay:
-    """Live view of a search: generation, best so far, candidates per minute, examples saved by racing."""
-
-    def __init__(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"), console=err_console, transient=True,
-        )
-        self.task = self.progress.add_task("search", total=None, info="")
-        self.best: float | None = None
-        self.count = 0
-        self.saved = 0
-        self.started = 0.0
-
-    def status(self, message: str) -> None:
-        self.progress.update(self.task, description=message)
-
-    def candidate(self, result) -> None:
-        import time
-
-        if self.count == 0:
-            self.started = time.monotonic()
-        self.count += 1
-        self.saved += result.examples_saved
-        if result.status == "complete" and result.fitness is not None:
-            self.best = result.fitness if self.best is None else max(self.best, result.fitness)
-        rate = 60 * self.count / max(time.monotonic() - self.started, 1e-9)
-        best = "-" if self.best is None else f"{self.best:.4f}"
-        info = f"gen {result.generation}  best {best}  {rate:.0f}/min  saved {self.saved} examples (racing or estimates)"
-        self.progress.update(self.task, description="candidates", advance=1, info=info)
-
-
-def _print_results(test_results: dict, title: str) -> None:
-    from rich.table import Table
-
-    tasks = sorted({task for result in test_results.values() for task in (result.get("test") or {})})
-    table = Table(title=title)
-    table.add_column("model")
-    table.add_column("role")
-    for task in tasks:
-        table.add_column(f"{task} (test)", justify="right")
-    for name, result in test_results.items():
-        role = ", ".join(result.get("roles", [result["kind"]]))
-        cells = []
-        for task in tasks:
-            entry = (result.get("test") or {}).get(task)
-            cells.append("-" if entry is None else f"{entry['score']:.3f} ± {entry['stderr'] or 0:.3f}")
-        table.add_row(name, role, *cells)
-    console.print(table)
-
-
 @app.command()
+@interruptible(err_console, resumable=True)
 def evolve(
     config: Path = typer.Argument(..., help="Evolve config YAML."),
-    run: Path = typer.Option(..., "--run", help="Run directory; an existing one is resumed."),
+    run: Path = typer.Option(..., "--out", "--run", "-o", help="Run directory; an existing one is resumed."),
     workers: int = typer.Option(1, "--workers", min=1, help="Evaluate candidates in N worker processes."),
     accept_changed_parents: bool = typer.Option(
         False, "--accept-changed-parents", help="Resume even though a parent's files changed since the run began."
     ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Search merge recipes with an evolutionary algorithm; resumable after any crash."""
+    from evomerge.search.config import load_evolve_config
+
+    # A mistake in the config is reported before torch, transformers and optuna are imported.
+    parsed, _ = load_evolve_config(config)
     from evomerge.pipelines.evolve import evolve as run_evolve
 
-    display = _SearchDisplay()
+    display = SearchProgress(err_console, budget=parsed.budget.candidates)
     with display.progress:
         outcome = run_evolve(
             config, run, on_candidate=display.candidate, on_status=display.status, workers=workers,
             accept_changed_parents=accept_changed_parents,
         )
-    _print_results(outcome.test_results, f"{outcome.candidates} candidates; champion = candidate {outcome.selection.champion}")
+    if as_json:
+        print_json({"run": outcome.run_dir, "candidates": outcome.candidates, "champion": outcome.selection.champion,
+                    "examples_saved": outcome.examples_saved, "test_results": outcome.test_results})
+        return
+    title = f"{outcome.candidates} candidates; champion = candidate {outcome.selection.champion}"
+    console.print(results_table(outcome.test_results, title))
 
 
 @app.command()
+@interruptible(err_console, resumable=False)
 def export(
     run: Path = typer.Argument(..., help="Run directory of an evolve."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory of the release packet."),
-    candidate: str = typer.Option("champion", help="A trial number, or 'champion'."),
+    candidate: str = typer.Option("champion", "--candidate", help="A trial number, or 'champion'."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory once complete."),
     license: str | None = typer.Option(None, help="The packet's license (default: the config's, else the parents')."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a candidate as a release packet: weights, recipe, lineage, evaluation and model card."""
     from evomerge.lineage.packet import export_candidate
 
-    path = export_candidate(run, candidate, out, overwrite=overwrite, license=license)
-    console.print(f"exported candidate {candidate} of {run} to {path}")
+    with Progress(err_console, f"exporting candidate {candidate} of {run}"):
+        path = export_candidate(run, candidate, out, overwrite=overwrite, license=license)
+    if as_json:
+        print_json({"run": run, "candidate": candidate, "out": path})
+    else:
+        console.print(f"exported candidate {candidate} of {run} to {path}")
 
 
 @app.command()
+@interruptible(err_console, resumable=True)
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where the zoo, the run and the champion go."),
-    candidates: int | None = typer.Option(None, min=1, help="Evaluation budget of the search (default: 400)."),
+    budget: int | None = typer.Option(None, "--budget", min=1, help="Candidates the search evaluates (default: 400)."),
     seed: int = typer.Option(0, help="Seed of the zoo and the search."),
     zoo: Path | None = typer.Option(None, help="Zoo directory (default: built once into ~/.cache/evomerge)."),
-    start: str = typer.Option("init", help="CMA-ES start: init (every gene's init, the paper) or best_baseline."),
+    start: Start = typer.Option(Start.init, "--start", help="CMA-ES start: every gene's init (the paper) or the best baseline."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
-    from evomerge.pipelines.demo import run_demo
+    from evomerge.pipelines.demo import DEMO_CANDIDATES, run_demo
 
-    display = _SearchDisplay()
+    display = SearchProgress(err_console, budget=budget or DEMO_CANDIDATES)
     with display.progress:
-        budget = {} if candidates is None else {"candidates": candidates}
         outcome, summary = run_demo(
-            out, seed=seed, zoo_dir=zoo, start=_choice(start, ("init", "best_baseline"), "--start"),
-            on_candidate=display.candidate, on_status=display.status, **budget,
+            out, seed=seed, zoo_dir=zoo, start=start.value, on_candidate=display.candidate, on_status=display.status,
+            **({} if budget is None else {"candidates": budget}),
         )
-    _print_results(outcome.test_results, f"demo: target task '{summary['target_task']}', champion = {summary['champion']}")
+    if as_json:
+        print_json(summary)
+        return
+    title = f"demo: target task '{summary['target_task']}', champion = {summary['champion']}"
+    console.print(results_table(outcome.test_results, title))
     for label, paired in summary["comparison"].items():
         low, high = paired["ci95"]
         console.print(
@@ -285,68 +303,75 @@ def demo(
 
 
 @app.command("eval")
+@interruptible(err_console, resumable=False)
 def eval_command(
     model: str = typer.Argument(..., help="Local model directory (Hugging Face layout)."),
     task: list[str] = typer.Option(..., "--task", help="Task YAML file; repeat for several tasks."),
-    split: str = typer.Option("search", "--split", help="search or test."),
-    json_out: str | None = typer.Option(None, "--json", help="Also write the scores as JSON here."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    split: Split = typer.Option(Split.search, "--split", help="The task split to score."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Also write the scores as JSON to this file."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Only the first N examples per task."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled .bin weights."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
 ) -> None:
     """Evaluate a model on task files and print score ± stderr per task."""
-    import json
-    from pathlib import Path
+    # Everything the user typed is checked before the (slow) imports and model load, so mistakes fail fast.
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ConfigError(f"--out {out} must name a file in an existing directory")
+    from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task
 
+    tasks = [load_task(path) for path in task]
+    with Progress(err_console, f"loading {model}", total=len(tasks)) as progress:
+        lm, tokenizer = load_causal_lm(model, device=device, allow_pickle=allow_pickle)
+        evaluator = Evaluator(tokenizer, tasks, split.value, device=device, batch_size=batch_size)
+        scores, seconds = {}, 0.0
+        for loaded in tasks:  # one task at a time, so the bar moves
+            progress.update(description=f"evaluating {loaded.name}")
+            size = len(loaded.examples(split.value))
+            chosen = {loaded.name: list(range(size if limit is None else min(limit, size)))}
+            part = evaluator.evaluate(lm, indices=chosen)
+            scores.update(part.scores)
+            seconds += part.seconds
+            progress.update(advance=1)
+    report = EvalReport(split.value, scores, seconds)
+    if out is not None:  # written whole or not at all
+        partial = out.with_name(f".{out.name}.partial")
+        partial.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        partial.replace(out)
+    if as_json:
+        print_json(report.to_dict())
+        return
     from rich.table import Table
 
-    from evomerge.evaluate import Evaluator, check_split, load_causal_lm, load_task
-
-    # Validate everything the user typed before the (slow) model load, so mistakes fail fast.
-    tasks = [load_task(path) for path in task]
-    check_split(split)
-    if json_out is not None and (Path(json_out).is_dir() or not Path(json_out).parent.is_dir()):
-        raise ConfigError(f"--json {json_out} must name a file in an existing directory")
-    lm, tokenizer = load_causal_lm(model, device=device, allow_pickle=allow_pickle)
-    evaluator = Evaluator(tokenizer, tasks, split, device=device, batch_size=batch_size)
-    report = evaluator.evaluate(lm, limit=limit)
-    table = Table(title=f"{model} on the {split} split")
+    table = Table(title=f"{model} on the {split.value} split")
     for column in ("task", "n", "score ± stderr", "tokens (prompt+gen)", "seconds"):
         table.add_column(column, justify="left" if column == "task" else "right")
     for name, score in report.scores.items():
         tokens = f"{score.prompt_tokens}+{score.generated_tokens}"
         table.add_row(name, str(score.n), f"{score.score:.4f} ± {score.stderr:.4f}", tokens, f"{score.seconds:.2f}")
     console.print(table)
-    if json_out is not None:  # written whole or not at all
-        partial = Path(json_out).with_name(f".{Path(json_out).name}.partial")
-        partial.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-        partial.replace(json_out)
 
 
 @app.command()
+@interruptible(err_console, resumable=False)
 def merge(
     recipe: Path = typer.Argument(..., help="Recipe YAML (evomerge's or mergekit's, auto-detected)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (written atomically)."),
-    device: str = typer.Option("cpu", help="Device to merge on: cpu, cuda, cuda:N."),
-    dtype: str | None = typer.Option(None, help="Output dtype (float32, float16, bfloat16); default: the parents'."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: Dtype | None = typer.Option(None, "--dtype", help="Output dtype; default: the parents'."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory once the merge succeeds."),
-    allow_pickle: bool = typer.Option(False, help="Allow loading pickle (.bin) checkpoints; they can run code."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=PICKLE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Merge checkpoints as a recipe says and write a Hugging Face checkpoint with its model card."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from evomerge.merge.recipe import load_recipe
     from evomerge.merge.stream import run_merge
 
     parsed = load_recipe(recipe)
     if dtype is not None:
-        parsed = parsed.model_copy(update={"out_dtype": _choice(dtype, ("float32", "float16", "bfloat16"), "--dtype")})
-    with Progress(
-        TextColumn("[bold]merging[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True,
-    ) as progress:
-        bar = progress.add_task("tensors", total=None)
+        parsed = parsed.model_copy(update={"out_dtype": dtype.value})
+    with Progress(err_console, "merging tensors") as progress:
         result = run_merge(
             parsed,
             out,
@@ -354,10 +379,13 @@ def merge(
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             keep=(recipe,),
-            on_plan=lambda total: progress.update(bar, total=total),
-            on_tensor=lambda _name: progress.advance(bar),
+            on_plan=lambda total: progress.update(total=total),
+            on_tensor=lambda _name: progress.update(advance=1),
         )
-    console.print(f"merged {result.num_tensors} tensors into {result.out_dir} in {result.seconds:.1f} s")
+    if as_json:
+        print_json({"out": result.out_dir, "tensors": result.num_tensors, "seconds": result.seconds})
+    else:
+        console.print(f"merged {result.num_tensors} tensors into {result.out_dir} in {result.seconds:.1f} s")
 
 
 def run() -> None:
@@ -373,11 +401,22 @@ def run() -> None:
     # shards", once per saved model) would scroll through it. Read by huggingface_hub, which transformers asks.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        app()
+        # Not standalone, so that typer's usage errors come here: a wrong choice is one sentence like any
+        # other user error, rather than a framed usage message.
+        code = app(standalone_mode=False)
     except EvomergeError as error:
         sys.exit(report_error(error))
+    except typer.BadParameter as error:
+        sys.exit(report_error(ConfigError(option_sentence(error))))
+    except TyperException as error:  # other usage errors (unknown option, missing argument): typer's message
+        error.show()
+        sys.exit(getattr(error, "exit_code", 2))
+    except typer.Abort:
+        err_console.print("aborted")
+        sys.exit(1)
     except Exception as error:  # noqa: BLE001 -- anything else is a bug in evomerge, reported as one
         sys.exit(report_internal_error(error))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

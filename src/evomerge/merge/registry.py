@@ -17,14 +17,15 @@ import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from evomerge.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 Space = Literal["delta", "weights"]
-Kernel = Callable[..., torch.Tensor]
+Kernel = Callable[..., "torch.Tensor"]
 
 
 @dataclass(frozen=True)

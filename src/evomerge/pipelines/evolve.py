@@ -17,6 +17,7 @@ from evomerge.errors import ConfigError, EvomergeError
 from evomerge.lineage import export_candidate
 from evomerge.models import LINEAGE_FILE
 from evomerge.search import store as runs
+from evomerge.search.baselines import record_reference_trials
 from evomerge.search.config import EvolveConfig, load_evolve_config, parse_evolve_config, resolve_path
 from evomerge.search.external import ObjectiveFunction
 from evomerge.search.integrity import parent_refs, verify_parents_unchanged
@@ -113,6 +114,8 @@ def _evolve(
     store.set_test_results(test_results)
     store.set_selection(selection.champion, selection.specialists, selection.challengers)
     trials = run.finished_trials()
+    if len(trials) >= config.budget.candidates:  # no sampler asks again, so none can learn from them
+        record_reference_trials(store, store.baselines or {}, run.session.objectives)
     saved = sum(t.examples_saved or 0 for t in trials)
     runs.write_run_file(
         run_dir,

@@ -101,19 +101,95 @@ def champion_trial(data: RunData) -> TrialRecord | None:
 
 # --- progress over generations -------------------------------------------------------------------
 def generation_stats(data: RunData) -> dict[str, dict[str, list[float]]]:
-    """Per objective (`fitness` and each task): best and median over each generation's complete
-    candidates, with `generation` the x values. Best respects the task's direction."""
+    """Per objective: the best so far (over every complete candidate up to and including the generation)
+    and the generation's median, with `generation` the x values; best respects the task's direction.
+
+    The fitness always; each task as well only when there are several (with one, the fitness is that
+    task's score up to its weight, and a second curve would hide under the first).
+    """
     stats: dict[str, dict[str, list[float]]] = {}
-    objectives = [(FITNESS, 1.0), *zip(data.tasks, data.signs)]
+    objectives = [(FITNESS, 1.0), *(zip(data.tasks, data.signs) if len(data.tasks) > 1 else ())]
     generations = [g for g in data.generations if any(c.generation == g for c in data.complete)]
     for name, sign in objectives:
         best, median = [], []
         for generation in generations:
             values = [_objective(c, name) for c in data.complete if c.generation == generation]
-            best.append(max(values, key=lambda v: sign * v))
+            so_far = [_objective(c, name) for c in data.complete if c.generation <= generation]
+            best.append(max(so_far, key=lambda v: sign * v))
             median.append(statistics.median(values))
-        stats[name] = {"generation": list(map(float, generations)), "best": best, "median": median}
+        stats[name] = {"generation": generations, "best_so_far": best, "median": median}
     return stats
+
+
+def reference_lines(data: RunData) -> dict[str, float]:
+    """The search fitness to beat: the best parent's and the best untuned merge's (label -> fitness)."""
+    lines = {}
+    for kind, label in (("parent", "best parent"), ("untuned", "best untuned merge")):
+        scored = {name: b["fitness"] for name, b in (data.store.baselines or {}).items()
+                  if b.get("kind") == kind and b.get("fitness") is not None}
+        if scored:
+            name = max(scored, key=lambda n: scored[n])
+            lines[f"{label} ({name.removeprefix('parent:')})"] = scored[name]
+    return lines
+
+
+def trial_history(data: RunData) -> tuple[list[Candidate], list[float]]:
+    """Every scored candidate in trial order (complete, and raced-out with its partial fitness) and the best
+    fully evaluated fitness so far after each of them (NaN before the first)."""
+    scored = [c for c in data.candidates if c.fitness is not None and c.status in ("complete", "raced_out")]
+    best, so_far = float("nan"), []
+    for candidate in scored:
+        if candidate.fully_evaluated and not candidate.fitness <= best:  # NaN compares false: the first one
+            best = candidate.fitness
+        so_far.append(best)
+    return scored, so_far
+
+
+def final_population(data: RunData) -> tuple[int, list[Candidate]]:
+    """The last generation whose candidates have all been told (a search that stopped or is running part of
+    the way through a generation shows the one before), and its complete candidates."""
+    size = data.store.population
+    counts = {g: sum(c.generation == g for c in data.candidates) for g in data.generations}
+    full = [g for g in counts if size is None or counts[g] >= size]
+    complete = {c.generation for c in data.complete}
+    generation = max((g for g in full if g in complete), default=max(complete))
+    return generation, [c for c in data.complete if c.generation == generation]
+
+
+def hypervolume(points: Sequence[Sequence[float]], reference: Sequence[float]) -> float:
+    """Exact hypervolume dominated by `points` (larger is better on every axis) above `reference`, by
+    slicing along the first axis (fronts here hold tens of points on a few objectives)."""
+    points = [p for p in points if all(x > r for x, r in zip(p, reference, strict=True))]
+    if not points:
+        return 0.0
+    if len(reference) == 1:
+        return max(p[0] for p in points) - reference[0]
+    levels = sorted({p[0] for p in points}, reverse=True)
+    volume = 0.0
+    for upper, lower in zip(levels, [*levels[1:], reference[0]]):
+        # Between `lower` and `upper` on axis 0, every point reaching `upper` dominates the rest of the axes.
+        volume += (upper - lower) * hypervolume([p[1:] for p in points if p[0] >= upper], reference[1:])
+    return volume
+
+
+def hypervolume_history(data: RunData) -> tuple[list[int], list[float], list[float]]:
+    """After each complete candidate (trial order): the hypervolume of the front so far, per-task scores
+    oriented larger-is-better, above the reference point (the worst score any complete candidate or
+    parent reached on each task); returns (trial numbers, hypervolumes, reference point)."""
+    oriented = [[sign * c.scores[t] for t, sign in zip(data.tasks, data.signs, strict=True)] for c in data.complete]
+    parents = [[sign * b["search"][t]["score"] for t, sign in zip(data.tasks, data.signs, strict=True)]
+               for b in (data.store.baselines or {}).values() if b.get("kind") == "parent"
+               and all(t in b.get("search", {}) for t in data.tasks)]
+    reference = [min(column) for column in zip(*oriented, *parents, strict=True)]
+    front: list[list[float]] = []
+    volumes: list[float] = []
+    for point in oriented:  # the front so far: only a new non-dominated point changes the volume
+        if not any(all(f >= x for f, x in zip(other, point, strict=True)) for other in front):
+            front = [f for f in front if not all(x >= y for x, y in zip(point, f, strict=True))] + [point]
+            volumes.append(hypervolume(front, reference))
+        else:
+            volumes.append(volumes[-1])
+    return [c.number for c in data.complete], volumes, reference
 
 
 def _objective(candidate: Candidate, name: str) -> float:

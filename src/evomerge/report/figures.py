@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -10,22 +11,77 @@ from plotly.subplots import make_subplots
 
 from evomerge.flow import FigureStep
 from evomerge.lineage.dag import LineageGraph
-from evomerge.report.data import CoefficientGrid, Projection, RunData
+from evomerge.report.data import Candidate, CoefficientGrid, Projection, RunData
 
 _COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 
 
-def fitness_figure(stats: Mapping[str, Mapping[str, Sequence[float]]]) -> go.Figure:
-    """Best (solid) and median (dashed) per generation for the fitness and each task."""
+def _legend_above(fig: go.Figure, title: str) -> None:
+    """Title at the top, legend in a row between it and the plot: the right margin stays free for colour
+    bars and the bottom for animation sliders, so neither overlaps the legend (tests/test_report_browser.py)."""
+    fig.update_layout(title={"text": title, "y": 0.98, "yanchor": "top"}, margin={"t": 120},
+                      legend={"orientation": "h", "x": 0, "xanchor": "left", "y": 1.02, "yanchor": "bottom"})
+
+
+def _integer_axis(count: int) -> dict:
+    """Ticks on whole numbers only (generations, steps), at most about ten of them."""
+    return {"tickmode": "linear", "tick0": 0, "dtick": max(1, math.ceil(count / 10)), "tickformat": "d"}
+
+
+def _reference_traces(fig: go.Figure, references: Mapping[str, float], x: Sequence[float]) -> None:
+    # Horizontal lines across the plotted range, as traces so that the legend names them.
+    for i, (label, value) in enumerate(references.items()):
+        fig.add_scatter(x=[min(x), max(x)], y=[value, value], mode="lines", name=label, hoverinfo="name+y",
+                        line={"color": ("#555", "#999")[i % 2], "dash": "dot", "width": 2})
+
+
+def fitness_figure(stats: Mapping[str, Mapping[str, Sequence[float]]], references: Mapping[str, float]) -> go.Figure:
+    """Best so far (solid) and the generation's median (dashed) for the fitness (and each task of several),
+    with the best parent's and best untuned merge's fitness as dotted reference lines."""
     fig = go.Figure()
     for i, (name, series) in enumerate(stats.items()):
         color = _COLORS[i % len(_COLORS)]
-        fig.add_scatter(x=series["generation"], y=series["best"], mode="lines+markers", name=f"best {name}",
-                        line={"color": color}, legendgroup=name)
+        fig.add_scatter(x=series["generation"], y=series["best_so_far"], mode="lines+markers",
+                        name=f"best {name} so far", line={"color": color, "shape": "hv"}, legendgroup=name)
         fig.add_scatter(x=series["generation"], y=series["median"], mode="lines+markers", name=f"median {name}",
                         line={"color": color, "dash": "dash"}, legendgroup=name)
-    fig.update_layout(title="Fitness per generation (search split)", xaxis_title="generation",
-                      yaxis_title="score", hovermode="x unified")
+    generations = next(iter(stats.values()))["generation"]
+    _reference_traces(fig, references, generations)
+    _legend_above(fig, "Fitness over generations (search split)")
+    fig.update_layout(xaxis={"title": "generation", **_integer_axis(len(generations))}, yaxis_title="score",
+                      hovermode="x unified")
+    return fig
+
+
+def history_figure(scored: Sequence[Candidate], best_so_far: Sequence[float], references: Mapping[str, float]) -> go.Figure:
+    """Every scored candidate's fitness by trial number (raced-out ones at their partial score, hollow), the
+    best fully evaluated fitness so far, and the reference lines."""
+    fig = go.Figure()
+    for status, label, marker in (("complete", "complete", {"color": "#1f77b4", "size": 7}),
+                                  ("raced_out", "raced out (partial score)",
+                                   {"color": "#999", "size": 7, "symbol": "circle-open"})):
+        mine = [c for c in scored if c.status == status]
+        if not mine:  # no empty legend entries (a run without racing has no raced-out candidate)
+            continue
+        fig.add_scatter(x=[c.number for c in mine], y=[c.fitness for c in mine], mode="markers", name=label,
+                        marker=marker, text=[f"trial {c.number}, generation {c.generation}" for c in mine])
+    fig.add_scatter(x=[c.number for c in scored], y=list(best_so_far), mode="lines", name="best so far",
+                    line={"color": "#d62728", "shape": "hv", "width": 3})
+    _reference_traces(fig, references, [c.number for c in scored])
+    _legend_above(fig, "Every candidate in trial order (search split)")
+    fig.update_layout(xaxis={"title": "trial", "tickformat": "d"}, yaxis_title="fitness")
+    return fig
+
+
+def hypervolume_figure(numbers: Sequence[int], volumes: Sequence[float], reference: Sequence[float],
+                       tasks: Sequence[str]) -> go.Figure:
+    """Hypervolume of the Pareto front so far after each complete candidate."""
+    fig = go.Figure()
+    fig.add_scatter(x=list(numbers), y=list(volumes), mode="lines+markers", name="hypervolume",
+                    line={"shape": "hv", "color": "#2ca02c"})
+    point = ", ".join(f"{t} {r:.3f}" for t, r in zip(tasks, reference, strict=True))
+    _legend_above(fig, f"Hypervolume of the front so far (reference point: {point})")
+    fig.update_layout(xaxis={"title": "trial", "tickformat": "d"}, yaxis_title="hypervolume")
     return fig
 
 
@@ -47,30 +103,29 @@ def pareto_figure(data: RunData, fronts: Mapping[int, Sequence[int]]) -> go.Figu
     everyone = go.Scatter(
         x=[c.scores[x_task] for c in complete], y=[c.scores[y_task] for c in complete], mode="markers",
         name="candidates", marker={"color": [c.generation for c in complete], "colorscale": "Viridis",
-                                   "colorbar": {"title": "generation"}, "opacity": 0.6},
+                                   "colorbar": {"title": "generation", **_integer_axis(max(generations) + 1)},
+                                   "opacity": 0.6},
         text=[f"trial {c.number}, generation {c.generation}" for c in complete],
     )
     fig = go.Figure(data=[everyone, front_trace(generations[-1])])
     fig.frames = [go.Frame(data=[everyone, front_trace(g)], name=str(g)) for g in generations]
     _add_player(fig, [str(g) for g in generations], "front as of generation ")
-    fig.update_layout(title=f"Pareto front over generations ({x_task} vs {y_task}, search split)",
-                      xaxis_title=x_task, yaxis_title=y_task)
+    _legend_above(fig, f"Pareto front over generations ({x_task} vs {y_task}, search split)")
+    fig.update_layout(xaxis_title=x_task, yaxis_title=y_task)
     return fig
 
 
-def task_scatter_figure(data: RunData) -> go.Figure:
-    """One objective: per-task score ± stderr of the final generation's complete candidates."""
-    last = max(c.generation for c in data.complete)
-    final = [c for c in data.complete if c.generation == last]
+def task_scatter_figure(data: RunData, generation: int, population: Sequence[Candidate]) -> go.Figure:
+    """One objective: per-task score ± stderr of the last fully told generation's complete candidates."""
     fig = go.Figure()
     for i, task in enumerate(data.tasks):
         fig.add_scatter(
-            x=[c.number for c in final], y=[c.scores[task] for c in final], mode="markers", name=task,
-            error_y={"type": "data", "array": [c.stderrs.get(task) or 0.0 for c in final]},
+            x=[c.number for c in population], y=[c.scores[task] for c in population], mode="markers", name=task,
+            error_y={"type": "data", "array": [c.stderrs.get(task) or 0.0 for c in population]},
             marker={"color": _COLORS[i % len(_COLORS)], "size": 9},
         )
-    fig.update_layout(title=f"Per-task scores of the final population (generation {last}, search split)",
-                      xaxis={"title": "trial", "type": "category"}, yaxis_title="score ± stderr")
+    _legend_above(fig, f"Per-task scores of the final population (generation {generation}, search split)")
+    fig.update_layout(xaxis={"title": "trial", "type": "category"}, yaxis_title="score ± stderr")
     return fig
 
 
@@ -99,10 +154,8 @@ def projection_figure(data: RunData, projection: Projection) -> go.Figure:
     pad = 0.05 + 0.05 * float(abs(projection.coords).max())
     xs = [*projection.coords[:, 0], *anchors.x]
     ys = [*projection.coords[:, 1], *anchors.y]
+    _legend_above(fig, "Population in genome space (PCA of genes scaled to their bounds)")
     fig.update_layout(
-        title="Population in genome space (PCA of genes scaled to their bounds)",
-        # A horizontal legend above the plot leaves the right margin to the fitness colorbar.
-        legend={"orientation": "h", "x": 0, "y": 1.02, "yanchor": "bottom"},
         xaxis={"title": f"PC1 ({projection.explained[0]:.0%} of variance)", "range": [min(xs) - pad, max(xs) + pad]},
         yaxis={"title": f"PC2 ({projection.explained[1]:.0%} of variance)", "range": [min(ys) - pad, max(ys) + pad]},
     )
@@ -128,7 +181,8 @@ def _add_player(fig: go.Figure, names: Sequence[str], prefix: str) -> None:
             {"label": "pause", "method": "animate",
              "args": [[None], {"frame": {"duration": 0}, "mode": "immediate"}]},
         ]}],
-        sliders=[{"active": len(names) - 1, "x": 0.1, "len": 0.9, "currentvalue": {"prefix": prefix}, "pad": {"t": 40},
+        # A gap between them too: their boxes overlapped by a pixel (tests/test_report_browser.py).
+        sliders=[{"active": len(names) - 1, "x": 0.13, "len": 0.87, "currentvalue": {"prefix": prefix}, "pad": {"t": 40},
                   "steps": [
             {"label": name, "method": "animate",
              "args": [[name], {"mode": "immediate", "frame": {"duration": 0, "redraw": True}}]}
@@ -137,17 +191,19 @@ def _add_player(fig: go.Figure, names: Sequence[str], prefix: str) -> None:
     )
 
 
-def coefficient_figure(grids: Sequence[CoefficientGrid]) -> go.Figure:
-    """Layer x parent heatmap of each per-model parameter of the champion (the values the merge used)."""
+def coefficient_figure(grids: Sequence[CoefficientGrid], bounds: Mapping[str, tuple[float, float]]) -> go.Figure:
+    """Layer x parent heatmap of each per-model parameter of the champion (the values the merge used), on a
+    sequential scale over the parameter's search bounds (a diverging one made a middling density alarming)."""
     fig = make_subplots(rows=len(grids), cols=1, subplot_titles=[g.param for g in grids], vertical_spacing=0.15)
     for row, grid in enumerate(grids, start=1):
         names = [Path(m).name for m in grid.models]
         hover = [[f"{names[i]} {col}: mean {grid.values[i][j]:.4f} (range {grid.low[i][j]:.4f}..{grid.high[i][j]:.4f})"
                   for j, col in enumerate(grid.columns)] for i in range(len(names))]
+        low, high = bounds.get(grid.param, (None, None))
         fig.add_heatmap(
             z=grid.values, x=grid.columns, y=names, text=[[f"{v:.2f}" for v in r] for r in grid.values],
-            texttemplate="%{text}", hovertext=hover, hoverinfo="text", colorscale="RdBu", zmid=0 if grid.param == "weight" else None,
-            colorbar={"len": 1 / len(grids), "y": 1 - (row - 0.5) / len(grids), "title": grid.param},
+            texttemplate="%{text}", hovertext=hover, hoverinfo="text", colorscale="Viridis", zmin=low, zmax=high,
+            colorbar={"len": 0.8 / len(grids), "y": 1 - (row - 0.5) / len(grids), "title": grid.param},
             row=row, col=1,
         )
     fig.update_layout(title="Champion coefficients per layer and parent", height=260 * len(grids) + 80)
@@ -157,18 +213,21 @@ def coefficient_figure(grids: Sequence[CoefficientGrid]) -> go.Figure:
 def path_figure(steps: Sequence[FigureStep]) -> go.Figure:
     """The champion's data-flow path: which layer of which source runs at each step, sized by its scale."""
     fig = go.Figure()
-    sources = list(dict.fromkeys(s.source for s in steps))
+    sources = list(dict.fromkeys(s.source for s in steps))  # as the run named them: often full paths
     fig.add_scatter(x=[s.step for s in steps], y=[s.layer for s in steps], mode="lines", name="path",
                     line={"color": "#bbb"}, showlegend=False)
     for i, source in enumerate(sources):
         mine = [s for s in steps if s.source == source]
         fig.add_scatter(
-            x=[s.step for s in mine], y=[s.layer for s in mine], mode="markers", name=source,
+            x=[s.step for s in mine], y=[s.layer for s in mine], mode="markers", name=Path(source).name,
             marker={"size": [8 + 8 * s.scale for s in mine], "color": _COLORS[i % len(_COLORS)]},
-            text=[f"step {s.step}: {s.source} layer {s.layer}, scale {s.scale:.3f}" for s in mine], hoverinfo="text",
+            text=[f"step {s.step}: {Path(s.source).name} layer {s.layer}, scale {s.scale:.3f}" for s in mine],
+            hoverinfo="text",
         )
-    fig.update_layout(title="Champion's layer path (marker size = input scale)", xaxis_title="step",
-                      yaxis_title="source layer")
+    _legend_above(fig, "Champion's layer path (marker size = input scale)")
+    layers = max(s.layer for s in steps) + 1
+    fig.update_layout(xaxis={"title": "step", **_integer_axis(len(steps))},
+                      yaxis={"title": "source layer", **_integer_axis(layers)})
     return fig
 
 

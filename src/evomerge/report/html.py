@@ -1,8 +1,10 @@
 """The evolution report: one self-contained HTML file (plotly.js inlined once), optional PNGs.
 
-Sections (ids are stable, the browser test looks for them): `summary`, `fitness`, `pareto` (>= 2
-objectives) or `task-scores` (one), `projection`, `coefficients`, `path` (data-flow runs only),
-`results`, `lineage`. A section whose data does not exist yet (a run still in its first generation,
+Sections (ids are stable, the browser test looks for them): `summary`, `fitness` (best so far per
+generation against the best parent and untuned merge), `history` (every trial), `pareto` and
+`hypervolume` (>= 2 objectives) or `task-scores` (one), `importance`, `parallel`, `slice` (Optuna's
+views), `projection`, `coefficients` (parameter-space runs) or `path` (data-flow runs), `results`,
+`lineage`. A section whose data does not exist yet (a run still in its first generation,
 parents moved away) says why instead of failing the whole report.
 """
 
@@ -20,21 +22,25 @@ import yaml
 from plotly.offline import get_plotlyjs
 
 from evomerge.errors import EvomergeError, ExportError
-from evomerge.lineage.dag import lineage
+from evomerge.lineage.dag import LineageGraph, LineageNode, lineage
 from evomerge.models import Checkpoint
-from evomerge.report import figures
+from evomerge.report import figures, optuna_views
 from evomerge.report.data import (
     RunData,
     champion_path,
     champion_recipe,
     champion_trial,
     coefficient_grids,
+    final_population,
     generation_stats,
     genome_projection,
+    hypervolume_history,
     load_run_data,
     pareto_fronts,
+    reference_lines,
     result_rows,
     score_pairs,
+    trial_history,
 )
 from evomerge.report.extras import extra_sections
 
@@ -63,22 +69,35 @@ class ReportResult:
 
 def build_sections(data: RunData) -> list[Section]:
     """Every section of the report for one run, in display order."""
-    sections = [_summary(data), _progress(data), _front(data), _projection(data), _coefficients(data)]
-    trial = champion_trial(data)
-    steps = champion_path(trial) if trial is not None else None
-    if steps:
-        sections.append(Section("path", "Data-flow path of the champion", figures.path_figure(steps)))
+    sections = [_summary(data), _progress(data), _history(data), *_front(data), *_optuna_views(data),
+                _projection(data)]
+    if data.config.dfs is None:
+        sections.append(_coefficients(data))
+    else:  # a layer-path run's champion is a path, not merge coefficients
+        sections.append(_path(data))
     sections += [_results(data), _lineage(data)]
     sections += [Section(id_, title, body=body, note=note) for id_, title, body, note in extra_sections(data.store)]
     return sections
 
 
+def _path(data: RunData) -> Section:
+    title = "Data-flow path of the champion"
+    trial = champion_trial(data)
+    steps = champion_path(trial) if trial is not None else None
+    if not steps:
+        return Section("path", title, note="No candidate has been fully evaluated yet.")
+    return Section("path", title, figures.path_figure(steps))
+
+
 def _summary(data: RunData) -> Section:
     config = data.config
     counts = {s: sum(c.status == s for c in data.candidates) for s in ("complete", "raced_out", "duplicate", "failed")}
+    dfs = config.dfs
+    method = config.method if dfs is None else (
+        f"layer paths (DFS) through {len(dfs.sources) + (dfs.ps_run is not None)} source(s), {dfs.repeats} repeats")
     items = [
         ("run", str(data.run_dir.resolve())),
-        ("method", config.method),
+        ("method", method),
         ("candidates", ", ".join(f"{n} {s}" for s, n in counts.items())),
         ("champion", "-" if data.champion is None else f"trial {data.champion}"),
         ("CMA-ES start" if config.resolved_optimizer == "cmaes" else "start", _start_text(config.start)),
@@ -120,18 +139,47 @@ def _settings_text(baseline: dict) -> str:
     return f"{recipe.get('method', '?')}: {models}" if models else str(recipe.get("method", "?"))
 
 
+NOT_YET = "No candidate has been fully evaluated yet."
+
+
 def _progress(data: RunData) -> Section:
+    title = "Fitness over generations"
     if not data.complete:
-        return Section("fitness", "Fitness per generation", note="No candidate has been fully evaluated yet.")
-    return Section("fitness", "Fitness per generation", figures.fitness_figure(generation_stats(data)))
+        return Section("fitness", title, note=NOT_YET)
+    return Section("fitness", title, figures.fitness_figure(generation_stats(data), reference_lines(data)))
 
 
-def _front(data: RunData) -> Section:
+def _history(data: RunData) -> Section:
+    title = "Every candidate"
+    scored, best = trial_history(data)
     if not data.complete:
-        return Section("task-scores", "Per-task scores", note="No candidate has been fully evaluated yet.")
+        return Section("history", title, note=NOT_YET)
+    return Section("history", title, figures.history_figure(scored, best, reference_lines(data)))
+
+
+def _front(data: RunData) -> list[Section]:
+    if not data.complete:
+        return [Section("task-scores", "Per-task scores", note=NOT_YET)]
     if len(data.tasks) >= 2:
-        return Section("pareto", "Pareto front over generations", figures.pareto_figure(data, pareto_fronts(data)))
-    return Section("task-scores", "Per-task scores of the final population", figures.task_scatter_figure(data))
+        numbers, volumes, reference = hypervolume_history(data)
+        return [Section("pareto", "Pareto front over generations", figures.pareto_figure(data, pareto_fronts(data))),
+                Section("hypervolume", "Hypervolume over time",
+                        figures.hypervolume_figure(numbers, volumes, reference, data.tasks))]
+    generation, population = final_population(data)
+    return [Section("task-scores", "Per-task scores of the final population",
+                    figures.task_scatter_figure(data, generation, population))]
+
+
+def _optuna_views(data: RunData) -> list[Section]:
+    scores, why = optuna_views.importance(data)
+    if scores is None:
+        return [Section("importance", "Parameter importance", note=why)]
+    genes = optuna_views.top_genes(scores)
+    return [
+        Section("importance", "Parameter importance", optuna_views.importance_figure(scores)),
+        Section("parallel", "Parallel coordinates", optuna_views.parallel_figure(data, genes)),
+        Section("slice", "Slice plots", optuna_views.slice_figure(data, genes)),
+    ]
 
 
 def _projection(data: RunData) -> Section:
@@ -153,7 +201,11 @@ def _coefficients(data: RunData) -> Section:
     grids = coefficient_grids(recipe, donor)
     if not grids:
         return Section("coefficients", title, note="The champion's recipe has no per-model coefficients.")
-    return Section("coefficients", title, figures.coefficient_figure(grids))
+    bounds: dict[str, tuple[float, float]] = {}
+    for gene in data.genes:  # the colour scale spans what the search could choose
+        low, high = bounds.get(gene["param"], (gene["low"], gene["high"]))
+        bounds[gene["param"]] = (min(low, gene["low"]), max(high, gene["high"]))
+    return Section("coefficients", title, figures.coefficient_figure(grids, bounds))
 
 
 def _results(data: RunData) -> Section:
@@ -180,13 +232,37 @@ def _results(data: RunData) -> Section:
 
 def _lineage(data: RunData) -> Section:
     title = "Lineage"
-    if data.champion is None:
-        return Section("lineage", title, note="No champion yet.")
+    if data.store.selection is None:
+        return Section("lineage", title, note="The lineage is drawn once the run has selected its champion.")
+    if data.config.dfs is not None:
+        graph = _path_lineage(data)
+        if graph is None:
+            return Section("lineage", title, note="The run recorded no evidence of its sources.")
+        return Section("lineage", title, figures.lineage_figure(graph))
     try:
         graph = lineage(data.run_dir)
     except EvomergeError as error:
         return Section("lineage", title, note=f"The lineage cannot be traced: {error}")
     return Section("lineage", title, figures.lineage_figure(graph))
+
+
+def _path_lineage(data: RunData) -> LineageGraph | None:
+    """A layer-path champion reads layers of its sources (no merge recipe, which `lineage` follows): the
+    sources as recorded in the run's evidence, then the champion."""
+    evidence = data.store.evidence
+    if evidence is None:
+        return None
+    champion = f"candidate:{data.champion}"
+    graph = LineageGraph(root=champion)
+    for parent in evidence["parents"]:
+        node_id = f"sha256:{parent['content_hash']}"
+        graph.nodes[node_id] = LineageNode(node_id, "checkpoint", f"{parent['path']} sha256 {parent['content_hash'][:16]}",
+                                           {"path": parent["path"]})
+    graph.nodes[champion] = LineageNode(
+        champion, "merged", f"layer path, trial {data.champion} of run {data.config.name}",
+        {"run": {"study": data.config.name, "trial": data.champion}}, parents=[n for n in graph.nodes if n != champion],
+    )
+    return graph
 
 
 _STYLE = """

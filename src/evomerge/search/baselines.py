@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from evomerge.evaluate import EvalReport
-from evomerge.search.objectives import score_table
+from evomerge.search.objectives import Objectives, score_table
 from evomerge.search.session import CANDIDATE_FAILURES, Session, failure_reason
 from evomerge.search.store import RunStore
 
@@ -49,6 +49,19 @@ def _record(session: Session, report: EvalReport, kind: str, *, ref: str | None 
         "search": score_table(report.scores, per_example=session.config.fitness.estimator != "full"),
         "fitness": session.objectives.fitness(scores),
     }
+
+
+def record_reference_trials(store: RunStore, baselines: Mapping[str, Any], objectives: Objectives) -> None:
+    """The parents and untuned baselines as fixed trials beside the candidates (`RunStore.add_reference`),
+    once per run; call only when no sampler will ask again (the budget is spent), as samplers would learn
+    from them."""
+    if store.references():
+        return
+    for name, record in baselines.items():
+        scores = {task: row["score"] for task, row in record["search"].items()}
+        values = objectives.values(scores) if record["fitness"] is not None else None
+        store.add_reference(name, record["kind"], values, scores=record["search"], fitness=record["fitness"],
+                            recipe=record.get("recipe"), failure=record.get("failure"))
 
 
 def warm_start(session: Session, baselines: Mapping[str, Any]) -> dict[str, float] | None:

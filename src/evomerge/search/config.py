@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from evomerge.errors import ConfigError
 from evomerge.merge.recipe import Number, Recipe, parse_recipe
 from evomerge.merge.registry import get_operator
-from evomerge.models import Checkpoint
 from evomerge.validation import validation_sentence
 
 # per_layer_io: one group per layer, plus separate input-embedding and output (final norm + head) groups.
@@ -321,7 +320,10 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
             raise ConfigError(f"{source}: objectives[{index}].task names {objective.task}, which does not exist")
     blocked = {name: gene for name, gene in config.genome.items() if gene.block_size is not None}
     if blocked and config.dfs is None:
-        # The depth comes from config.json and the weight headers: no tensor is read yet.
+        # The depth comes from config.json and the weight headers: no tensor is read yet. Imported here, as
+        # only these configs need it: every other check runs without torch (`evomerge.lazy`).
+        from evomerge.models import Checkpoint
+
         donor = Checkpoint.open(
             resolve_path(config.base_model or config.merged_parents[0], root), allow_pickle=config.allow_pickle
         )

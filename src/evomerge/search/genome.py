@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import PurePosixPath
 
 from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.merge.registry import OperatorSpec
@@ -86,6 +88,7 @@ class ParameterGenome:
         self.spec = spec
         self.merged_models = list(merged_models)
         self.groups: dict[str, TensorGroups] = {}
+        labels = model_labels(self.merged_models)
         genes: list[Gene] = []
         for param_name, gene_spec in config.genome.items():
             param = spec.param(param_name)
@@ -97,15 +100,14 @@ class ParameterGenome:
             models: list[str | None] = list(self.merged_models) if per_model else [None]
             for model in models:
                 for label in groups.labels:
-                    who = f"{model_label(self.merged_models, model)}." if model is not None else ""
+                    who = f"{labels[model]}." if model is not None else ""
                     genes.append(Gene(f"{param_name}.{who}{label}", param_name, model, label, low, high, init))
         # A pool: one selection gene per model, every model selected at the start (the cap then takes the
         # first `max_parents`; CMA-ES samples around that point, so the start rarely decides).
         self.max_parents = (config.max_parents or len(self.merged_models)) if config.parents_pool else None
         if self.max_parents is not None:
             for model in self.merged_models:
-                label = model_label(self.merged_models, model)
-                genes.append(Gene(f"{SELECT}.{label}", SELECT, model, "all", 0.0, 1.0, SELECTED_AT))
+                genes.append(Gene(f"{SELECT}.{labels[model]}", SELECT, model, "all", 0.0, 1.0, SELECTED_AT))
         self.genes: tuple[Gene, ...] = tuple(genes)
 
     def __len__(self) -> int:
@@ -147,7 +149,9 @@ class ParameterGenome:
         """The parents a genome merges: all of them, or those its selection genes pick from a pool."""
         if self.max_parents is None:
             return list(self.merged_models)
-        genes = [values[f"{SELECT}.{model_label(self.merged_models, m)}"] for m in self.merged_models]
+        # By gene, not by composed name: a resumed study may keep the names it recorded (`adopt_recorded_names`).
+        select = {gene.model: float(values[gene.name]) for gene in self.genes if gene.param == SELECT}
+        genes = [select[model] for model in self.merged_models]
         return [self.merged_models[i] for i in selected(genes, self.max_parents)]
 
     def _rules(self, param_name: str, by_group: Mapping[str, float]) -> object:
@@ -198,9 +202,33 @@ def _patterns(members: Sequence[str], groups: TensorGroups) -> list[str]:
     return patterns
 
 
-def model_label(models: Sequence[str], model: str) -> str:
-    """A short, stable label for a parent inside gene names: `m0`, `m1`, ..."""
-    return f"m{models.index(model)}"
+def model_labels(models: Sequence[str]) -> dict[str, str]:
+    """A short, stable, unique label per parent inside gene names: the last part of its path or hub id
+    (`math`, so genes read `weight.math.layer0`), with characters other than letters, digits, `_` and
+    `-` replaced by `_` (a dot would split the gene name), and `_2`, `_3`, ... appended to a repeat."""
+    labels: dict[str, str] = {}
+    for index, model in enumerate(models):
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", PurePosixPath(model.replace("\\", "/").rstrip("/")).name) or f"m{index}"
+        label, n = stem, 1
+        while label in labels.values():
+            n += 1
+            label = f"{stem}_{n}"
+        labels[model] = label
+    return labels
+
+
+def adopt_recorded_names(genes: Sequence[Gene], recorded: Sequence[Mapping[str, object]]) -> tuple[Gene, ...]:
+    """The genes under the names a study recorded when it started, matched by position, parameter and group.
+
+    A run started before gene names carried parent names (`weight.m0.layer0`) keeps its names on resume:
+    its trials, re-queued genomes and the CMA-ES state all refer to them. A record of another genome
+    (other parameters or groups) leaves the names as they are.
+    """
+    if len(recorded) != len(genes) or any(
+        record.get("param") != gene.param or record.get("group") != gene.group for record, gene in zip(recorded, genes)
+    ):
+        return tuple(genes)
+    return tuple(replace(gene, name=str(record["name"])) for gene, record in zip(genes, recorded))
 
 
 def genome_key(values: Mapping[str, float], digits: int = 6) -> str:

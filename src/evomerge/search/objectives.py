@@ -52,6 +52,11 @@ class Objectives:
     def study_directions(self) -> list[str]:
         return list(self.directions) if self.pareto else ["maximize"]
 
+    @property
+    def metric_names(self) -> list[str]:
+        """What each value told to Optuna is (`values`): a task's score, or the weighted fitness."""
+        return [task.name for task in self.tasks] if self.pareto else ["fitness"]
+
 
 def combine_scores(first: TaskScore, rest: TaskScore) -> TaskScore:
     """One task's score over the union of two disjoint example sets."""

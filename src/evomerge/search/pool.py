@@ -22,7 +22,7 @@ import torch
 
 from evomerge.models import Checkpoint, check_compatible
 
-SELECT = "select"  # the selection genes' parameter name in gene names (`select.m0`, ...)
+SELECT = "select"  # the selection genes' parameter name in gene names (`select.math`, ...)
 SELECTED_AT = 0.5  # a selection gene at or above this picks its model
 
 

@@ -13,7 +13,7 @@ import math
 import resource
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import optuna
@@ -28,6 +28,7 @@ from evomerge.search.config import EvolveConfig
 from evomerge.search.estimation import FitnessEstimator
 from evomerge.search.evidence import record_run_evidence
 from evomerge.search.external import ObjectiveFunction
+from evomerge.search.genome import adopt_recorded_names
 from evomerge.search.objectives import combine_scores, score_table
 from evomerge.search.racing import entry_threshold, plan_race, race
 from evomerge.search.samplers import make_sampler, population_size
@@ -52,6 +53,11 @@ class CandidateResult:
     merge_seconds: float
     eval_seconds: float
     failure: str | None = None
+    # Filled in by the run loop for the live display: trials counted against the budget so far, the
+    # budget, and the best parent's search fitness (the reference the search must beat).
+    finished: int = 0
+    budget: int = 0
+    best_parent: float | None = None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -76,6 +82,7 @@ class SearchRun:
     study: optuna.Study = field(init=False)
     store: RunStore = field(init=False)
     estimator: FitnessEstimator | None = field(init=False, default=None)
+    best_parent: float | None = field(init=False, default=None)  # the best parent's search fitness, once scored
 
     def __post_init__(self) -> None:
         self.session = open_session(self.config, self.root, self.objective_function)
@@ -84,9 +91,11 @@ class SearchRun:
         racing = self.config.racing
         self.race = plan_race(self.session.sizes(), racing.first_fraction, self.config.seed, racing.growth)
         self.top_k = self.config.racing.top_k or self.popsize
-        self.distributions = {
-            gene.name: optuna.distributions.FloatDistribution(gene.low, gene.high) for gene in self.genome.genes
-        }
+
+    @property
+    def distributions(self) -> dict[str, optuna.distributions.FloatDistribution]:
+        """Every gene's range, what each trial is asked for."""
+        return {gene.name: optuna.distributions.FloatDistribution(gene.low, gene.high) for gene in self.genome.genes}
 
     # --- study ----------------------------------------------------------------------------------
     def open_study(self, x0: Mapping[str, float] | None) -> optuna.Study:
@@ -115,6 +124,11 @@ class SearchRun:
             )
         return study
 
+    def adopt_recorded_names(self) -> None:
+        """Keep the gene names a resumed study recorded (`genome.adopt_recorded_names`: runs from before genes
+        were named by parent use `m0`, `m1`), so its trials and re-queued genomes stay in the search space."""
+        self.genome.genes = adopt_recorded_names(self.genome.genes, self.store.genes)
+
     def finished_trials(self) -> list[TrialRecord]:
         """Trials that count against the budget (interrupted ones were re-queued and do not)."""
         return self.store.counted_trials()
@@ -123,9 +137,13 @@ class SearchRun:
         """Open the study, re-queue what a killed process left running, record the run's evidence and
         baselines, and store the search space; returns the CMA-ES mean the config's `start` asks for."""
         self.open_study(x0=None)
+        self.adopt_recorded_names()
+        self.store.set_metric_names(self.session.objectives.metric_names)
         self.store.requeue_interrupted()
         record_run_evidence(self.store, self.session.evidence(), device=str(self.session.device))
         baselines = evaluate_baselines(self.session, self.store, self._status)
+        parents = [b["fitness"] for b in baselines.values() if b["kind"] == "parent" and b["fitness"] is not None]
+        self.best_parent = max(parents, default=None)
         x0 = warm_start(self.session, baselines) if self.config.start == "best_baseline" else self.genome.initial()
         self.store.set_search_space([gene.__dict__ for gene in self.genome.genes], self.popsize)
         return x0
@@ -137,13 +155,16 @@ class SearchRun:
             self.open_study(x0=x0)
         started = time.monotonic()
         budget = self.config.budget
-        while len(self.finished_trials()) < budget.candidates:
+        finished = len(self.finished_trials())
+        while finished < budget.candidates:
             if budget.wall_seconds is not None and time.monotonic() - started > budget.wall_seconds:
                 break
             result = self.step()
+            finished = len(self.finished_trials())
             if self.on_candidate is not None:
-                self.on_candidate(result)
-            if self.estimator is not None and self.estimator.audit_due(len(self.finished_trials())):
+                self.on_candidate(replace(result, finished=finished, budget=budget.candidates,
+                                          best_parent=self.best_parent))
+            if self.estimator is not None and self.estimator.audit_due(finished):
                 self.audit()
         if self.estimator is not None:
             self.audit()  # the champion is chosen on full scores: the best estimates get them now

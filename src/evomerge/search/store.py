@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -75,6 +77,10 @@ class TrialRecord:
     failure: str | None = None
     duplicate_of: int | None = None
     requeued_from: int | None = None
+    # A reference trial (a parent or an untuned baseline, `RunStore.add_reference`), not a candidate:
+    # its kind (`parent` | `untuned`) and its name in the run's baselines (`parent:math`, `ties_0.5`).
+    kind: str | None = None
+    name: str | None = None
     retry_history: tuple[int, ...] = ()
 
     @classmethod
@@ -146,10 +152,44 @@ class RunStore:
 
     # --- trials ---------------------------------------------------------------------------------
     def trials(self, states: Sequence[TrialState] | None = None) -> list[TrialRecord]:
-        """Every trial (or those in `states`), in number order; audited estimated trials read as complete."""
+        """Every candidate's trial (or those in `states`), in number order; audited estimated trials read as
+        complete; reference trials are not candidates (`references`)."""
         audits = self.audits
-        records = [TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False, states=states)]
-        return [r.with_audit(audits[r.number]) if r.number in audits else r for r in records]
+        records = (TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False, states=states))
+        return [r.with_audit(audits[r.number]) if r.number in audits else r for r in records if r.kind is None]
+
+    def references(self) -> list[TrialRecord]:
+        """The parents' and untuned baselines' fixed trials (`add_reference`), in number order."""
+        records = (TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False))
+        return [r for r in records if r.kind is not None]
+
+    def add_reference(self, name: str, kind: str, values: Sequence[float] | None, *, scores: Mapping[str, Any],
+                      fitness: float | None, recipe: str | None = None, failure: str | None = None) -> None:
+        """Record a parent or an untuned baseline as a fixed trial, so Optuna's plots and the dashboard show
+        it beside the candidates: COMPLETE with its measured search-split values (FAIL when it could not be
+        scored), no parameters, and `kind` set, which every reader here uses to tell it from a candidate.
+
+        Samplers would learn from a COMPLETE trial, and one without parameters empties the search space
+        they infer, so references are added only once the search has spent its budget (`search.baselines.
+        record_reference_trials`).
+        """
+        attrs = {"kind": kind, "name": name, "scores": dict(scores), "fitness": fitness, "split": "search",
+                 "recipe": recipe, "failure": failure}
+        # Optuna holds only finite values: a parent that scored NaN (weights that overflow) is a failed reference.
+        if values is not None and not all(math.isfinite(v) for v in values):
+            values = None
+        state = TrialState.FAIL if values is None else TrialState.COMPLETE
+        self.study.add_trial(optuna.trial.create_trial(
+            state=state, values=None if values is None else list(values), params={}, distributions={},
+            user_attrs={key: value for key, value in attrs.items() if value is not None},
+        ))
+
+    def set_metric_names(self, names: Sequence[str]) -> None:
+        """Name the study's objectives (the dashboard's axes), unless they are already named."""
+        if self.study.metric_names is None:
+            with warnings.catch_warnings():  # experimental in Optuna since 3.2 and stable in use since
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.set_metric_names(list(names))
 
     def counted_trials(self) -> list[TrialRecord]:
         """Trials that count against the budget (see `counted`)."""
@@ -232,6 +272,11 @@ class RunStore:
     def set_search_space(self, genes: Sequence[dict[str, Any]], population: int) -> None:
         self.study.set_user_attr("genes", list(genes))
         self.study.set_user_attr("population", population)
+
+    @property
+    def population(self) -> int | None:
+        """Candidates per generation, as recorded when the search started (None before)."""
+        return self._get("population")
 
     @property
     def x0(self) -> dict[str, float] | None:

@@ -139,6 +139,7 @@ class WorkerRun(SearchRun):
     def work(self, max_candidates: int | None = None) -> int:
         """Pull candidates until the shared budget (or this worker's `max_candidates`) is spent."""
         self.open_study(x0=None)
+        self.adopt_recorded_names()
         x0 = self.store.x0  # the coordinator's warm start
         if x0 is not None:
             self.open_study(x0=x0)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
+
+from evomerge.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Imported when a kernel first runs: registering the operators must not cost a torch import.
+torch = lazy_module("torch")
 
 from evomerge.errors import ConfigError
 from evomerge.merge.ops.sparsify import work_dtype

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from evomerge.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Imported when a kernel first runs: registering the operators must not cost a torch import.
+torch = lazy_module("torch")
 
 
 def weighted_sum(

@@ -8,9 +8,15 @@ and never touches its input. Per-model settings are lists of length N. Threshold
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from evomerge.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Imported when a kernel first runs: registering the operators must not cost a torch import.
+torch = lazy_module("torch")
 
 from evomerge.errors import ConfigError
 
@@ -47,7 +53,7 @@ def _order_statistics(mag: Tensor, ranks: Sequence[int], *, source: Tensor | Non
     valid = [r for r, k in enumerate(ranks) if k <= m]
     if not valid:
         return out
-    if source is not None and source.dtype in _HALF_TYPES:
+    if source is not None and source.dtype in (torch.float16, torch.bfloat16):
         for r in valid:
             out[r] = _half_magnitude_kth(source[r], ranks[r])
         return out
@@ -60,7 +66,6 @@ def _order_statistics(mag: Tensor, ranks: Sequence[int], *, source: Tensor | Non
 
 # A half-precision number has 2^16 bit patterns; clearing the sign bit leaves a 15-bit integer that orders
 # the magnitudes exactly as the floats do (IEEE layout: exponent above mantissa; NaN patterns sort last).
-_HALF_TYPES = (torch.float16, torch.bfloat16)
 _MAGNITUDE_PATTERNS = 1 << 15
 
 

@@ -17,10 +17,15 @@ parameters as ``**params`` because the mergekit name ``lambda`` is a Python keyw
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import Tensor
+from evomerge.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# Imported when a kernel first runs: registering the operators must not cost a torch import.
+torch = lazy_module("torch")
 
 from evomerge.merge.ops.reduce import weighted_sum
 from evomerge.merge.ops.sparsify import drop_della, drop_random, trim_magnitude, trim_outliers, work_dtype
