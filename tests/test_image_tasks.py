@@ -116,8 +116,11 @@ def vlm(tiny_vlm):
     return load_causal_lm(tiny_vlm)
 
 
-def _reference(model, processor, prompt: str, image: Image.Image) -> list[int]:
-    inputs = processor(images=[image], text=[processor.image_token + prompt], return_tensors="pt")
+def _reference(model, processor, prompt: str, image: Image.Image | None) -> list[int]:
+    if image is None:
+        inputs = processor.tokenizer(prompt, return_tensors="pt")
+    else:
+        inputs = processor(images=[image], text=[processor.image_token + prompt], return_tensors="pt")
     out = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW, pad_token_id=processor.tokenizer.pad_token_id)
     tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
     eos = model.generation_config.eos_token_id
@@ -137,6 +140,22 @@ def test_processor_batched_greedy_matches_generate_per_example(tmp_path, vlm):
     assert [produced[i].ids for i in range(9)] == references
     # The image matters: the same prompts with other pictures do not all continue alike.
     assert len({tuple(ids) for ids in references}) > 1
+
+
+def test_text_only_rows_of_an_image_task_batch_with_image_rows(tmp_path, vlm):
+    model, processor = vlm
+    search = [{"seed": 30 + i} if i % 2 else {"image": None, "question": f"{i}+{i}"} for i in range(7)]
+    task = load_task(write_image_task(tmp_path, search, [{"image": None, "question": "9+9"}]))
+    assert [image is None for image in task.images("search")] == [i % 2 == 0 for i in range(7)]
+    produced = Evaluator(processor, [task], batch_size=7).generate(model, "vqa", range(7))
+    for i, (prompt, image) in enumerate(zip(task.prompts("search"), task.images("search"), strict=True)):
+        assert produced[i].ids == _reference(model, processor, prompt, image and image.image), i
+
+
+def test_text_only_rows_are_still_checked_for_overlap_by_prompt(tmp_path):
+    path = write_image_task(tmp_path, [{"image": None, "question": "1+1"}], [{"image": None, "question": "1+1"}])
+    with pytest.raises(TaskError, match="search and test splits overlap in 1 example"):
+        load_task(path)
 
 
 def test_image_tasks_score_with_every_scorer_kind(tmp_path, vlm):

@@ -35,12 +35,14 @@ class _Prepared:
     prompt_ids: list[list[int]]
     # For log-likelihood tasks: per example, the (context, continuation) id pairs to score.
     requests: list[list[tuple[list[int], list[int]]]]
-    # Image tasks: the processor's pixel values, one image per example (preprocessed once).
-    pixel_values: torch.Tensor | None = None
+    # Image tasks: the processor's pixel values per example (None for a text-only one), made once.
+    pixel_values: list[torch.Tensor | None] | None = None
 
     def pixels(self, chosen: Sequence[int]) -> torch.Tensor | None:
-        """The pixel values of examples `chosen`, in that order (None for a text task)."""
-        return None if self.pixel_values is None else self.pixel_values[list(chosen)]
+        """The pixel values of the examples in `chosen` that have an image, in that order (the model
+        matches them to the image placeholders in row order), or None when none has one."""
+        images = [self.pixel_values[i] for i in chosen if self.pixel_values[i] is not None] if self.pixel_values else []
+        return torch.stack(images) if images else None
 
     @cached_property
     def longest(self) -> tuple[int, int]:
@@ -118,8 +120,11 @@ class Evaluator:
         bos = self.tokenizer.bos_token_id
         return [bos if bos is not None else self._pad_id]
 
-    def _image_prompts(self, task: Task, prompts: list[str]) -> tuple[list[list[int]], torch.Tensor]:
-        """Each prompt's ids with its image's placeholder tokens expanded, and the stacked pixel values.
+    def _image_prompts(
+        self, task: Task, prompts: list[str]
+    ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Each prompt's ids with its image's placeholder tokens expanded, and its pixel values (a
+        text-only example: its plain ids and None).
 
         The processor's image token is put in front of a prompt that does not place it itself.
         """
@@ -131,11 +136,15 @@ class Evaluator:
         token = self.processor.image_token
         ids, pixels = [], []
         for prompt, image in zip(prompts, task.images(self.split), strict=True):
+            if image is None:
+                ids.append(self._encode(prompt) or self._start_ids())
+                pixels.append(None)
+                continue
             text = prompt if token in prompt else token + prompt
             encoded = self.processor(images=[image.image], text=[text], return_tensors="pt")
             ids.append(encoded["input_ids"][0].tolist())
             pixels.append(encoded["pixel_values"][0])
-        return ids, torch.stack(pixels)
+        return ids, pixels
 
     def _prepare(self, task: Task) -> _Prepared:
         prompts = task.prompts(self.split)
@@ -148,7 +157,7 @@ class Evaluator:
                     conts = [str(choice) for choice in row[scorer.choices_field or ""]]
                 else:
                     conts = [str(row[task.spec.answer_field])]
-                if image_ids is not None:
+                if pixels is not None and pixels[index] is not None:
                     # The image placeholders are special tokens: no merge can cross into the answer.
                     pairs = [(image_ids[index], self._encode_plain(cont)) for cont in conts]
                 else:

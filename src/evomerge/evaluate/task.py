@@ -113,8 +113,9 @@ class TaskSpec(_Strict):
     deterministic stand-in for the paper's language identification of the full answer."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     image_field: str | None = None
-    """Field holding each example's image (a path relative to its data file, or a base64 PNG): the
-    task is then evaluated through the model's processor, and splits are disjoint by image pixels."""
+    """Field holding each example's image (a path relative to its data file, or a base64 PNG; null for
+    a text-only example): the task is then evaluated through the model's processor, and image examples
+    are disjoint across splits by image pixels."""
 
 
 def _read_yaml(path: Path) -> tuple[Any, bytes]:
@@ -187,7 +188,7 @@ class Task:
         self._validate_rows()
         if spec.image_field is not None:
             # The images are part of what is evaluated: the same rows with other pictures are another task.
-            digests = [image.digest for split in SPLITS for image in self.images(split)]
+            digests = [image.digest if image else "" for split in SPLITS for image in self.images(split)]
             self._fingerprint = hashlib.sha256("\n".join([fingerprint, *digests]).encode()).hexdigest()
 
     @property
@@ -200,15 +201,17 @@ class Task:
         """True when every example carries an image (the task names an `image_field`)."""
         return self.spec.image_field is not None
 
-    def images(self, split: str) -> list[TaskImage]:
-        """The decoded images of `split`, in example order (decoded once, on first use: at load)."""
+    def images(self, split: str) -> list[TaskImage | None]:
+        """The decoded images of `split`, in example order, None for a text-only example (decoded once,
+        on first use: at load)."""
         split = check_split(split)
         field = self.spec.image_field
         if field is None:
             raise TaskError(f"task {self.name!r} has no image_field")
         if split not in self._images:
             self._images[split] = [
-                load_image(row[field], self._data_files[split], f"task file {self.path}: {split} example {number}")
+                None if row[field] is None
+                else load_image(row[field], self._data_files[split], f"task file {self.path}: {split} example {number}")
                 for number, row in enumerate(self._splits[split], start=1)
             ]
         return self._images[split]
@@ -303,19 +306,24 @@ class Task:
                     )
 
     def _check_disjoint(self) -> None:
+        text_rows = self._splits
         if self.spec.image_field is not None:
             # An image seen while searching makes any question about it a search example.
-            seen = {image.digest: number for number, image in enumerate(self.images("search"), start=1)}
-            for number, image in enumerate(self.images("test"), start=1):
-                if image.digest in seen:
+            images = {split: self.images(split) for split in SPLITS}
+            seen = {image.digest: number for number, image in enumerate(images["search"], start=1) if image}
+            for number, image in enumerate(images["test"], start=1):
+                if image and image.digest in seen:
                     raise TaskError(
                         f"task file {self.path}: test example {number} has the same image as search example "
                         f"{seen[image.digest]} (splits must be disjoint by image content)"
                     )
-            return
+            text_rows = {
+                split: [row for row, image in zip(self._splits[split], images[split], strict=True) if image is None]
+                for split in SPLITS
+            }
         fields = self._fields or [self.spec.answer_field]
-        search = {_row_key(row, fields): row for row in self._splits["search"]}
-        overlap = [row for row in self._splits["test"] if _row_key(row, fields) in search]
+        search = {_row_key(row, fields): row for row in text_rows["search"]}
+        overlap = [row for row in text_rows["test"] if _row_key(row, fields) in search]
         if overlap:
             example = {field: overlap[0].get(field) for field in fields}
             raise TaskError(
