@@ -133,6 +133,7 @@ class ParameterGenome:
             parameters=shared,
             seed=seed,
             name=self.config.name,
+            submodule=self.config.submodule,
         )
 
     def _rules(self, param_name: str, by_group: Mapping[str, float]) -> object:
