@@ -132,8 +132,14 @@ def zoo(
     size: str = typer.Option("tiny", help="tiny (CPU, minutes) | small | medium (GPU)."),
     seed: int = typer.Option(0, help="Seed of data, initialisation and training."),
     force: bool = typer.Option(False, help="Rebuild even if an identical zoo exists."),
+    family: str = typer.Option("text", "--family", help="text, or vlm: a tiny Llava grown from the text zoo's base."),
 ) -> None:
     """Build the tiny model family (base, specialists, task files) deterministically."""
+    if _choice(family, ("text", "vlm"), "--family") == "vlm":
+        if size != "tiny":
+            raise ConfigError(f"--family vlm grows from the tiny text zoo only; drop --size {size}")
+        _build_vlm_zoo(out, seed=seed, force=force)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -163,6 +169,17 @@ def zoo(
     console.print(f"zoo ({size}, seed {seed}) at {built.root}: base {built.base}")
     for name, path in built.specialists.items():
         console.print(f"  specialist {name} ({built.skills[name]}): {path}")
+    console.print(f"  tasks: {', '.join(built.tasks)}; target: {built.target_task}")
+
+
+def _build_vlm_zoo(out: Path, *, seed: int, force: bool) -> None:
+    from evomerge.zoo.vlm import build_vlm_zoo
+
+    with err_console.status("building the VLM zoo (and the tiny text zoo it grows from)") as status:
+        built = build_vlm_zoo(
+            out, seed=seed, force=force, on_progress=lambda model, done, steps: status.update(f"training {model} {done}/{steps}")
+        )
+    console.print(f"VLM zoo (seed {seed}) at {built.root}: vlm {built.vlm}, language parent {built.language}")
     console.print(f"  tasks: {', '.join(built.tasks)}; target: {built.target_task}")
 
 
@@ -261,14 +278,16 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the zoo and the search."),
     zoo: Path | None = typer.Option(None, help="Zoo directory (default: built once into ~/.cache/evomerge)."),
     start: str = typer.Option("init", help="CMA-ES start: init (every gene's init, the paper) or best_baseline."),
+    vlm: bool = typer.Option(False, "--vlm", help="The vision-language demo: evolve a tiny Llava's language tower."),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
     from evomerge.pipelines.demo import run_demo
+    from evomerge.pipelines.demo_vlm import run_vlm_demo
 
     display = _SearchDisplay()
     with display.progress:
         budget = {} if candidates is None else {"candidates": candidates}
-        outcome, summary = run_demo(
+        outcome, summary = (run_vlm_demo if vlm else run_demo)(
             out, seed=seed, zoo_dir=zoo, start=_choice(start, ("init", "best_baseline"), "--start"),
             on_candidate=display.candidate, on_status=display.status, **budget,
         )

@@ -59,7 +59,7 @@ class VlmPreset:
 
 
 VLM_PRESET = VlmPreset(
-    train=VlmTrainConfig(steps=1500, batch_size=64, lr_vision=3e-3, lr_language=5e-4, text_replay=0.3),
+    train=VlmTrainConfig(steps=600, batch_size=64, lr_vision=3e-3, lr_language=5e-4, text_replay=0.3),
     splits=VlmSplits(vqa=(200, 300), vqa_l2=(100, 300), target_visual=(100, 250), target_text=(100, 250)),
 )
 
