@@ -6,19 +6,12 @@ import json
 import random
 
 import numpy as np
-import pytest
 
 from evomerge.evaluate import Evaluator, load_causal_lm, load_task
 from evomerge.zoo.builder import source_digest
 from evomerge.zoo.vlm import build_vlm_zoo, default_vlm_zoo_dir
 from evomerge.zoo.vlm.scenes import GRID, MAX_OBJECTS, answer, draw_scene, render
 from evomerge.zoo.vlm.train import make_processor, visual_batch
-
-
-@pytest.fixture(scope="session")
-def vlm_zoo(zoo):
-    """The seed's VLM zoo, built once per machine into the cache beside the text zoo (`zoo`)."""
-    return build_vlm_zoo(seed=zoo.manifest["seed"], text_zoo_dir=zoo.root)
 
 
 def test_a_scene_is_drawn_as_its_squares():

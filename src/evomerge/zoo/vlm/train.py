@@ -25,7 +25,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from evomerge.zoo.tasks import Family
-from evomerge.zoo.train import IGNORE_INDEX, encode_batch, sample_batch
+from evomerge.zoo.train import IGNORE_INDEX, TrainConfig, encode_batch, sample_batch
 from evomerge.zoo.vlm.scenes import IMAGE_SIZE, QUESTIONS, Scene, draw_scene, render, visual_problem
 
 PATCH_SIZE = 4
@@ -45,6 +45,14 @@ class VlmTrainConfig:
     lr_language: float
     text_replay: float
     warmup: int = 50
+
+    def lr_scale(self, step: int) -> float:
+        """The text zoo's schedule as a factor of each peak: linear warm-up, cosine decay to 0.1.
+
+        The decay matters: at a constant rate the counting skill came and went (1.0, then 0.62 a hundred
+        steps later, then 1.0 again, measured on held-out pictures), so a build's last step decided it.
+        """
+        return TrainConfig(self.steps, 1.0, self.batch_size, (), warmup=self.warmup).lr_at(step)
 
 
 def make_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
@@ -124,7 +132,7 @@ def train_vlm(
     losses = []
     for step in range(config.steps):
         for group, peak in zip(optimizer.param_groups, peaks, strict=True):
-            group["lr"] = peak * min(1.0, (step + 1) / config.warmup)
+            group["lr"] = peak * config.lr_scale(step)
         if rng.random() < config.text_replay:
             batch = sample_batch(rng, families, mixture, config.batch_size)
             input_ids, mask, labels = encode_batch(batch, tokenizer.get_vocab(), tokenizer.pad_token_id)
