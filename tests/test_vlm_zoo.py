@@ -72,4 +72,9 @@ def test_the_vlm_counts_in_language_1_and_the_target_needs_both_parents(vlm_zoo)
     visual = [v for v, image in zip(report["target"].values, target.images("test"), strict=True) if image is not None]
     text = [v for v, image in zip(report["target"].values, target.images("test"), strict=True) if image is None]
     assert len(visual) == len(text)
-    assert np.mean(visual) > 0.9 and np.mean(text) < 0.5
+    assert np.mean(visual) > 0.9
+    # The text half is the first rows of the text zoo's translate test split: the language specialist
+    # writes them far better than the VLM, whose language model is the base's, lightly fine-tuned.
+    specialist, tokenizer = load_causal_lm(vlm_zoo.language)
+    translate = Evaluator(tokenizer, [load_task(vlm_zoo.text.tasks["translate"])], "test").evaluate(specialist, limit=len(text))
+    assert translate["translate"].score > np.mean(text) + 0.2
