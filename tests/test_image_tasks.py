@@ -194,3 +194,11 @@ def test_cli_eval_scores_a_vlm_on_an_image_task(tmp_path, tiny_vlm, vlm, monkeyp
     with torch.no_grad():
         direct = Evaluator(processor, [load_task(path)]).evaluate(model)
     assert json.loads(out.read_text())["tasks"]["vqa"]["values"] == direct["vqa"].values
+
+
+def test_an_image_prompt_longer_than_the_language_models_context_is_refused(tmp_path, vlm):
+    model, processor = vlm
+    # 4 image tokens + 120 prompt characters + "=" + 6 new tokens > the tiny Llava's 128 positions.
+    task = load_task(write_image_task(tmp_path, [{"seed": 1, "question": "7" * 120}], [{"seed": 2}]))
+    with pytest.raises(TaskError, match="search example 1 needs 125 prompt tokens \\+ 6 new tokens, more than the model's context of 128"):
+        Evaluator(processor, [task]).evaluate(model)

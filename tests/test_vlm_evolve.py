@@ -131,6 +131,27 @@ def test_the_exported_champion_is_a_llava_that_answers_an_image_question(vlm_run
     assert yaml.safe_load((out / "recipe.yaml").read_text())["submodule"]["prefix"] == "language_model."
 
 
+def test_lineage_of_the_exported_vlm_leads_to_the_vlm_the_llm_and_the_base(vlm_run, tiny_vlm, tiny_llama, tmp_path):
+    from evomerge.lineage.dag import checkpoint_id, lineage
+    from evomerge.models import Checkpoint
+
+    root, _ = vlm_run
+    out = export_candidate(root / "run", "champion", tmp_path / "champion")
+    graph = lineage(out)
+    leaves = {node.id for node in graph.nodes.values() if node.kind == "checkpoint"}
+    expected = {checkpoint_id(Checkpoint.open(path).content_hash()) for path in (tiny_vlm, tiny_llama(0), tiny_llama(1))}
+    assert leaves == expected
+
+
+def test_a_vlm_run_with_two_workers_counts_every_candidate(vlm_run, tmp_path):
+    root, _ = vlm_run
+    config = yaml.safe_load((root / "evolve.yaml").read_text())
+    config["objectives"] = [{"task": str(root / "vqa.yaml")}]
+    (tmp_path / "evolve.yaml").write_text(yaml.safe_dump(config))
+    outcome = evolve(tmp_path / "evolve.yaml", tmp_path / "run", workers=2)
+    assert outcome.candidates == 4 and len(load_run(tmp_path / "run")[1].counted_trials()) == 4
+
+
 def test_dfs_over_a_vlm_is_refused_in_one_sentence(tmp_path, tiny_vlm, tiny_llama):
     write_image_task(tmp_path, [{"seed": 1}], [{"seed": 2}])
     config = {

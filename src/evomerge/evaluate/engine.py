@@ -209,7 +209,8 @@ class Evaluator:
     def _check_context(self, model: PreTrainedModel) -> None:
         """Refuse, before any work, an example longer than the model can read: a too-long prompt would
         otherwise fail deep inside attention or grow memory until the kernel kills the process."""
-        context = getattr(model.config, "max_position_embeddings", None)
+        # An image-text model's context is its language model's (Llava's config nests it in text_config).
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if not context:
             return
         for prepared in self._prepared.values():
