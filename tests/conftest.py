@@ -213,7 +213,7 @@ def evolve_tiny_run(run_dir: Path, base: Path, parents: list[Path], task: Path) 
         "name": run_dir.name, "base_model": str(base), "parents": [str(p) for p in parents], "method": "dare_ties",
         "genome": {"weight": {"bounds": [0, 1.5], "granularity": "per_layer"}, "density": {"bounds": [0.1, 1.0]}},
         "objectives": [{"task": str(task)}], "budget": {"candidates": 4, "population": 2}, "optimizer": "random",
-        "intended_use": f"test model {run_dir.name}", "batch_size": 16,
+        "intended_use": f"test model {run_dir.name}", "batch_size": 16, "license": "apache-2.0",
     }))
     evolve(config_path, run_dir)
     return run_dir

@@ -49,8 +49,12 @@ def target_node(module: str, names: list[str]) -> str:
     parts = module.split(".")
     if len(parts) > 1:
         return parts[1]
-    # `from evomerge import errors` imports a module; `from evomerge import __version__` the package.
+    # `from evomerge import errors` imports a module; `from evomerge import evolve` the package facade.
     submodules = {n for n in names if (SRC / n).is_dir() or (SRC / f"{n}.py").is_file()}
+    if not submodules and names == ["__version__"]:
+        # A constant the package defines before anything else (its facade imports lazily): a leaf that
+        # every layer may read, so `zoo`/`search` reading it is no cycle through `evomerge.evolve`.
+        return "version"
     return next(iter(submodules), "evomerge")
 
 

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from conftest import read_tensors
+from evomerge.merge import run_merge
 from evomerge.merge.recipe import load_recipe, parse_recipe
 
 EVOMERGE = Path(sys.executable).parent / "evomerge"  # the console script `pip install` created
@@ -70,8 +71,12 @@ def test_merge_writes_a_loadable_model_with_card_and_recipes(tiny_family, tmp_pa
     assert generated.shape[1] == prompt["input_ids"].shape[1] + 3
 
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == [str(tiny_family[k]) for k in ("base", "ft1", "ft2")]
-    assert {"merge", "evomerge"} <= set(card.data.tags)
+    assert card.data.base_model is None  # local parents are no Hub ids; the card names them by directory
+    assert {"merge", "evomerge", "mergekit"} <= set(card.data.tags)
+    # The library writes the same card: run_merge from Python is what the command calls.
+    from_python = tmp_path / "from_python" / "merged"
+    run_merge(parse_recipe(seeded_dare_ties(tiny_family)), from_python)
+    assert (from_python / "README.md").read_text() == (out / "README.md").read_text()
 
     # recipe.yaml is the complete recipe: re-merging it reproduces every tensor, DARE masks included.
     saved = out / "recipe.yaml"

@@ -128,7 +128,7 @@ def test_task_vectors_are_resident_once(tiny_family) -> None:
 
 def test_candidates_must_belong_to_the_merger_family(tiny_family) -> None:
     merger = InMemoryMerger(dare_ties(tiny_family, seed=0))
-    with pytest.raises(ConfigError, match="method, base model and parents"):
+    with pytest.raises(ConfigError, match=r"method, base model and \(some of its\) parents"):
         dict(merger.tensors(linear(tiny_family, 0.5)))
     stacked = parse_recipe(
         {
@@ -138,3 +138,16 @@ def test_candidates_must_belong_to_the_merger_family(tiny_family) -> None:
     )
     with pytest.raises(ConfigError, match="slices"):
         InMemoryMerger(stacked)
+
+
+def test_a_subset_of_the_parents_merges_like_a_merger_of_that_subset(tiny_family) -> None:
+    """A pool search's candidate uses some of the template's parents: the same weights as a merger holding
+    only those, and a reordered or foreign subset is refused."""
+    full = dare_ties(tiny_family, seed=0)
+    alone = full.model_copy(update={"models": full.models[1:]})
+    expected = dict(InMemoryMerger(alone).tensors(alone))
+    for name, tensor in InMemoryMerger(full).tensors(alone):
+        torch.testing.assert_close(tensor, expected[name])
+    reordered = full.model_copy(update={"models": list(reversed(full.models))})
+    with pytest.raises(ConfigError, match="some of its"):
+        dict(InMemoryMerger(full).tensors(reordered))

@@ -141,3 +141,19 @@ def test_an_unreachable_study_database_is_a_config_error_and_leaves_nothing(fini
     with pytest.raises(ConfigError, match=rf"cannot open the study database postgresql\+psycopg2://nobody@127.0.0.1:{port}/nothing"):
         evolve(tmp_path / "pg.yaml", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_frozen_before_a_config_field_existed_resumes(tmp_path):
+    """A frozen config without a field added later (here `fitness`, `parents_pool`) means that field's
+    default, so resuming it is not a different config; a changed value still is."""
+    from evomerge.search.config import EvolveConfig
+    from evomerge.search.store import CONFIG_FILE, prepare_run_dir
+
+    config = EvolveConfig.model_validate({"parents": ["a", "b"], "genome": {"weight": {}}, "objectives": [{"task": "t"}]})
+    older = config.model_dump(mode="json")
+    del older["fitness"], older["parents_pool"]
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(older))
+    (tmp_path / STUDY_FILE).write_text("")
+    prepare_run_dir(config, tmp_path)
+    with pytest.raises(ConfigError, match="different config"):
+        prepare_run_dir(config.model_copy(update={"seed": 5}), tmp_path)

@@ -124,11 +124,43 @@ def test_a_task_with_response_charset_scores_a_correct_answer_in_the_wrong_scrip
     rows = [json.loads(line) for line in (zoo.tasks["add"].parent / "add_test.jsonl").read_text().splitlines()][:64]
     model, tokenizer = load_causal_lm(zoo.specialists["math"], device="cpu", dtype=torch.float32)
     scores = {}
-    for name, extra in (("plain", {}), ("l2_only", {"response_charset": "[a-j]"})):
+    checks = (("plain", {}), ("l2_only", {"response_charset": "[a-j]"}), ("japanese", {"response_language": "ja"}))
+    for name, extra in checks:
         path = write_task_files(tmp_path / name, rows[60:], rows[:60], name=name, scorer="number", **extra)
         scores[name] = Evaluator(tokenizer, [load_task(path)], split="test").evaluate(model)[name].score
     assert scores["plain"] > 0.3  # right answers...
     assert scores["l2_only"] == 0.0  # ...in the wrong script
+    assert scores["japanese"] == 0.0  # ...and in no language the identifier calls Japanese
+
+
+def test_response_language_asks_a_language_identifier_about_the_whole_response(tmp_path):
+    from evomerge.evaluate.language import language_check
+
+    japanese = language_check("ja", tmp_path / "t.yaml")
+    number = build("number")
+    assert number.score("答えは42です。", "42", response_language=japanese) == 1.0
+    assert number.score("Let me think in English. The answer is 42", "42", response_language=japanese) == 0.0
+    # The answer is right and the response Japanese up to the stop; what follows the stop is not judged.
+    assert number.score("答えは42です。\nThe answer is 42", "42", stop=["\n"], response_language=japanese) == 1.0
+    assert number.score("   ", "42", response_language=japanese) == 0.0
+    assert language_check(None, tmp_path / "t.yaml") is None
+
+
+def test_an_unknown_or_unavailable_language_identifier_is_a_task_error(tmp_path, monkeypatch):
+    import sys
+
+    from conftest import write_task_files
+    from evomerge.errors import TaskError
+    from evomerge.evaluate import load_task
+
+    rows = [{"question": "1+1", "answer": "2"}]
+    path = write_task_files(tmp_path, rows, rows, response_language="klingon")
+    with pytest.raises(TaskError, match=r"t\.yaml: field 'response_language' is 'klingon', which is not an ISO"):
+        load_task(path)
+    monkeypatch.setitem(sys.modules, "py3langid", None)  # the extra not installed
+    path = write_task_files(tmp_path, rows, rows, response_language="ja")
+    with pytest.raises(TaskError, match=r"needs the optional language identifier \(pip install 'evomerge\[langid\]'\)"):
+        load_task(path)
 
 
 @given(st.integers(min_value=-(10**12), max_value=10**12), st.text(alphabet="abc xyz:=", max_size=12))

@@ -16,6 +16,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import write_sum_task
@@ -159,7 +160,7 @@ def test_parent_baseline_is_the_source_model_itself(dfs_run):
 @torch.no_grad()
 def test_exported_champion_loads_with_transformers_and_matches_the_path(dfs_run, tmp_path):
     root, sources, outcome = dfs_run
-    out = export_candidate(root / "run", "champion", tmp_path / "champion")
+    out = export_candidate(root / "run", "champion", tmp_path / "champion", license="mit")
     study = load_run(root / "run")[1].study
     spec = PathCandidate.from_json(study.trials[outcome.selection.champion].user_attrs["path"]).spec
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -174,7 +175,10 @@ def test_exported_champion_loads_with_transformers_and_matches_the_path(dfs_run,
     assert [p["ref"] for p in lineage["parents"]] == sources
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["test"] == outcome.test_results[f"candidate:{outcome.selection.champion}"]["test"]
-    assert "layer paths" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "layer paths" in card and "## Why there is no mergekit configuration" in card
+    assert not (out / "mergekit_config.yml").exists() and "passthrough" in (out / "MERGEKIT.md").read_text()
+    assert ModelCard.load(out / "README.md").data.license == "mit"
 
 
 def invoke(monkeypatch, capsys, *args: str) -> tuple[int, str]:

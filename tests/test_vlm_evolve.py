@@ -75,6 +75,7 @@ def vlm_run(tiny_vlm, tiny_llama, tmp_path_factory):
         "budget": {"candidates": 4, "population": 4},
         "seed": 3,
         "intended_use": "tests",
+        "license": "apache-2.0",
     }
     (root / "evolve.yaml").write_text(yaml.safe_dump(config))
     return root, evolve(root / "evolve.yaml", root / "run")

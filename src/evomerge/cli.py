@@ -213,7 +213,7 @@ class _SearchDisplay:
             self.best = result.fitness if self.best is None else max(self.best, result.fitness)
         rate = 60 * self.count / max(time.monotonic() - self.started, 1e-9)
         best = "-" if self.best is None else f"{self.best:.4f}"
-        info = f"gen {result.generation}  best {best}  {rate:.0f}/min  racing saved {self.saved} examples"
+        info = f"gen {result.generation}  best {best}  {rate:.0f}/min  saved {self.saved} examples (racing or estimates)"
         self.progress.update(self.task, description="candidates", advance=1, info=info)
 
 
@@ -263,11 +263,12 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output directory of the release packet."),
     candidate: str = typer.Option("champion", help="A trial number, or 'champion'."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory once complete."),
+    license: str | None = typer.Option(None, help="The packet's license (default: the config's, else the parents')."),
 ) -> None:
     """Write a candidate as a release packet: weights, recipe, lineage, evaluation and model card."""
     from evomerge.lineage.packet import export_candidate
 
-    path = export_candidate(run, candidate, out, overwrite=overwrite)
+    path = export_candidate(run, candidate, out, overwrite=overwrite, license=license)
     console.print(f"exported candidate {candidate} of {run} to {path}")
 
 
@@ -354,22 +355,12 @@ def merge(
     """Merge checkpoints as a recipe says and write a Hugging Face checkpoint with its model card."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from evomerge.lineage.card import CardInfo, render_model_card
     from evomerge.merge.recipe import load_recipe
     from evomerge.merge.stream import run_merge
 
     parsed = load_recipe(recipe)
     if dtype is not None:
         parsed = parsed.model_copy(update={"out_dtype": _choice(dtype, ("float32", "float16", "bfloat16"), "--dtype")})
-    card = render_model_card(
-        CardInfo(
-            name=parsed.name or out.name,
-            method=parsed.method,
-            parents=parsed.parent_refs(),
-            base_model=parsed.base_model,
-            recipe_yaml=parsed.to_yaml(),
-        )
-    )
     with Progress(
         TextColumn("[bold]merging[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, transient=True,
@@ -381,7 +372,6 @@ def merge(
             device=device,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
-            extra_files={"README.md": card},
             keep=(recipe,),
             on_plan=lambda total: progress.update(bar, total=total),
             on_tensor=lambda _name: progress.advance(bar),

@@ -5,11 +5,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from evomerge.errors import TaskError
+from evomerge.evaluate.offline import datasets_offline
 
 Row = dict[str, Any]
 
@@ -66,17 +66,13 @@ def read_jsonl(path: Path) -> list[Row]:
 
 def load_cached_dataset(spec: CachedDatasetSpec, task_file: Path) -> tuple[dict[str, list[Row]], str]:
     """Load a `datasets` dataset strictly offline; return the rows per split and a content fingerprint."""
-    # Offline before the first import: `datasets` reads these flags when it is imported.
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     try:
-        import datasets
+        datasets_offline()
     except ImportError:
         raise TaskError(
             f"task file {task_file}: data.dataset needs the `datasets` package installed"
         ) from None
-    if hasattr(datasets.config, "HF_HUB_OFFLINE"):
-        datasets.config.HF_HUB_OFFLINE = True
+    import datasets
     splits: dict[str, list[Row]] = {}
     digest = hashlib.sha256()
     for split, name in (("search", spec.search_split), ("test", spec.test_split)):

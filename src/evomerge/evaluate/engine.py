@@ -314,7 +314,10 @@ class Evaluator:
             text = truncate_at_stop(self.tokenizer.decode(produced[i].ids, skip_special_tokens=True), stops)
             outputs.append(text)
             values.append(
-                task.scorer.score(text, answers[i], charset=task.charset, response_charset=task.response_charset)
+                task.scorer.score(
+                    text, answers[i], charset=task.charset, response_charset=task.response_charset,
+                    response_language=task.response_language,
+                )
             )
         prompt_tokens = sum(len(prepared.prompt_ids[i]) for i in chosen)
         # Count every token the model produced, the final EOS included (throughput accounting).

@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Any, Literal
 
 import regex
@@ -61,12 +62,23 @@ def charset_ok(answer: str, charset: re.Pattern[str] | None) -> bool:
 
     A deterministic script check, e.g. `"[\\u3040-\\u30ff\\u4e00-\\u9fff0-9]"` for Japanese with digits.
     The paper counted an answer only if a language identifier (fastText) found the *whole response* in
-    Japanese; a task's `response_charset` applies this check to the whole response, its `answer_charset`
-    only to the extracted answer (weaker: "Let me think in English. The answer is 42" passes it).
+    Japanese (a task's `response_language`, `evaluate.language`); its `response_charset` applies this
+    script check to the whole response, its `answer_charset` only to the extracted answer (weaker: "Let me
+    think in English. The answer is 42" passes it).
     """
     if charset is None:
         return True
     return all(charset.fullmatch(char) for char in answer if not char.isspace())
+
+
+def compile_charset(pattern: str | None, field: str, path: Path) -> re.Pattern[str] | None:
+    """A task's charset field compiled; TaskError naming the file and field when it is no regex."""
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise TaskError(f"task file {path}: field '{field}' is not a valid regex ({error})") from None
 
 
 class _Args(BaseModel):
@@ -117,11 +129,15 @@ class GenerativeScorer:
         stop: Sequence[str] = (),
         charset: re.Pattern[str] | None = None,
         response_charset: re.Pattern[str] | None = None,
+        response_language: Callable[[str], bool] | None = None,
     ) -> float:
-        """1.0 if the (stop-truncated) generation passes `response_charset` and its extracted answer
-        matches and passes `charset`."""
+        """1.0 if the (stop-truncated) generation passes `response_charset` and `response_language` (a
+        language identifier's verdict on the whole response) and its extracted answer matches and passes
+        `charset`."""
         response = truncate_at_stop(generation, stop)
         if not charset_ok(response, response_charset):
+            return 0.0
+        if response_language is not None and not response_language(response):
             return 0.0
         extracted = self.extract(response)
         if extracted is None or not extracted.strip():

@@ -22,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from evomerge.errors import TaskError
 from evomerge.evaluate.data import Row, load_cached_dataset, read_rows
 from evomerge.evaluate.images import TaskImage, load_image
+from evomerge.evaluate.language import language_check
 from evomerge.evaluate.scorers import (
     GenerativeScorer,
     LoglikScorer,
     Scorer,
     choice_index,
+    compile_charset,
     get_scorer_spec,
     scorer_names,
 )
@@ -111,6 +113,8 @@ class TaskSpec(_Strict):
     response_charset: str | None = None
     """Regex every non-space character of the *whole response* (up to the stop string) must match: the
     deterministic stand-in for the paper's language identification of the full answer."""
+    response_language: str | None = None
+    """ISO 639-1 code the whole response must be identified as (the paper's check; the `langid` extra)."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     image_field: str | None = None
     """Field holding each example's image (a path relative to its data file, or a base64 PNG; null for
@@ -182,8 +186,9 @@ class Task:
         self._data_files = dict(data_files or {split: path for split in SPLITS})
         self._images: dict[str, list[TaskImage]] = {}
         self.scorer: Scorer = _build_scorer(spec, path)
-        self.charset: re.Pattern[str] | None = _compile_charset(spec.answer_charset, "answer_charset", path)
-        self.response_charset = _compile_charset(spec.response_charset, "response_charset", path)
+        self.charset: re.Pattern[str] | None = compile_charset(spec.answer_charset, "answer_charset", path)
+        self.response_charset = compile_charset(spec.response_charset, "response_charset", path)
+        self.response_language = language_check(spec.response_language, path)
         self._fields = _prompt_fields(spec.prompt, path)
         self._validate_rows()
         if spec.image_field is not None:
@@ -363,15 +368,6 @@ def _build_scorer(spec: TaskSpec, path: Path) -> Scorer:
         return scorer_spec.build(args)
     except ValueError as error:  # a factory's own check of its arguments, naming the field
         raise TaskError(f"task file {path}: {error}") from None
-
-
-def _compile_charset(pattern: str | None, field: str, path: Path) -> re.Pattern[str] | None:
-    if pattern is None:
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as error:
-        raise TaskError(f"task file {path}: field '{field}' is not a valid regex ({error})") from None
 
 
 def check_split(split: str) -> str:

@@ -1,12 +1,10 @@
-"""Lineage: ancestry across runs, release packets and model cards (see docs/ARCHITECTURE.md).
+"""Lineage: ancestry across runs, release packets and their cards (see docs/ARCHITECTURE.md).
 
-`card` is imported eagerly (the merge command needs only it); the rest reads runs, which pulls in the
-search and transformers, so it is loaded on first use to keep `evomerge merge` start-up short.
+Everything here reads runs, which pulls in the search and transformers, so it is loaded on first use.
+The card renderer every merge shares is `evomerge.merge.card`.
 """
 
-from evomerge.lineage.card import CardInfo, CardScore, render_model_card
-
-__all__ = ["CardInfo", "CardScore", "export_candidate", "lineage", "render_model_card"]
+__all__ = ["export_candidate", "lineage"]
 
 
 def __getattr__(name: str):

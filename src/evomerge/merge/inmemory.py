@@ -36,7 +36,8 @@ class _Resident:
 
 
 class InMemoryMerger:
-    """Merge candidates of one recipe family (same method, base and parents) without touching disk."""
+    """Merge candidates of one recipe family (same method and base; the template's parents or an ordered
+    subset of them) without touching disk."""
 
     def __init__(self, template: Recipe, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         if template.slices is not None:
@@ -78,33 +79,39 @@ class InMemoryMerger:
                 total += resident.base.numel() * resident.base.element_size()
         return total
 
-    def _check_family(self, recipe: Recipe) -> None:
+    def _rows(self, recipe: Recipe) -> list[int] | None:
+        """The resident rows a candidate merges: None for every parent, else the indices of the subset of
+        the template's parents it uses, in template order (a search choosing its parents from a pool)."""
         same = (
             recipe.method == self.template.method
             and recipe.base_model == self.template.base_model
-            and [m.model for m in recipe.models] == [m.model for m in self.template.models]
             and recipe.submodule == self.template.submodule
         )
-        if not same:
-            raise ConfigError("a candidate recipe must use the merger's method, base model and parents")
+        template = [m.model for m in self.template.models]
+        models = [m.model for m in recipe.models]
+        rows = [template.index(m) for m in models] if same and set(models) <= set(template) else []
+        if not rows or rows != sorted(set(rows)):
+            raise ConfigError("a candidate recipe must use the merger's method, base model and (some of its) parents")
+        return None if models == template else rows
 
     def tensors(self, recipe: Recipe, *, check_finite: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(name, merged tensor)` for a candidate recipe, on the merger's device."""
-        self._check_family(recipe)
+        rows = self._rows(recipe)
         for job in plan_jobs(recipe, self.spec, self.checkpoints):
             resident = self._resident[job.out_name]
-            if job.copy:
+            if job.copy:  # from one donor, whatever the parents
                 yield job.out_name, resident.stacked[0]
                 continue
+            stacked = resident.stacked if rows is None else resident.stacked[rows]
             delta_space = self.spec.space == "delta"
             merged = apply_job(
                 self.spec,
                 resident.base,
-                resident.stacked,
+                stacked,
                 job_parameters(self.spec, job),
                 seed=recipe.seed,
                 out_name=job.out_name,
-                deltas=resident.stacked if delta_space else None,
+                deltas=stacked if delta_space else None,
             )
             if check_finite:
                 require_finite(merged, job.out_name)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
+from evomerge.merge.chat_template import check_chat_template
 from evomerge.merge.registry import OperatorSpec, get_operator
 from evomerge.validation import validation_sentence
 
@@ -112,6 +113,11 @@ class Recipe(BaseModel):
     submodule: Submodule | None = None
     allow_pickle: bool = False
     name: str | None = None
+    # mergekit's key: a template name, `auto` (the parents' most common template), Jinja text, or (evomerge
+    # only) a template file; written as `chat_template.jinja` (merge.chat_template).
+    chat_template: str | None = None
+    # The merged model's license for its card; without it the parents' cards decide (merge.card).
+    license: str | None = None
 
     @model_validator(mode="after")
     def _has_sources(self) -> Recipe:
@@ -143,7 +149,7 @@ class Recipe(BaseModel):
 
     def donor_ref(self) -> str:
         """Where config and tokenizer files come from: explicit source, else the reference model."""
-        if self.tokenizer_source and self.tokenizer_source != "base":
+        if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):  # union extends the base's
             return self.tokenizer_source
         return self.reference_ref()
 
@@ -163,7 +169,7 @@ class Recipe(BaseModel):
         """mergekit's YAML for the same merge, or None where mergekit cannot express it."""
         if self.submodule is not None or self.method not in MERGEKIT_METHODS:
             return None
-        data = self.model_dump(mode="json", exclude_defaults=True, exclude={"allow_pickle", "name", "seed"})
+        data = self.model_dump(mode="json", exclude_defaults=True, exclude={"allow_pickle", "name", "seed", "license"})
         data.pop("method")
         data = {"merge_method": self.method, **data}
         return yaml.safe_dump(data, sort_keys=False)
@@ -187,7 +193,7 @@ MERGEKIT_METHODS = frozenset(
     }
 )
 # mergekit keys with no effect on the numbers (memory or logging options), accepted and ignored.
-MERGEKIT_IGNORED_KEYS = frozenset({"chat_template", "int8_mask"})
+MERGEKIT_IGNORED_KEYS = frozenset({"int8_mask"})
 
 
 def _from_mergekit(data: dict[str, Any], source: str) -> dict[str, Any]:
@@ -342,7 +348,9 @@ def check_against_operator(recipe: Recipe, source: str = "recipe") -> None:
         raise ConfigError(f"{source}: method '{spec.name}' needs a `base_model`")
     _check_required(spec, recipe, source)
     _check_single_input(spec, recipe, source)
-    if recipe.tokenizer_source not in (None, "base") and recipe.tokenizer_source not in recipe.parent_refs():
+    if recipe.chat_template is not None:
+        check_chat_template(recipe.chat_template, source)
+    if recipe.tokenizer_source not in (None, "base", "union") and recipe.tokenizer_source not in recipe.parent_refs():
         raise ConfigError(
             f"{source}: field 'tokenizer_source' names '{recipe.tokenizer_source}', which is not one of the models"
         )

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,13 @@ from typing import Any
 import torch
 
 from evomerge.errors import ExportError
+from evomerge.merge.card import MERGEKIT_CONFIG, CardInfo, render_model_card, resolve_license
+from evomerge.merge.chat_template import (
+    TEMPLATE_FILE,
+    is_template_file,
+    resolve_chat_template,
+    without_chat_template,
+)
 from evomerge.merge.plan import (
     Source,
     TensorJob,
@@ -32,6 +39,7 @@ from evomerge.merge.plan import (
 )
 from evomerge.merge.recipe import Recipe
 from evomerge.merge.registry import OperatorSpec
+from evomerge.merge.union import UNION, UnionVocabulary, union_vocabulary
 from evomerge.models import (
     Checkpoint,
     CheckpointWriter,
@@ -99,11 +107,12 @@ def check_parents(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> Comp
     if recipe.slices is not None:
         depth = (base or merged[0]).num_layers
         merged = [ckpt for ckpt in merged if ckpt.num_layers == depth]
-    tokenizer_source = checkpoints[recipe.donor_ref()] if recipe.tokenizer_source else None
+    union = recipe.tokenizer_source == UNION
+    tokenizer_source = checkpoints[recipe.donor_ref()] if recipe.tokenizer_source and not union else None
     prefix_map = None
     if recipe.submodule is not None:
         prefix_map = {recipe.submodule.prefix: recipe.submodule.parent_prefix}
-    return check_compatible(merged, base=base, tokenizer_source=tokenizer_source, prefix_map=prefix_map)
+    return check_compatible(merged, base=base, tokenizer_source=tokenizer_source, prefix_map=prefix_map, union=union)
 
 
 def _load_inputs(
@@ -115,8 +124,19 @@ def _load_inputs(
     device: str | torch.device,
     dtype: torch.dtype,
     buffer: _ReusedBuffer | None,
+    union: UnionVocabulary | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    aligned: dict[Path, torch.Tensor] = {}
+    if union is not None and job.out_name in compat.vocabulary_tensors:
+        # Re-indexed to the union's ids together: a parent's missing rows come from the others' rows.
+        sources = [*job.inputs, *([job.base] if job.base is not None else [])]
+        aligned = union.align({
+            checkpoints[s.ref].path: checkpoints[s.ref].get(s.tensor, device=device, dtype=dtype) for s in sources
+        })
+
     def load(source: Source) -> torch.Tensor:
+        if aligned:
+            return aligned[checkpoints[source.ref].path]
         tensor = checkpoints[source.ref].get(source.tensor, device=device, dtype=dtype)
         for alignment in compat.row_alignments:
             # Parents with another vocabulary size: rows follow the tokenizer donor (see check_compatible).
@@ -187,6 +207,10 @@ class StreamingMerge:
         self.compute_dtype = compute_dtype
         self.checkpoints = open_parents(recipe, allow_pickle=allow_pickle)
         self.compat = check_parents(recipe, self.checkpoints)
+        self.union: UnionVocabulary | None = None
+        if recipe.tokenizer_source == UNION:
+            self.union = union_vocabulary([self.checkpoints[ref] for ref in recipe.parent_refs()])
+            self.compat = replace(self.compat, config_updates={**self.compat.config_updates, "vocab_size": self.union.size})
         self.jobs = plan_jobs(recipe, self.spec, self.checkpoints)
         self.parameters = [job_parameters(self.spec, job) for job in self.jobs]
 
@@ -201,7 +225,7 @@ class StreamingMerge:
         # The tokenizer donor is one of the opened parents (rows are only aligned with a tokenizer_source).
         load = partial(
             _load_inputs, checkpoints=self.checkpoints, compat=self.compat, tokenizer_donor=self.donor,
-            device=self.device, dtype=self.compute_dtype,
+            device=self.device, dtype=self.compute_dtype, union=self.union,
         )
         # Two buffers take turns: job i is merged from one while job i + 1 is read into the other, which
         # job i - 1 no longer needs (its result was copied out of it, if it pointed into it). Copied
@@ -264,6 +288,40 @@ def refuse_overlaps(out_dir: str | Path, parents: Sequence[Path], keep: Sequence
             raise ExportError(f"output directory {out_dir} contains {what}, which writing it would delete; choose another --out")
 
 
+def merge_files(recipe: Recipe, merge: StreamingMerge, name: str, *, card: bool = True) -> dict[str, str]:
+    """The text files a merge writes besides weights and config: mergekit YAML, chat template, model card.
+
+    The card names the model `recipe.name`, else `name`. A template given as a file is inlined into the
+    mergekit YAML, which takes only names and Jinja text.
+    """
+    files: dict[str, str] = dict(merge.union.files) if merge.union is not None else {}
+    parent_dirs = {ref: Path(merge.checkpoints[ref].path) for ref in recipe.parent_refs()}
+    mergekit_recipe = recipe
+    if recipe.chat_template is not None:
+        template = resolve_chat_template(recipe.chat_template, list(parent_dirs.values()))
+        if template is not None:
+            files[TEMPLATE_FILE] = template
+            donor_config = merge.donor.path / "tokenizer_config.json"
+            if "tokenizer_config.json" in files:  # the union tokenizer's
+                files["tokenizer_config.json"] = without_chat_template(files["tokenizer_config.json"])
+            elif donor_config.is_file():
+                files["tokenizer_config.json"] = without_chat_template(donor_config.read_text(encoding="utf-8"))
+            if is_template_file(recipe.chat_template):
+                mergekit_recipe = recipe.model_copy(update={"chat_template": template})
+    mergekit_yaml = mergekit_recipe.to_mergekit_yaml()
+    if mergekit_yaml is not None:
+        files[MERGEKIT_CONFIG] = mergekit_yaml
+    if not card:
+        return files
+    license_ = resolve_license(parent_dirs, recipe.license, required=False, field_name="the recipe's `license`")
+    files["README.md"] = render_model_card(CardInfo(
+        name=recipe.name or name, method=recipe.method, parents=recipe.parent_refs(),
+        base_model=recipe.base_model, recipe_yaml=recipe.to_yaml(), license=license_,
+        mergekit_config=mergekit_yaml is not None,
+    ))
+    return files
+
+
 def run_merge(
     recipe: Recipe,
     out_dir: str | Path,
@@ -278,13 +336,17 @@ def run_merge(
     max_shard_bytes: int = MERGE_SHARD_BYTES,
     keep: Sequence[Path] = (),
 ) -> MergeResult:
-    """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, extras).
+    """Merge `recipe` into `out_dir` (sharded safetensors, config, tokenizer, `recipe.yaml`, mergekit YAML,
+    `chat_template.jinja`, model card `README.md`; `extra_files` add to or replace them).
 
-    `keep` names files the output must not replace (the recipe file the CLI read).
+    `keep` names files the output must not replace (the recipe file the CLI read). Parents whose cards
+    declare different licenses are refused (`ConfigError`) unless the recipe sets `license`.
     """
     started = time.perf_counter()
     merge = StreamingMerge(recipe, device=device, compute_dtype=compute_dtype, allow_pickle=allow_pickle)
     refuse_overlaps(out_dir, [Path(c.path) for c in merge.checkpoints.values()], keep)
+    # Before any tensor is merged: a license conflict or a missing template file fails fast.
+    files = {**merge_files(recipe, merge, Path(out_dir).name, card="README.md" not in (extra_files or {})), **(extra_files or {})}
     if on_plan is not None:
         on_plan(len(merge))
     donor, compat = merge.donor, merge.compat
@@ -303,10 +365,7 @@ def run_merge(
         writer.copy_files(donor.path, [name for name in DONOR_FILES if (donor.path / name).exists()])
         writer.write_text("config.json", json.dumps(merged_config(recipe, donor, compat), indent=2, sort_keys=True))
         writer.write_text("recipe.yaml", recipe.to_yaml())
-        mergekit_yaml = recipe.to_mergekit_yaml()
-        if mergekit_yaml is not None:
-            writer.write_text("mergekit_config.yml", mergekit_yaml)
-        for relpath, text in (extra_files or {}).items():
+        for relpath, text in files.items():
             writer.write_text(relpath, text)
     return MergeResult(Path(out_dir), len(merge), time.perf_counter() - started, compat)
 

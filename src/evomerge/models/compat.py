@@ -54,6 +54,7 @@ class CompatReport:
     config_updates: dict[str, int]
     notes: tuple[str, ...]
     verdict: str
+    vocabulary_tensors: tuple[str, ...] = ()  # embedding / LM-head tensors (rows = tokens), reference names
 
 
 def check_compatible(
@@ -62,6 +63,7 @@ def check_compatible(
     base: Checkpoint | None = None,
     tokenizer_source: Checkpoint | None = None,
     prefix_map: Mapping[str, str] | None = None,
+    union: bool = False,
 ) -> CompatReport:
     """Check that `checkpoints` (and `base`) can be merged tensor by tensor; raise `CompatibilityError`.
 
@@ -74,6 +76,9 @@ def check_compatible(
     `R..T-1` are copied from the tokenizer source's own tensor (a zero task vector there, so those
     tokens keep the source's embedding). Aligning by id is only meaningful when the tokenizers agree on
     the ids they share, so a token id mapped to different tokens is refused. `align_rows` applies it.
+
+    `union` (mergekit's `tokenizer_source: union`) allows any vocabularies: the caller re-indexes every
+    vocabulary tensor to the union of the tokens (`merge.union`), so rows and tokenizers are not compared.
 
     `prefix_map` maps a name prefix of the reference model (base, else first) to a prefix in the other
     parents, e.g. `{"language_model.": ""}` to merge a Llava model's language tower with plain Llama
@@ -93,7 +98,8 @@ def check_compatible(
     alignments = []
     for other in parents[1:]:
         alignments += _check_shapes(
-            reference, other, names, prefix_map, vocab_tensors, target_rows, tokenizer_source
+            reference, other, names, prefix_map, vocab_tensors, None if union else target_rows,
+            reference if union else tokenizer_source,
         )
         if other.architecture != reference.architecture:
             notes.append(f"{other.path} is a {other.architecture}, the reference a {reference.architecture}.")
@@ -101,12 +107,15 @@ def check_compatible(
     if len(dtypes) > 1:
         notes.append(f"parents store different dtypes ({', '.join(sorted(map(str, dtypes)))}).")
     fingerprints = {str(p.path): p.tokenizer_fingerprint() for p in parents}
-    _check_tokenizers(parents, fingerprints, tokenizer_source, target_rows)
+    if not union:
+        _check_tokenizers(parents, fingerprints, tokenizer_source, target_rows)
     tokenizer_donor = tokenizer_source or reference
     config_updates = {}
     if target_rows is not None and tokenizer_source is not None and _config_vocab(tokenizer_donor) != target_rows:
         config_updates["vocab_size"] = target_rows
     verdict = _verdict(parents, names, tokenizer_source, alignments)
+    if union:
+        verdict = verdict.replace(", one tokenizer", ", the union of their vocabularies")
     return CompatReport(
         architecture=reference.architecture,
         model_type=reference.model_type,
@@ -119,6 +128,7 @@ def check_compatible(
         config_updates=config_updates,
         notes=tuple(notes),
         verdict=verdict,
+        vocabulary_tensors=tuple(sorted(vocab_tensors)),
     )
 
 

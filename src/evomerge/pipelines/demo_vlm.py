@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evomerge.pipelines.demo import DEMO_START, evolve_and_summarise
+from evomerge.pipelines.demo import DEMO_LICENSE, DEMO_START, evolve_and_summarise
 from evomerge.pipelines.evolve import EvolveOutcome
 from evomerge.search.run import CandidateResult
 from evomerge.zoo.vlm import VlmZoo, build_vlm_zoo
@@ -43,6 +43,8 @@ def vlm_demo_config(
         "seed": seed,
         "cpu_threads": 1,
         "intended_use": "Demonstration on synthetic pictures and tasks; not for real use.",
+        # As the text demo: the zoos' models are evomerge's own work and carry no card.
+        "license": DEMO_LICENSE,
     }
 
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.lineage import export_candidate
 from evomerge.models import LINEAGE_FILE
 from evomerge.search import store as runs
-from evomerge.search.config import EvolveConfig, load_evolve_config, resolve_path
+from evomerge.search.config import EvolveConfig, load_evolve_config, parse_evolve_config, resolve_path
+from evomerge.search.external import ObjectiveFunction
 from evomerge.search.integrity import parent_refs, verify_parents_unchanged
 from evomerge.search.results import Selection, evaluate_on_test, select
 from evomerge.search.run import CandidateResult, SearchRun
@@ -44,44 +45,57 @@ def export_ps_champion(config: EvolveConfig, root: Path) -> Path | None:
     out = ps_run / runs.PS_CHAMPION_DIR
     config_ps, store = runs.load_run(ps_run)
     if config_ps.dfs is None and store.selection is not None and not (out / LINEAGE_FILE).is_file():
-        export_candidate(ps_run, "champion", out)
+        export_candidate(ps_run, "champion", out, license=config.license)
     return out
 
 
 def evolve(
-    config_path: str | Path,
+    config: EvolveConfig | str | Path,
     run_dir: str | Path,
     *,
+    objective: ObjectiveFunction | None = None,
+    root: str | Path | None = None,
     on_candidate: Callable[[CandidateResult], None] | None = None,
     on_status: Callable[[str], None] | None = None,
     workers: int = 1,
     accept_changed_parents: bool = False,
 ) -> EvolveOutcome:
-    """Run the search described by `config_path` in `run_dir` (resuming it if it exists).
+    """Run the search that `config` describes in `run_dir` (resuming it if it exists).
 
-    `workers > 1` evaluates candidates in that many `evomerge worker` processes sharing the study. A
-    resumed run whose parents changed on disk is refused unless `accept_changed_parents`.
+    `config` is an `EvolveConfig` or the path of its YAML file; relative paths in it are relative to the
+    file's directory, or for a config object to `root` (default: the current directory). `objective`,
+    `function(model, tokenizer) -> {KEY: float}`, scores the config's `python:KEY` objectives (see
+    `search.external`). `workers > 1` evaluates candidates in that many `evomerge worker` processes sharing
+    the study. A resumed run whose parents changed on disk is refused unless `accept_changed_parents`.
     """
-    config_path = Path(config_path)
-    config, root = load_evolve_config(config_path)
+    if isinstance(config, EvolveConfig):
+        # A config built in Python gets the same semantic checks (parents, task files) as a loaded one.
+        config, root = parse_evolve_config(config.model_dump(mode="json", exclude_unset=True),
+                                           source="evolve config", root=Path(root or Path.cwd()).resolve())
+    else:
+        config, root = load_evolve_config(config)
+    if objective is not None and workers > 1:
+        raise ConfigError("a Python objective function runs in this process only; use workers=1 with it")
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
     runs.prepare_run_dir(config, run_dir)
     with runs.exclusive_run(run_dir):
-        return _evolve(config, root, run_dir, fresh, on_candidate, on_status, workers, accept_changed_parents)
+        return _evolve(config, root, run_dir, fresh, on_candidate, on_status, workers, accept_changed_parents,
+                       objective)
 
 
 def _evolve(
     config: EvolveConfig, root: Path, run_dir: Path, fresh: bool,
     on_candidate: Callable[[CandidateResult], None] | None, on_status: Callable[[str], None] | None,
-    workers: int, accept_changed_parents: bool,
+    workers: int, accept_changed_parents: bool, objective: ObjectiveFunction | None,
 ) -> EvolveOutcome:
     run = None
     try:
         verify_parents_unchanged(run_dir, parent_refs(config, root), allow_pickle=config.allow_pickle,
                                  accept_changed=accept_changed_parents)
         export_ps_champion(config, root)
-        run = SearchRun(config, root, run_dir, on_candidate=on_candidate, on_status=on_status)
+        run = SearchRun(config, root, run_dir, on_candidate=on_candidate, on_status=on_status,
+                        objective_function=objective)
         study = run.run() if workers == 1 else run_with_workers(run, workers, on_status=on_status)
         objectives = run.session.objectives
         store = runs.RunStore(study)

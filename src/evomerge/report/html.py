@@ -36,6 +36,7 @@ from evomerge.report.data import (
     result_rows,
     score_pairs,
 )
+from evomerge.report.extras import extra_sections
 
 PNG_SIZE = (1000, 600)
 
@@ -68,6 +69,7 @@ def build_sections(data: RunData) -> list[Section]:
     if steps:
         sections.append(Section("path", "Data-flow path of the champion", figures.path_figure(steps)))
     sections += [_results(data), _lineage(data)]
+    sections += [Section(id_, title, body=body, note=note) for id_, title, body, note in extra_sections(data.store)]
     return sections
 
 

@@ -45,7 +45,8 @@ def _record(session: Session, report: EvalReport, kind: str, *, ref: str | None 
         "kind": kind,
         "ref": ref,
         "recipe": text,
-        "search": score_table(report.scores),
+        # Per-example values where an estimated fitness chooses its anchors from them and fits its IRT on them.
+        "search": score_table(report.scores, per_example=session.config.fitness.estimator != "full"),
         "fitness": session.objectives.fitness(scores),
     }
 

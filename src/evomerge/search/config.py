@@ -66,14 +66,46 @@ def direction_sign(direction: str) -> float:
     return 1.0 if direction == "maximize" else -1.0
 
 
+LM_EVAL_PREFIX = "lm_eval:"
+PYTHON_PREFIX = "python:"
+LM_EVAL_FIELDS = ("include_path", "search_split", "test_split", "split", "metric", "num_fewshot")
+
+
 class Objective(BaseModel):
-    """One task to optimise on its search split."""
+    """One task to optimise on its search split: an evomerge task file, `lm_eval:NAME` (an lm-eval task,
+    with the fields below) or `python:KEY` (a key of the Python objective function's result)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     task: str
     weight: float = 1.0
     direction: Literal["maximize", "minimize"] = "maximize"
     name: str | None = None
+    include_path: str | None = Field(None, description="lm-eval: a directory of extra task YAMLs")
+    search_split: str | None = Field(None, description="lm-eval: the split searched on (with test_split)")
+    test_split: str | None = Field(None, description="lm-eval: the split the selected models are tested on")
+    split: str | None = Field(None, description="lm-eval: one split, divided into search and test by a seeded shuffle")
+    search_fraction: float = Field(0.5, gt=0, lt=1, description="lm-eval: the share of `split` searched on")
+    metric: str | None = Field(None, description="lm-eval: the per-document metric (default: the task's first)")
+    num_fewshot: int | None = Field(None, ge=0, description="lm-eval: few-shot examples (default: the task's)")
+
+    @model_validator(mode="after")
+    def _lm_eval_fields(self) -> Objective:
+        given = [f for f in LM_EVAL_FIELDS if getattr(self, f) is not None]
+        if given and not self.task.startswith(LM_EVAL_PREFIX):
+            raise ValueError(f"{', '.join(given)} only apply to an lm-eval task (`task: {LM_EVAL_PREFIX}NAME`)")
+        if (self.search_split is None) != (self.test_split is None):
+            raise ValueError("give both search_split and test_split, or neither (then `split` is divided)")
+        if self.search_split is not None and self.split is not None:
+            raise ValueError("give search_split and test_split, or one `split` to divide, not both")
+        if self.search_split is not None and self.search_split == self.test_split:
+            raise ValueError(f"search_split and test_split are both {self.search_split!r}; test on other documents")
+        return self
+
+    @property
+    def key(self) -> str:
+        """An lm-eval or Python objective's name in score tables: `name`, else the lm-eval task or the key
+        (a task file's objective is named by the file's own `name:`)."""
+        return self.name or self.task.removeprefix(LM_EVAL_PREFIX).removeprefix(PYTHON_PREFIX)
 
     @property
     def sign(self) -> float:
@@ -103,6 +135,31 @@ class Racing(BaseModel):
     growth: float = Field(2.0, gt=1, description="each round's cumulative share is the previous one times this")
     confidence: float = Field(2.2, gt=0, description="z-score of the optimistic bound used to drop a candidate")
     top_k: int | None = Field(None, ge=1, description="must still be able to enter this top; default: population")
+
+
+class Fitness(BaseModel):
+    """How a candidate's fitness is measured: the whole search split, or estimated from a few anchor examples.
+
+    `subset`: the accuracy on the anchors. `irt`: a 2PL item-response model fitted on every fully
+    evaluated model (parents, untuned merges, the first `warmup` candidates, audited candidates) predicts
+    the full-split accuracy from the anchor answers (`search.irt`). Estimated candidates are told to the
+    optimizer with their estimate; the champion is chosen only among fully evaluated ones, so the top
+    estimated candidates are audited (scored on the whole split) every `audit_every` candidates and at the end.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    estimator: Literal["full", "subset", "irt"] = "full"
+    examples: PositiveInt = Field(30, description="anchor examples per candidate, over all objectives' tasks")
+    anchors: Literal["stratified", "clustered"] = Field(
+        "clustered", description="pick anchors by difficulty strata, or by k-means on the baselines' answers"
+    )
+    warmup: int = Field(0, ge=0, description="first candidates scored on the whole split (they join the IRT fit)")
+    audit_every: PositiveInt | None = Field(
+        None, description="every this many candidates, score the best estimated ones fully; default: only at the end"
+    )
+    audit_top_k: PositiveInt = Field(
+        3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
+    )
 
 
 class DfsConfig(BaseModel):
@@ -135,6 +192,14 @@ class EvolveConfig(BaseModel):
     name: str = "evolve"
     base_model: str | None = None
     parents: list[str] = Field(default_factory=list)
+    parents_pool: list[str] = Field(
+        default_factory=list, description="candidate parents: each candidate merges the ones its selection genes pick"
+    )
+    max_parents: PositiveInt | None = Field(None, description="most pool models one candidate merges")
+    pool_max_distance: float = Field(
+        0.5, gt=0, description="screen: a pool model farther from the base than this share of the base's norm is "
+        "not a fine-tune of it and is left out"
+    )
     method: str = "dare_ties"
     genome: dict[str, GeneSpec] = Field(default_factory=dict)
     start: Start = Field(
@@ -156,6 +221,7 @@ class EvolveConfig(BaseModel):
     optimizer: Optimizer | None = None
     sigma0: float = Field(1 / 6, gt=0, le=1, description="CMA-ES step size as a fraction of each gene's range")
     racing: Racing = Field(default_factory=Racing)
+    fitness: Fitness = Field(default_factory=Fitness)
     seed: int = 0
     device: str = "cpu"
     cpu_threads: int | None = Field(
@@ -165,6 +231,9 @@ class EvolveConfig(BaseModel):
     storage: str | None = None
     batch_size: int = Field(128, ge=1, le=65_536)
     intended_use: str = ""
+    license: str | None = Field(
+        None, description="the exported models' license (Hub id, e.g. apache-2.0); default: the one the parents' cards agree on"
+    )
     allow_pickle: bool = False
 
     @model_validator(mode="before")
@@ -176,7 +245,13 @@ class EvolveConfig(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> EvolveConfig:
-        if self.dfs is None and not self.parents:
+        if self.parents and self.parents_pool:
+            raise ValueError("give either `parents` or `parents_pool`, not both")
+        if self.parents_pool and (self.dfs is not None or self.base_model is None):
+            raise ValueError("`parents_pool` needs a `base_model` (the pool's common base) and no `dfs`")
+        if self.max_parents is not None and not self.parents_pool:
+            raise ValueError("`max_parents` limits a `parents_pool`; give one")
+        if self.dfs is None and not (self.parents or self.parents_pool):
             raise ValueError("give `parents` (a parameter-space search) or `dfs` (a layer-path search)")
         if self.dfs is not None and self.submodule is not None:
             raise ValueError(
@@ -187,6 +262,8 @@ class EvolveConfig(BaseModel):
             raise ValueError("`genome` must name at least one free operator parameter")
         if self.combine == "pareto" and len(self.objectives) < 2:
             raise ValueError("`combine: pareto` needs at least two objectives")
+        if self.combine == "pareto" and self.fitness.estimator != "full":
+            raise ValueError("an estimated fitness predicts one weighted fitness; use `combine: weighted`")
         seen: dict[str, int] = {}
         for index, objective in enumerate(self.objectives):
             key = objective.name or objective.task
@@ -194,6 +271,11 @@ class EvolveConfig(BaseModel):
                 raise ValueError(f"objectives[{index}] repeats objectives[{seen[key]}] ({key}); list each task once")
             seen[key] = index
         return self
+
+    @property
+    def merged_parents(self) -> list[str]:
+        """The models a candidate may merge: `parents`, or the whole `parents_pool`."""
+        return list(self.parents or self.parents_pool)
 
     @property
     def resolved_optimizer(self) -> Optimizer:
@@ -242,6 +324,8 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
     if config.optimizer == "cmaes" and config.combine == "pareto":
         raise ConfigError(f"{source}: optimizer 'cmaes' optimises one objective; use 'nsga2' with `combine: pareto`")
     for index, objective in enumerate(config.objectives):
+        if objective.task.startswith((LM_EVAL_PREFIX, PYTHON_PREFIX)):
+            continue  # checked when the session opens them (lm-eval is an optional, slow import)
         path = resolve_path(objective.task, root)
         if not Path(path).is_file():
             raise ConfigError(f"{source}: objectives[{index}].task names {objective.task}, which does not exist")
@@ -249,7 +333,7 @@ def _check_semantics(config: EvolveConfig, source: str, root: Path) -> None:
     if blocked and config.dfs is None:
         # The depth comes from config.json and the weight headers: no tensor is read yet.
         donor = Checkpoint.open(
-            resolve_path(config.base_model or config.parents[0], root), allow_pickle=config.allow_pickle
+            resolve_path(config.base_model or config.merged_parents[0], root), allow_pickle=config.allow_pickle
         )
         for name, gene in blocked.items():
             try:
@@ -294,7 +378,7 @@ def user_baselines(config: EvolveConfig, root: Path, source: str = "evolve confi
 def _check_baselines(config: EvolveConfig, source: str, root: Path) -> None:
     if config.baselines and config.dfs is not None:
         raise ConfigError(f"{source}: field 'baselines' takes recipes, which a layer-path (dfs) search cannot use")
-    known = {resolve_path(ref, root) for ref in config.parents}
+    known = {resolve_path(ref, root) for ref in config.merged_parents}
     if config.base_model:
         known.add(resolve_path(config.base_model, root))
     for name, recipe in user_baselines(config, root, source).items():

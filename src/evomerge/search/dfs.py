@@ -42,6 +42,7 @@ from evomerge.flow import (
 from evomerge.models import LINEAGE_FILE, Checkpoint, CompatReport
 from evomerge.search.config import DfsConfig, EvolveConfig, resolve_path
 from evomerge.search.evidence import run_evidence
+from evomerge.search.external import ObjectiveFunction
 from evomerge.search.genome import Gene
 from evomerge.search.session import SessionBase
 from evomerge.search.store import PS_CHAMPION_DIR, TrialRecord, load_run
@@ -251,12 +252,12 @@ class DfsSession(SessionBase):
     sources (built per candidate; no weights are copied) or, for parent baselines, a source model itself.
     """
 
-    def __init__(self, config: EvolveConfig, root: Path):
+    def __init__(self, config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None):
         assert config.dfs is not None
         self.sources = resolve_sources(config.dfs, root)
         configs = source_configs(self.sources)
         check_dfs_sources(config.dfs, self.sources, configs)
-        super().__init__(config, root)
+        super().__init__(config, root, objective_function)
         layers = [c.num_hidden_layers for c in configs]
         self.genome = DfsGenome(config.dfs, layers, self.sources, sigma0=config.sigma0)
         loaded = [load_causal_lm(s, device=self.device, dtype=self.dtype, allow_pickle=config.allow_pickle) for s in self.sources]

@@ -59,12 +59,13 @@ def run_evidence(
     base: str | None,
     compat_verdict: str,
     compat_notes: Sequence[str] = (),
-    tasks: Sequence[Task],
+    tasks: Sequence[Any],
 ) -> dict[str, Any]:
     """The run's inputs as a JSON-ready record (parents in recipe order: base first, then the others).
 
     `checkpoints` maps each parent reference (as the recipes name it) to its opened checkpoint — pass
-    the session's own objects so their cached content hashes are reused; `tasks` are in objective order.
+    the session's own objects so their cached content hashes are reused; `tasks` are in objective order
+    (task files, or `search.external` objectives, which describe themselves).
     """
     order = ([base] if base else []) + [ref for ref in checkpoints if ref != base]
     parents = [parent_evidence(ref, checkpoints[ref], "base" if ref == base else "merged") for ref in order]
@@ -74,7 +75,10 @@ def run_evidence(
         "method": config.method,
         "parents": parents,
         "compatibility": {"verdict": compat_verdict, "notes": list(compat_notes)},
-        "suite": [task_evidence(t, o.weight, o.direction) for t, o in zip(tasks, objectives, strict=True)],
+        "suite": [
+            task_evidence(t, o.weight, o.direction) if isinstance(t, Task) else t.evidence(o.weight, o.direction)
+            for t, o in zip(tasks, objectives, strict=True)
+        ],
         "combine": config.combine,
         "intended_use": config.intended_use,
         "seed": config.seed,

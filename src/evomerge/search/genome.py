@@ -18,6 +18,7 @@ from evomerge.merge.recipe import ModelEntry, Recipe
 from evomerge.merge.registry import OperatorSpec
 from evomerge.models import tensor_role
 from evomerge.search.config import EvolveConfig, GeneSpec, check_block_size
+from evomerge.search.pool import SELECT, SELECTED_AT, selected
 
 OUTSIDE = "outside"  # tensors outside the decoder layers (embeddings, final norm, lm_head)
 
@@ -98,6 +99,13 @@ class ParameterGenome:
                 for label in groups.labels:
                     who = f"{model_label(self.merged_models, model)}." if model is not None else ""
                     genes.append(Gene(f"{param_name}.{who}{label}", param_name, model, label, low, high, init))
+        # A pool: one selection gene per model, every model selected at the start (the cap then takes the
+        # first `max_parents`; CMA-ES samples around that point, so the start rarely decides).
+        self.max_parents = (config.max_parents or len(self.merged_models)) if config.parents_pool else None
+        if self.max_parents is not None:
+            for model in self.merged_models:
+                label = model_label(self.merged_models, model)
+                genes.append(Gene(f"{SELECT}.{label}", SELECT, model, "all", 0.0, 1.0, SELECTED_AT))
         self.genes: tuple[Gene, ...] = tuple(genes)
 
     def __len__(self) -> int:
@@ -125,7 +133,7 @@ class ParameterGenome:
                     shared[param_name] = rules
                 else:
                     per_model[model][param_name] = rules
-        models = [ModelEntry(model=model, parameters=per_model[model]) for model in self.merged_models]
+        models = [ModelEntry(model=model, parameters=per_model[model]) for model in self.selected_models(values)]
         return Recipe(
             method=self.config.method,
             base_model=self.config.base_model,
@@ -135,6 +143,13 @@ class ParameterGenome:
             name=self.config.name,
             submodule=self.config.submodule,
         )
+
+    def selected_models(self, values: Mapping[str, float]) -> list[str]:
+        """The parents a genome merges: all of them, or those its selection genes pick from a pool."""
+        if self.max_parents is None:
+            return list(self.merged_models)
+        genes = [values[f"{SELECT}.{model_label(self.merged_models, m)}"] for m in self.merged_models]
+        return [self.merged_models[i] for i in selected(genes, self.max_parents)]
 
     def _rules(self, param_name: str, by_group: Mapping[str, float]) -> object:
         """A scalar when one group covers everything; otherwise `{filter, value}` rules per tensor group."""

@@ -25,7 +25,7 @@ class ChangedParentsError(ConfigError):
 
 def parent_refs(config: EvolveConfig, root: Path) -> list[str]:
     """Every model the search reads: base, parents and data-flow sources, resolved, without repeats."""
-    refs = ([config.base_model] if config.base_model else []) + list(config.parents)
+    refs = ([config.base_model] if config.base_model else []) + config.merged_parents
     if config.dfs is not None:
         refs += list(config.dfs.sources)
     return list(dict.fromkeys(resolve_path(ref, root) for ref in refs))

@@ -7,15 +7,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.evaluate import Task, TaskScore, mean_and_stderr
+from evomerge.evaluate import TaskScore, mean_and_stderr
 from evomerge.search.config import direction_sign
 
 
 @dataclass
 class Objectives:
-    """Tasks with weights and directions; turns per-task scores into the fitness (or fitness vector)."""
+    """Tasks with weights and directions; turns per-task scores into the fitness (or fitness vector).
 
-    tasks: list[Task]
+    `tasks` are task files or `search.external` objectives (lm-eval, Python); each has a `name`.
+    """
+
+    tasks: list[Any]
     weights: list[float]
     directions: list[str]
     pareto: bool

@@ -25,7 +25,9 @@ from evomerge.evaluate import TaskScore
 from evomerge.search import store as runs
 from evomerge.search.baselines import evaluate_baselines, warm_start
 from evomerge.search.config import EvolveConfig
+from evomerge.search.estimation import FitnessEstimator
 from evomerge.search.evidence import record_run_evidence
+from evomerge.search.external import ObjectiveFunction
 from evomerge.search.objectives import combine_scores, score_table
 from evomerge.search.racing import entry_threshold, plan_race, race
 from evomerge.search.samplers import make_sampler, population_size
@@ -69,12 +71,14 @@ class SearchRun:
     run_dir: Path
     on_candidate: Callable[[CandidateResult], None] | None = None
     on_status: Callable[[str], None] | None = None
+    objective_function: ObjectiveFunction | None = None
     session: Session = field(init=False)
     study: optuna.Study = field(init=False)
     store: RunStore = field(init=False)
+    estimator: FitnessEstimator | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        self.session = open_session(self.config, self.root)
+        self.session = open_session(self.config, self.root, self.objective_function)
         self.genome = self.session.genome
         self.popsize = population_size(self.config, len(self.genome))
         racing = self.config.racing
@@ -99,8 +103,17 @@ class SearchRun:
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as error:  # unreachable server, missing driver
             reason = " ".join(str(error).split())[:200]
             raise ConfigError(f"cannot open the study database {url} ({type(error).__name__}: {reason})") from None
-        self.store = RunStore(self.study)
-        return self.study
+        return self.attach(self.study)
+
+    def attach(self, study: optuna.Study) -> optuna.Study:
+        """Use `study`: its run store, and the fitness estimator reading from it (workers attach theirs too)."""
+        self.study = study
+        self.store = RunStore(study)
+        if self.config.fitness.estimator != "full":
+            self.estimator = FitnessEstimator(
+                self.config.fitness, self.session.objectives, self.session.sizes(), self.store, self.config.seed
+            )
+        return study
 
     def finished_trials(self) -> list[TrialRecord]:
         """Trials that count against the budget (interrupted ones were re-queued and do not)."""
@@ -130,7 +143,28 @@ class SearchRun:
             result = self.step()
             if self.on_candidate is not None:
                 self.on_candidate(result)
+            if self.estimator is not None and self.estimator.audit_due(len(self.finished_trials())):
+                self.audit()
+        if self.estimator is not None:
+            self.audit()  # the champion is chosen on full scores: the best estimates get them now
         return self.study
+
+    def audit(self) -> list[int]:
+        """Score the best estimated candidates on the whole search split (stored apart from their estimates)."""
+        assert self.estimator is not None
+        audited = []
+        for record in self.estimator.to_audit():
+            self._status(f"audit: candidate {record.number} on the whole search split")
+            self.session.activate_candidate(self.session.candidate_of(record))
+            started = time.perf_counter()
+            scores = self.session.evaluate("search").scores
+            self.store.set_audit(
+                record.number, scores=score_table(scores, per_example=True),
+                fitness=self.session.objectives.fitness({name: s.score for name, s in scores.items()}),
+                examples=sum(s.n for s in scores.values()), seconds=time.perf_counter() - started,
+            )
+            audited.append(record.number)
+        return audited
 
     # --- candidates -----------------------------------------------------------------------------
     def _status(self, message: str) -> None:
@@ -187,10 +221,18 @@ class SearchRun:
 
     def _evaluate_candidate(self, trial: optuna.Trial, generation: int, merge_seconds: float) -> CandidateResult:
         objectives = self.session.objectives
-        racing = self.config.racing.enabled and not objectives.pareto
+        racing = self.config.racing.enabled and not objectives.pareto and self.estimator is None
         started = time.perf_counter()
         total_examples = sum(self.session.sizes().values())
-        if racing:
+        estimate = None
+        if self.estimator is not None:
+            full = self.estimator.wants_full()
+            scores = dict(self.session.evaluate("search", None if full else self.estimator.anchors).scores)
+            # A fully scored candidate gets the (free) estimate from its anchor answers too: the report's
+            # estimate error. Its own values join the fit only once it is stored.
+            estimate = self.estimator.estimate(scores)
+            status = runs.COMPLETE if full else runs.ESTIMATED
+        elif racing:
             scores: dict[str, TaskScore] = {}
 
             def score_round(indices: dict[str, list[int]]) -> dict[str, list[float]]:
@@ -212,18 +254,21 @@ class SearchRun:
             status = runs.COMPLETE
         eval_seconds = time.perf_counter() - started
         plain = {name: s.score for name, s in scores.items()}
-        fitness = objectives.fitness(plain)
+        fitness = objectives.fitness(plain) if status != runs.ESTIMATED else estimate.fitness
         if not math.isfinite(fitness):  # e.g. weights that overflow in the forward pass: a failed candidate
             raise ValueError(f"the candidate's fitness is {fitness} (non-finite scores: {plain})")
         examples = sum(s.n for s in scores.values())
-        table = score_table(scores)
+        # Full scores keep per-example values when an estimator learns from them.
+        table = score_table(scores, per_example=self.estimator is not None and status == runs.COMPLETE)
+        if estimate is not None:
+            runs.write(trial, estimate=estimate.to_dict())
         runs.write(
             trial, status=status, scores=table, fitness=fitness, split="search", examples=examples,
             examples_saved=total_examples - examples, merge_seconds=merge_seconds, eval_seconds=eval_seconds,
             tokens=sum(s.tokens for s in scores.values()), peak_memory_bytes=peak_memory_bytes(self.session.device),
             device=str(self.session.device),
         )
-        values = objectives.values(plain)
+        values = objectives.values(plain) if status != runs.ESTIMATED else (fitness,)
         if status == runs.RACED_OUT:
             # Pruned, not complete: a partial score is no full one (CMA-ES ignores pruned trials; the
             # dashboard and importance plots then never mix partial with full scores).

@@ -15,7 +15,15 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from evomerge.evaluate import EvalReport, Evaluator, load_causal_lm, load_task, resolve_device
+from evomerge.errors import ConfigError
+from evomerge.evaluate import (
+    EvalReport,
+    Evaluator,
+    Task,
+    TaskScore,
+    load_causal_lm,
+    resolve_device,
+)
 from evomerge.merge import (
     InMemoryMerger,
     NonFiniteWeightsError,
@@ -29,8 +37,16 @@ from evomerge.merge.stream import DTYPES
 from evomerge.models import Checkpoint
 from evomerge.search.config import EvolveConfig, resolve_path, user_baselines
 from evomerge.search.evidence import run_evidence
+from evomerge.search.external import (
+    LmEvalObjective,
+    ObjectiveFunction,
+    PythonObjective,
+    open_objectives,
+    python_scores,
+)
 from evomerge.search.genome import Gene, ParameterGenome, genome_key
 from evomerge.search.objectives import Objectives
+from evomerge.search.pool import SELECT, PoolScreen, screen_pool
 from evomerge.search.store import TrialRecord, recipe_of
 
 
@@ -130,7 +146,7 @@ class SessionBase:
     tokenizer: PreTrainedTokenizerBase
     model: torch.nn.Module
 
-    def __init__(self, config: EvolveConfig, root: Path):
+    def __init__(self, config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None):
         self.config = config
         self.root = root
         self.device = resolve_device(config.device)
@@ -138,7 +154,8 @@ class SessionBase:
         if config.cpu_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)
         self.objectives = Objectives(
-            tasks=[load_task(resolve_path(o.task, root)) for o in config.objectives],
+            tasks=open_objectives(config.objectives, root, objective_function, seed=config.seed,
+                                  batch_size=config.batch_size),
             weights=[o.weight for o in config.objectives],
             directions=[o.direction for o in config.objectives],
             pareto=config.combine == "pareto",
@@ -146,29 +163,56 @@ class SessionBase:
         self._evaluators: dict[str, Evaluator] = {}
 
     def evaluator(self, split: str) -> Evaluator:
-        """The split's evaluator, built on first use (a search never builds the test one)."""
+        """The split's evaluator of the task files, built on first use (a search never builds the test one)."""
         if split not in self._evaluators:
+            native = [task for task in self.objectives.tasks if isinstance(task, Task)]
             self._evaluators[split] = Evaluator(
-                self.tokenizer, self.objectives.tasks, split, device=self.device, batch_size=self.config.batch_size
+                self.tokenizer, native, split, device=self.device, batch_size=self.config.batch_size
             )
         return self._evaluators[split]
 
     def sizes(self) -> dict[str, int]:
         """Search-split size per task."""
-        return {task.name: len(task.examples("search")) for task in self.objectives.tasks}
+        return {
+            task.name: len(task.examples("search")) if isinstance(task, Task) else task.size("search")
+            for task in self.objectives.tasks
+        }
 
     def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport:
-        """Score the live model on a split (optionally only `indices` per task)."""
-        return self.evaluator(split).evaluate(self.model, indices=indices)
+        """Score the live model on a split (optionally only `indices` per task; a task with none is skipped)."""
+        started = time.perf_counter()
+        tasks = [t for t in self.objectives.tasks if indices is None or indices.get(t.name)]
+        scores: dict[str, TaskScore] = {}
+        if any(isinstance(t, Task) for t in tasks):
+            native = None if indices is None else {t.name: indices[t.name] for t in tasks if isinstance(t, Task)}
+            scores.update(self.evaluator(split).evaluate(self.model, indices=native).scores)
+        for task in tasks:
+            if isinstance(task, LmEvalObjective):
+                chosen = None if indices is None else indices[task.name]
+                scores[task.name] = task.score(self.model, self.tokenizer, split, chosen)
+        python = [t for t in tasks if isinstance(t, PythonObjective)]
+        if python:
+            scores.update(python_scores(python, self.model, self.tokenizer, split))
+        ordered = {t.name: scores[t.name] for t in tasks}
+        return EvalReport(split, ordered, time.perf_counter() - started)
 
 
 class SearchSession(SessionBase):
     """Parameter-space search: parents resident in an in-memory merger, one live model overwritten per candidate."""
 
-    def __init__(self, config: EvolveConfig, root: Path):
-        super().__init__(config, root)
-        self.merged = [resolve_path(ref, root) for ref in config.parents]
+    def __init__(self, config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None):
+        super().__init__(config, root, objective_function)
         self.base = resolve_path(config.base_model, root) if config.base_model else None
+        self.pool_screen: PoolScreen | None = None
+        if config.parents_pool:
+            assert self.base is not None  # the config requires a base with a pool
+            self.pool_screen = screen_pool(
+                self.base, [resolve_path(ref, root) for ref in config.parents_pool],
+                max_distance=config.pool_max_distance, allow_pickle=config.allow_pickle,
+            )
+            if not self.pool_screen.kept:
+                raise ConfigError(f"evolve config: field 'parents_pool': the screen left no model ({self.pool_screen.rejected})")
+        self.merged = self.pool_screen.kept if self.pool_screen else [resolve_path(ref, root) for ref in config.parents]
         self.submodule = _resolved_submodule(config.submodule, root)
         template = Recipe(
             method=config.method,
@@ -194,7 +238,8 @@ class SearchSession(SessionBase):
 
     def _with_paths(self, config: EvolveConfig) -> EvolveConfig:
         # Decoded recipes name parents by resolved path, so they work from any working directory.
-        return config.model_copy(update={"base_model": self.base, "parents": self.merged, "submodule": self.submodule})
+        field = "parents_pool" if config.parents_pool else "parents"
+        return config.model_copy(update={"base_model": self.base, field: self.merged, "submodule": self.submodule})
 
     # --- candidates -----------------------------------------------------------------------------
     def decode(self, genes: Mapping[str, float]) -> Recipe:
@@ -290,16 +335,20 @@ class SearchSession(SessionBase):
         genomes = {}
         for model in self.genome.merged_models:
             values = {("weight", m): (1.0 if m == model else 0.0) for m in self.genome.merged_models}
+            values.update({(SELECT, m): (1.0 if m == model else 0.0) for m in self.genome.merged_models})
             values[("density", None)] = 1.0
             genomes[f"parent:{Path(model).name}"] = self.genome.encode_uniform(values)
         return genomes
 
     def evidence(self) -> dict[str, Any]:
         compat = self.merger.compat
-        return run_evidence(
+        evidence = run_evidence(
             self.config, checkpoints=self.merger.checkpoints, base=self.base, compat_verdict=compat.verdict,
             compat_notes=compat.notes, tasks=self.objectives.tasks,
         )
+        if self.pool_screen is not None:
+            evidence["pool_screen"] = self.pool_screen.to_dict()
+        return evidence
 
 
 def _resolved_submodule(submodule: Submodule | None, root: Path) -> Submodule | None:
@@ -308,10 +357,12 @@ def _resolved_submodule(submodule: Submodule | None, root: Path) -> Submodule | 
     return submodule.model_copy(update={"copy_rest_from": resolve_path(submodule.copy_rest_from, root)})
 
 
-def open_session(config: EvolveConfig, root: Path) -> Session:
-    """The session for the config's search space: merge recipes, or layer paths when `dfs` is set."""
+def open_session(config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None) -> Session:
+    """The session for the config's search space: merge recipes, or layer paths when `dfs` is set.
+
+    `objective_function` scores the config's `python:KEY` objectives (`search.external`)."""
     if config.dfs is not None:
         from evomerge.search.dfs import DfsSession  # builds on this module
 
-        return DfsSession(config, root)
-    return SearchSession(config, root)
+        return DfsSession(config, root, objective_function)
+    return SearchSession(config, root, objective_function)

@@ -17,7 +17,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,10 @@ PARENTS_FILE = "parents.json"
 #: Where a parameter-space run's champion is exported when a layer-path run (`dfs.ps_run`) starts from it.
 PS_CHAMPION_DIR = "dfs_model_a"
 
-# Trial statuses: only `complete` trials were scored on the whole search split.
-COMPLETE, RACED_OUT, DUPLICATE, FAILED = "complete", "raced_out", "duplicate", "failed"
+# Trial statuses: only `complete` trials were scored on the whole search split; `estimated` ones were told
+# an estimate from anchor examples (`fitness.estimator`) and read as `complete` once audited.
+COMPLETE, RACED_OUT, DUPLICATE, FAILED, ESTIMATED = "complete", "raced_out", "duplicate", "failed", "estimated"
+_AUDIT_PREFIX = "audit:"
 #: Optuna states of a candidate that was dealt with: raced-out candidates are PRUNED (CMA-ES ignores
 #: them; their partial scores are intermediate values), failed ones FAIL.
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -60,7 +62,8 @@ class TrialRecord:
     recipe: str | None = None  # a parameter-space candidate: its recipe YAML
     path: str | None = None  # a layer-path candidate: `PathCandidate.to_json`
     scores: dict[str, dict[str, Any]] | None = None  # task -> {score, stderr, n, tokens}
-    fitness: float | None = None
+    fitness: float | None = None  # full search-split fitness, or the estimate of a not yet audited trial
+    estimate: dict[str, Any] | None = None  # {fitness, scores, examples, estimator}: the anchor-based estimate
     split: str | None = None
     examples: int | None = None
     examples_saved: int | None = None
@@ -87,6 +90,14 @@ class TrialRecord:
     def fully_evaluated(self) -> bool:
         """Complete and scored on the whole search split (raced-out and duplicate ones are not)."""
         return self.state == TrialState.COMPLETE and self.status == COMPLETE
+
+    def with_audit(self, audit: Mapping[str, Any]) -> TrialRecord:
+        """An estimated trial once scored on the whole split: complete, with its full scores and fitness
+        (the estimate stays in `estimate`, the value the optimizer was told in `values`)."""
+        return replace(
+            self, status=COMPLETE, scores=audit["scores"], fitness=audit["fitness"],
+            examples=(self.examples or 0) + audit["examples"], eval_seconds=(self.eval_seconds or 0) + audit["seconds"],
+        )
 
     def score(self, task: str) -> float:
         """The search-split score of one task."""
@@ -135,8 +146,10 @@ class RunStore:
 
     # --- trials ---------------------------------------------------------------------------------
     def trials(self, states: Sequence[TrialState] | None = None) -> list[TrialRecord]:
-        """Every trial (or those in `states`), in number order."""
-        return [TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False, states=states)]
+        """Every trial (or those in `states`), in number order; audited estimated trials read as complete."""
+        audits = self.audits
+        records = [TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False, states=states)]
+        return [r.with_audit(audits[r.number]) if r.number in audits else r for r in records]
 
     def counted_trials(self) -> list[TrialRecord]:
         """Trials that count against the budget (see `counted`)."""
@@ -162,6 +175,20 @@ class RunStore:
     # --- the run's attributes -------------------------------------------------------------------
     def _get(self, name: str, default: Any = None) -> Any:
         return self.study.user_attrs.get(name, default)
+
+    @property
+    def audits(self) -> dict[int, dict[str, Any]]:
+        """Full search-split results of estimated trials, by trial number (`{scores, fitness, examples, seconds}`)."""
+        attrs = self.study.user_attrs
+        return {int(name[len(_AUDIT_PREFIX):]): value for name, value in attrs.items() if name.startswith(_AUDIT_PREFIX)}
+
+    def set_audit(self, number: int, *, scores: Mapping[str, Any], fitness: float, examples: int, seconds: float) -> None:
+        # A finished trial's attributes are read-only in Optuna, so the audit is a study attribute of its own
+        # (one per trial: concurrent workers never overwrite each other's).
+        self.study.set_user_attr(
+            f"{_AUDIT_PREFIX}{number}",
+            {"scores": dict(scores), "fitness": fitness, "examples": examples, "seconds": seconds},
+        )
 
     @property
     def baselines(self) -> dict[str, Any] | None:
@@ -244,13 +271,21 @@ def prepare_run_dir(config: EvolveConfig, run_dir: Path) -> None:
     frozen = run_dir / CONFIG_FILE
     text = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     if frozen.exists():
-        if _read_yaml(frozen) != yaml.safe_load(text):
+        if _with_defaults(_read_yaml(frozen)) != yaml.safe_load(text):
             raise ConfigError(
                 f"run directory {run_dir} holds a different config; resume with the same config or pick a new --run"
             )
         _require_study_file(config, run_dir)
         return
     frozen.write_text(text)
+
+
+def _with_defaults(data: Any) -> Any:
+    # A run frozen before a config field existed has no entry for it; its default is what the run used.
+    try:
+        return EvolveConfig.model_validate(data).model_dump(mode="json")
+    except ValidationError:
+        return data
 
 
 def _require_study_file(config: EvolveConfig, run_dir: Path) -> None:

@@ -32,7 +32,7 @@ from evomerge.search.coordination import (
 )
 from evomerge.search.run import CandidateResult, SearchRun
 from evomerge.search.samplers import make_sampler
-from evomerge.search.store import RunStore, TrialRecord
+from evomerge.search.store import TrialRecord
 
 POLL_SECONDS = 0.25
 
@@ -86,11 +86,10 @@ class WorkerRun(SearchRun):
         # same genomes. The recipe seed (DARE masks) stays the config's, so results do not depend on
         # which worker evaluated a candidate.
         sampler_config = self.config.model_copy(update={"seed": self.config.seed + 7919 * (self.worker_index + 1)})
-        self.study = optuna.load_study(
+        self.attach(optuna.load_study(
             study_name=self.config.name, storage=self.storage,
             sampler=make_sampler(sampler_config, num_genes=len(self.genome), x0=x0),
-        )
-        self.store = RunStore(self.study)
+        ))
         self.study_id = self.storage.get_study_id_from_name(self.config.name)
         self.claims = GenomeClaims(self.storage, self.study_id)
         self.slots = BudgetSlots(self.storage, self.study_id, self.config.budget.candidates, self.storage.grace_period)
@@ -192,6 +191,8 @@ def run_with_workers(run: SearchRun, workers: int, *, on_status: Callable[[str],
     run.open_study(x0=None)
     if failed and len(run.finished_trials()) < run.config.budget.candidates:
         raise ConfigError(f"{len(failed)} of {workers} workers failed before the budget was spent; resume with the same --run")
+    if run.estimator is not None:  # workers only estimate: the final audit of the best estimates is done here
+        run.audit()
     return run.study
 
 

@@ -1,0 +1,147 @@
+"""Estimated fitness (`fitness: {estimator: irt | subset, examples: K}`) against full-split fitness.
+
+Per seed, two closed-loop CMA-ES searches on the demo problem (the tiny zoo's `target` task, the demo
+genome, racing off) with the same number of candidates: one told full search-split fitness, one told
+the estimate from K anchor examples (with its final audit of the top estimates). Reported:
+
+- examples scored per candidate by the search itself (anchors, warm-up and audits included; the baselines,
+  scored once by both, are not) and the saving factor full / estimated;
+- Spearman rank correlation between the estimate each candidate was told and its full search-split
+  fitness (every estimated candidate is scored on the whole split afterwards for this, outside the count);
+  `--estimator subset` measures the plain anchor mean the same way;
+- the champion's test score against the full-fitness search's champion: per seed and pooled over seeds,
+  a paired comparison (`evomerge.evaluate.stats.paired_comparison`) on the same test examples.
+
+    python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
+        [--estimator irt] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from evomerge.evaluate.stats import paired_comparison
+from evomerge.pipelines.demo import demo_config
+from evomerge.search.config import parse_evolve_config
+from evomerge.search.run import SearchRun
+from evomerge.search.store import prepare_run_dir
+from evomerge.zoo import Zoo, build_zoo, default_zoo_dir
+
+
+def run_search(zoo: Zoo, run_dir: Path, *, seed: int, candidates: int, fitness: dict) -> SearchRun:
+    """One closed-loop search on the demo problem, racing off so that `full` means the whole split."""
+    data = demo_config(zoo, candidates=candidates, seed=seed)
+    data.update(racing={"enabled": False}, fitness=fitness, name=f"estimation-{fitness['estimator']}")
+    config, root = parse_evolve_config(data, source="benchmark config", root=run_dir)
+    prepare_run_dir(config, run_dir)
+    run = SearchRun(config, root, run_dir)
+    run.run()
+    return run
+
+
+def search_examples(run: SearchRun) -> int:
+    """Examples the search scored for its candidates (audits included; raced/duplicates count what they used)."""
+    return sum(r.examples or 0 for r in run.store.counted_trials())
+
+
+def full_fitness(run: SearchRun, record) -> float:
+    """A candidate's full search-split fitness (measurement only: not part of the search's count)."""
+    if record.status == "complete":
+        return record.fitness
+    run.session.activate_candidate(run.session.candidate_of(record))
+    scores = run.session.evaluate("search").scores
+    return run.session.objectives.fitness({name: s.score for name, s in scores.items()})
+
+
+def champion_test_values(run: SearchRun) -> list[float]:
+    """The champion's per-example test values (one objective task), in example order."""
+    record = next(r for r in run.store.trials() if r.number == run.store.champion())
+    run.session.activate_candidate(run.session.candidate_of(record))
+    (score,) = run.session.evaluate("test").scores.values()
+    return [value for _, value in sorted(zip(score.indices, score.values, strict=True))]
+
+
+def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict) -> dict:
+    full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates, fitness={"estimator": "full"})
+    estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator)
+    told, truth = [], []
+    for record in estimated.store.counted_trials():
+        if record.estimate is not None:  # failed candidates have none
+            told.append(record.estimate["fitness"])
+            truth.append(full_fitness(estimated, record))
+    full_examples, est_examples = search_examples(full), search_examples(estimated)
+    a, b = champion_test_values(estimated), champion_test_values(full)
+    comparison = paired_comparison(a, b, seed=seed)
+    return {
+        "seed": seed, "candidates": candidates,
+        "examples_per_candidate": {"full": full_examples / candidates, "estimated": est_examples / candidates},
+        "saving": full_examples / est_examples,
+        "spearman": float(spearmanr(told, truth).statistic),
+        "estimate_rmse": math.sqrt(statistics.fmean((t - f) ** 2 for t, f in zip(told, truth, strict=True))),
+        "champion_test": {"estimated": statistics.fmean(a), "full": statistics.fmean(b)},
+        "paired": comparison.to_dict(), "values": {"estimated": a, "full": b},
+        "audited": sorted(estimated.store.audits),
+    }
+
+
+def pooled(results: Sequence[dict]) -> dict:
+    """Over seeds: total saving, mean Spearman, and one paired comparison over every (seed, test example)."""
+    a = [v for r in results for v in r["values"]["estimated"]]
+    b = [v for r in results for v in r["values"]["full"]]
+    comparison = paired_comparison(a, b)
+    differences = np.asarray(a) - np.asarray(b)
+    per_seed = [r["champion_test"]["estimated"] - r["champion_test"]["full"] for r in results]
+    return {
+        "saving": statistics.fmean(r["saving"] for r in results),
+        "spearman": statistics.fmean(r["spearman"] for r in results),
+        "delta": comparison.difference, "p": comparison.p_value,
+        "stderr_paired": float(differences.std(ddof=1) / math.sqrt(len(differences))),
+        "stderr_over_seeds": statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", type=Path, default=None)
+    parser.add_argument("--candidates", type=int, default=60)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--examples", type=int, default=30)
+    parser.add_argument("--estimator", choices=["irt", "subset"], default="irt")
+    parser.add_argument("--anchors", choices=["clustered", "stratified"], default="clustered")
+    parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--audit-top-k", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
+    estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
+                 "warmup": args.warmup, "audit_top_k": args.audit_top_k}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            result = one_seed(zoo, Path(tmp), seed, args.candidates, estimator)
+            results.append(result)
+            print(f"seed {seed}: examples/candidate {result['examples_per_candidate']['estimated']:.1f} "
+                  f"(full {result['examples_per_candidate']['full']:.0f}), saving {result['saving']:.1f}x, "
+                  f"spearman {result['spearman']:.3f}, estimate rmse {result['estimate_rmse']:.3f}, champion test "
+                  f"{result['champion_test']['estimated']:.3f} vs {result['champion_test']['full']:.3f} "
+                  f"(paired p {result['paired']['p_value']:.3g})", flush=True)
+    summary = pooled(results)
+    if args.out:
+        args.out.write_text(json.dumps({"settings": estimator, "seeds": results, "pooled": summary}, indent=1))
+    print(f"pooled over {len(results)} seeds: champion test delta stderr {summary['stderr_paired']:.3f} (paired, "
+          f"per example), {summary['stderr_over_seeds'] or float('nan'):.3f} (over seeds)")
+    print(f"estimation: saving {summary['saving']:.1f}x at spearman {summary['spearman']:.2f}, "
+          f"champion test delta {summary['delta']:+.3f} (paired p {summary['p']:.2g})")
+
+
+if __name__ == "__main__":
+    main()

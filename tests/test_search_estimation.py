@@ -1,0 +1,77 @@
+"""Estimated fitness in a real search on the tiny zoo: anchors, estimates, audits, champion on full scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evomerge.errors import ConfigError
+from evomerge.pipelines.demo import demo_config
+from evomerge.report.extras import extra_sections
+from evomerge.search.config import parse_evolve_config
+from evomerge.search.estimation import split_examples
+from evomerge.search.irt import estimate_ability, fit_2pl, predicted_accuracy
+from evomerge.search.run import SearchRun
+from evomerge.search.store import COMPLETE, ESTIMATED, prepare_run_dir
+
+
+def test_anchors_are_shared_in_proportion_to_the_splits():
+    assert split_examples(30, {"a": 300, "b": 100}) == {"a": 22, "b": 8}
+    assert split_examples(2, {"a": 1000, "b": 3}) == {"a": 2, "b": 1}  # every task keeps one anchor
+
+
+def test_an_estimated_fitness_needs_one_weighted_objective(tmp_path, zoo):
+    data = demo_config(zoo) | {
+        "objectives": [{"task": str(zoo.tasks["add"])}, {"task": str(zoo.tasks["reverse"])}],
+        "combine": "pareto", "fitness": {"estimator": "irt"},
+    }
+    with pytest.raises(ConfigError, match="fitness"):
+        parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
+
+
+def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp_path, zoo):
+    data = demo_config(zoo, candidates=10, seed=0) | {
+        "racing": {"enabled": False},
+        "fitness": {"estimator": "irt", "examples": 24, "warmup": 2, "audit_every": 5, "audit_top_k": 2},
+    }
+    config, root = parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
+    prepare_run_dir(config, tmp_path / "run")
+    run = SearchRun(config, root, tmp_path / "run")
+    run.run()
+    records = run.store.counted_trials()
+    audits = run.store.audits
+    anchors = run.estimator.anchors
+    assert sum(map(len, anchors.values())) == 24
+    warm = [r for r in records if r.number < 2]
+    assert all(r.status == COMPLETE and r.examples == 300 for r in warm)
+    estimated = [r for r in records if r.number >= 2 and r.number not in audits]
+    assert estimated and all(r.status == ESTIMATED and r.examples == 24 for r in estimated)
+    # Audits after 5 and after 10 candidates score what is new among the two best estimates (warm-up
+    # candidates rank too and need none); auditing
+    # again with no new candidate scores nothing (the run's final audit, a resumed finished run).
+    assert len(audits) <= 4
+    assert run.audit() == []
+    for number, audit in audits.items():
+        record = next(r for r in records if r.number == number)
+        assert record.status == COMPLETE and record.fitness == audit["fitness"] and record.examples == 324
+        assert record.values == [record.estimate["fitness"]]  # the optimizer was told the estimate
+    # The report's estimate-error table lists exactly the candidates scored both ways.
+    ((section_id, _, body, _),) = extra_sections(run.store)
+    assert section_id == "estimation" and body.count("<tr>") == 1 + len(warm) + len(audits)
+    champion = next(r for r in run.store.trials() if r.number == run.store.champion())
+    assert champion.fully_evaluated and champion.scores["target"]["n"] == 300
+    # The first estimate (before any audit) is the IRT prediction recomputed independently from the stored
+    # rows it was fitted on: parents first, then the untuned merges, then the two warm-up candidates.
+    baselines = run.store.baselines.values()
+    rows = [b["search"]["target"]["values"] for b in baselines if b["kind"] == "parent"]
+    parents = len(rows)
+    rows += [b["search"]["target"]["values"] for b in baselines if b["kind"] != "parent" and b["search"]]
+    rows += [r.scores["target"]["values"] for r in warm]
+    fit = fit_2pl(np.array(rows))
+    first = next(r for r in records if r.number == 2)
+    items = np.array(anchors["target"])
+    run.session.activate_candidate(run.session.candidate_of(first))
+    answers = np.array(run.session.evaluate("search", {"target": list(items)}).scores["target"].values)
+    theta = estimate_ability(fit, items, answers, prior_mean=float(fit.theta[:parents].mean()),
+                             prior_sd=max(1.0, float(fit.theta.std())))
+    assert first.estimate["fitness"] == pytest.approx(predicted_accuracy(fit, items, answers, theta), abs=1e-9)
