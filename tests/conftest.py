@@ -233,3 +233,51 @@ def lineage_runs(tiny_llama, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     run_b = evolve_tiny_run(root / "run_b", base, [packet_a, two], task)
     return {"root": root, "task": task, "base": base, "one": one, "two": two,
             "run_a": run_a, "packet_a": packet_a, "run_b": run_b}
+
+
+def make_tiny_vlm(out_dir: Path, *, seed: int = 5) -> Path:
+    """Save a randomly initialised tiny `LlavaForConditionalGeneration` with its `LlavaProcessor`.
+
+    16x16 images in 8x8 patches: four image tokens per image (the CLS feature is dropped, Llava's
+    default). The char tokenizer's `<unk>` is the image placeholder, so the vocabulary stays the
+    text models'.
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = build_char_tokenizer(TEST_CHARACTERS)
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.unk_token_id)
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(out_dir, safe_serialization=True)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_convert_rgb=True
+        ),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", image_token="<unk>",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`make_tiny_vlm`, saved once per session."""
+    return make_tiny_vlm(tmp_path_factory.mktemp("tiny_vlm"))
+
+
+@pytest.fixture(scope="session")
+def vlm_zoo(zoo):
+    """The seed's VLM zoo (docs/ZOO.md), built once per machine into the cache beside the text zoo (`zoo`):
+    about four minutes on 2 cores, rebuilt whenever its source, the text zoo or the versions change."""
+    from evomerge.zoo.vlm import build_vlm_zoo
+
+    return build_vlm_zoo(seed=zoo.manifest["seed"], text_zoo_dir=zoo.root)

@@ -46,6 +46,7 @@ ZooSize = _choices("ZooSize", "tiny", "small", "medium")
 Split = _choices("Split", "search", "test")
 Dtype = _choices("Dtype", "float32", "float16", "bfloat16")
 Start = _choices("Start", "init", "best_baseline")
+Family = _choices("Family", "text", "vlm")
 
 # Shared option declarations: one wording per meaning.
 JSON_HELP = "Print the result as JSON on stdout (instead of tables)."
@@ -184,6 +185,7 @@ def zoo(
     seed: int = typer.Option(0, help="Seed of data, initialisation and training."),
     force: bool = typer.Option(False, help="Rebuild even if an identical zoo exists."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    family: Family = typer.Option(Family.text, "--family", help="text, or vlm: a tiny Llava grown from the text zoo's base."),
 ) -> None:
     """Build the tiny model family (base, specialists, task files) deterministically."""
     from evomerge.zoo.builder import PRESETS, build_zoo
@@ -195,6 +197,11 @@ def zoo(
         out = legacy_out
     if out is None:
         raise ConfigError("option --out is required: the directory of the zoo")
+    if family is Family.vlm:
+        if size is not ZooSize.tiny:
+            raise ConfigError(f"--family vlm grows from the tiny text zoo only; drop --size {size.value}")
+        _build_vlm_zoo(out, seed=seed, force=force, as_json=as_json)
+        return
     preset = PRESETS[size.value]
     total = preset.base.steps + sum(config.steps for _, _, config in preset.specialists)
     finished: dict[str, int] = {}
@@ -212,6 +219,21 @@ def zoo(
     console.print(f"zoo ({size.value}, seed {seed}) at {built.root}: base {built.base}")
     for name, path in built.specialists.items():
         console.print(f"  specialist {name} ({built.skills[name]}): {path}")
+    console.print(f"  tasks: {', '.join(built.tasks)}; target: {built.target_task}")
+
+
+def _build_vlm_zoo(out: Path, *, seed: int, force: bool, as_json: bool) -> None:
+    from evomerge.zoo.vlm import build_vlm_zoo
+
+    with err_console.status("building the VLM zoo (and the tiny text zoo it grows from)") as status:
+        built = build_vlm_zoo(
+            out, seed=seed, force=force, on_progress=lambda model, done, steps: status.update(f"training {model} {done}/{steps}")
+        )
+    if as_json:
+        print_json({"root": built.root, "vlm": built.vlm, "language": built.language, "tasks": built.tasks,
+                    "target_task": built.target_task})
+        return
+    console.print(f"VLM zoo (seed {seed}) at {built.root}: vlm {built.vlm}, language parent {built.language}")
     console.print(f"  tasks: {', '.join(built.tasks)}; target: {built.target_task}")
 
 
@@ -276,14 +298,16 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the zoo and the search."),
     zoo: Path | None = typer.Option(None, help="Zoo directory (default: built once into ~/.cache/evomerge)."),
     start: Start = typer.Option(Start.init, "--start", help="CMA-ES start: every gene's init (the paper) or the best baseline."),
+    vlm: bool = typer.Option(False, "--vlm", help="The vision-language demo: evolve a tiny Llava's language tower."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Build the tiny zoo, evolve a merge for its target task, export the champion, print the table."""
     from evomerge.pipelines.demo import DEMO_CANDIDATES, run_demo
+    from evomerge.pipelines.demo_vlm import VLM_DEMO_CANDIDATES, run_vlm_demo
 
-    display = SearchProgress(err_console, budget=budget or DEMO_CANDIDATES)
+    display = SearchProgress(err_console, budget=budget or (VLM_DEMO_CANDIDATES if vlm else DEMO_CANDIDATES))
     with display.progress:
-        outcome, summary = run_demo(
+        outcome, summary = (run_vlm_demo if vlm else run_demo)(
             out, seed=seed, zoo_dir=zoo, start=start.value, on_candidate=display.candidate, on_status=display.status,
             **({} if budget is None else {"candidates": budget}),
         )

@@ -1,7 +1,7 @@
 """Declarative tasks, scorers and the fast batched evaluation engine (see docs/ARCHITECTURE.md)."""
 
 from evomerge.evaluate.engine import Evaluator, default_dtype
-from evomerge.evaluate.loading import load_causal_lm, resolve_device
+from evomerge.evaluate.loading import is_image_text_model, load_causal_lm, resolve_device
 from evomerge.evaluate.report import EvalReport, TaskScore, mean_and_stderr
 from evomerge.evaluate.scorers import (
     GenerativeScorer,
@@ -32,6 +32,7 @@ __all__ = [
     "default_dtype",
     "evaluate_lm_eval",
     "get_scorer_spec",
+    "is_image_text_model",
     "last_number",
     "load_causal_lm",
     "load_task",

@@ -43,6 +43,14 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _image_inputs(model: PreTrainedModel, pixel_values: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """`pixel_values` on the model's device and dtype (the processor makes float32), or nothing."""
+    if pixel_values is None:
+        return {}
+    param = next(model.parameters())
+    return {"pixel_values": pixel_values.to(device=param.device, dtype=param.dtype)}
+
+
 @torch.inference_mode()
 def greedy_generate(
     model: PreTrainedModel,
@@ -53,12 +61,15 @@ def greedy_generate(
     pad_id: int,
     stop_hit: Callable[[list[int]], bool] | None = None,
     stop_window: int = 8,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[Generated]:
     """Greedy-decode one batch of token-id prompts with a KV cache.
 
     `stop_hit(tail_ids)` is asked, for rows still running only, whether the decoded tail of their
     generation (last `stop_window` tokens) contains a stop string; such rows stop right there.
     Finished rows leave the batch (and the cache); the loop ends when no row is left.
+    `pixel_values` (one image per prompt, image models only) are read on the first step only: their
+    features then live in the KV cache, as in `generate`.
     """
     device = next(model.parameters()).device
     input_ids, mask = left_pad(prompts, pad_id, device)
@@ -72,6 +83,7 @@ def greedy_generate(
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        **_image_inputs(model, pixel_values),
     )
     position = _positions(mask)[:, -1:]
     next_ids = out.logits[:, -1, :].argmax(-1)
@@ -117,8 +129,10 @@ def continuation_logprobs(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     *,
     pad_id: int,
+    pixel_values: torch.Tensor | None = None,
 ) -> list[float]:
     """Sum of log p(continuation | context) for each (context_ids, continuation_ids) pair, one batch.
+    `pixel_values` holds one image per pair for image models (its placeholder tokens are in the context).
 
     Rows are right-padded (causal attention never looks right, so no position fix is needed) and
     only the continuation positions are put through log-softmax, to keep memory at B x T x V once.
@@ -131,7 +145,9 @@ def continuation_logprobs(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, : len(row)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    logits = model(
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, **_image_inputs(model, pixel_values)
+    ).logits
     totals = []
     for i, (ctx, cont) in enumerate(pairs):
         start, end = len(ctx), len(ctx) + len(cont)

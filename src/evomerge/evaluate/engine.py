@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from evomerge.errors import TaskError
 from evomerge.evaluate.decoding import Generated, continuation_logprobs, greedy_generate
@@ -35,6 +35,14 @@ class _Prepared:
     prompt_ids: list[list[int]]
     # For log-likelihood tasks: per example, the (context, continuation) id pairs to score.
     requests: list[list[tuple[list[int], list[int]]]]
+    # Image tasks: the processor's pixel values per example (None for a text-only one), made once.
+    pixel_values: list[torch.Tensor | None] | None = None
+
+    def pixels(self, chosen: Sequence[int]) -> torch.Tensor | None:
+        """The pixel values of the examples in `chosen` that have an image, in that order (the model
+        matches them to the image placeholders in row order), or None when none has one."""
+        images = [self.pixel_values[i] for i in chosen if self.pixel_values[i] is not None] if self.pixel_values else []
+        return torch.stack(images) if images else None
 
     @cached_property
     def longest(self) -> tuple[int, int]:
@@ -48,11 +56,16 @@ class _Prepared:
 
 
 class Evaluator:
-    """Evaluate models on tasks with pre-tokenised prompts and batched, KV-cached greedy decoding."""
+    """Evaluate models on tasks with pre-tokenised prompts and batched, KV-cached greedy decoding.
+
+    `tokenizer` is the model's tokenizer, or for an image-text model its processor (`AutoProcessor`):
+    then image tasks are preprocessed by it once (placeholder tokens expanded, pixel values made) and
+    text is tokenised by its tokenizer.
+    """
 
     def __init__(
         self,
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | ProcessorMixin,
         tasks: Sequence[Task],
         split: str = "search",
         *,
@@ -68,7 +81,9 @@ class Evaluator:
             raise TaskError(f"task names must be unique, but {', '.join(map(repr, duplicates))} is used by several task files")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.tokenizer = tokenizer
+        self.processor = tokenizer if isinstance(tokenizer, ProcessorMixin) else None
+        self.tokenizer: PreTrainedTokenizerBase = tokenizer.tokenizer if self.processor else tokenizer
+        tokenizer = self.tokenizer
         self.split = check_split(split)
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -94,32 +109,68 @@ class Evaluator:
         if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
             cont = whole[len(ctx) :]
         else:
-            cont = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+            cont = self._encode_plain(continuation)
         return ctx or self._start_ids(), cont
+
+    def _encode_plain(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _start_ids(self) -> list[int]:
         # An empty prompt still needs one token for the first prediction to condition on.
         bos = self.tokenizer.bos_token_id
         return [bos if bos is not None else self._pad_id]
 
+    def _image_prompts(
+        self, task: Task, prompts: list[str]
+    ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Each prompt's ids with its image's placeholder tokens expanded, and its pixel values (a
+        text-only example: its plain ids and None).
+
+        The processor's image token is put in front of a prompt that does not place it itself.
+        """
+        if self.processor is None or getattr(self.processor, "image_processor", None) is None:
+            raise TaskError(
+                f"task {task.name!r} has images; evaluate it with an image-text model whose directory has an "
+                "image processor (AutoProcessor)"
+            )
+        token = self.processor.image_token
+        ids, pixels = [], []
+        for prompt, image in zip(prompts, task.images(self.split), strict=True):
+            if image is None:
+                ids.append(self._encode(prompt) or self._start_ids())
+                pixels.append(None)
+                continue
+            text = prompt if token in prompt else token + prompt
+            encoded = self.processor(images=[image.image], text=[text], return_tensors="pt")
+            ids.append(encoded["input_ids"][0].tolist())
+            pixels.append(encoded["pixel_values"][0])
+        return ids, pixels
+
     def _prepare(self, task: Task) -> _Prepared:
         prompts = task.prompts(self.split)
         scorer = task.scorer
+        image_ids, pixels = self._image_prompts(task, prompts) if task.has_images else (None, None)
         requests: list[list[tuple[list[int], list[int]]]] = []
         if isinstance(scorer, LoglikScorer):
-            for prompt, row in zip(prompts, task.examples(self.split), strict=True):
+            for index, (prompt, row) in enumerate(zip(prompts, task.examples(self.split), strict=True)):
                 if scorer.mode == "choice":
                     conts = [str(choice) for choice in row[scorer.choices_field or ""]]
                 else:
                     conts = [str(row[task.spec.answer_field])]
-                pairs = [self._pair(prompt, cont) for cont in conts]
+                if pixels is not None and pixels[index] is not None:
+                    # The image placeholders are special tokens: no merge can cross into the answer.
+                    pairs = [(image_ids[index], self._encode_plain(cont)) for cont in conts]
+                else:
+                    pairs = [self._pair(prompt, cont) for cont in conts]
                 if any(not cont for _, cont in pairs):
                     raise TaskError(
                         f"task {task.name!r}: {self.split} example {len(requests) + 1} has an empty answer or "
                         "choice to score (it would tokenise to nothing)"
                     )
                 requests.append(pairs)
-            return _Prepared(task, [], requests)
+            return _Prepared(task, [], requests, pixels)
+        if image_ids is not None:
+            return _Prepared(task, image_ids, [], pixels)
         return _Prepared(task, [self._encode(prompt) or self._start_ids() for prompt in prompts], [])
 
     def _place(self, model: PreTrainedModel) -> PreTrainedModel:
@@ -158,7 +209,8 @@ class Evaluator:
     def _check_context(self, model: PreTrainedModel) -> None:
         """Refuse, before any work, an example longer than the model can read: a too-long prompt would
         otherwise fail deep inside attention or grow memory until the kernel kills the process."""
-        context = getattr(model.config, "max_position_embeddings", None)
+        # An image-text model's context is its language model's (Llava's config nests it in text_config).
+        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         if not context:
             return
         for prepared in self._prepared.values():
@@ -245,6 +297,7 @@ class Evaluator:
                 pad_id=self._pad_id,
                 stop_hit=stop_hit if stops else None,
                 stop_window=window,
+                pixel_values=prepared.pixels(batch),
             )
             results.update(zip(batch, outs, strict=True))
         return results
@@ -281,7 +334,10 @@ class Evaluator:
         for start in range(0, len(flat), self.batch_size):
             keys = flat[start : start + self.batch_size]
             pairs = [prepared.requests[i][j] for i, j in keys]
-            logprob.update(zip(keys, continuation_logprobs(model, pairs, pad_id=self._pad_id), strict=True))
+            pixels = prepared.pixels([i for i, _ in keys])
+            logprob.update(
+                zip(keys, continuation_logprobs(model, pairs, pad_id=self._pad_id, pixel_values=pixels), strict=True)
+            )
         task, scorer = prepared.task, prepared.task.scorer
         assert isinstance(scorer, LoglikScorer)
         rows = task.examples(self.split)

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
 from evomerge.errors import ConfigError, ModelError
 from evomerge.evaluate.engine import default_dtype
 from evomerge.models import refuse_remote_code
+from evomerge.models.sources import read_json
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -35,12 +36,15 @@ def load_causal_lm(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     allow_pickle: bool = False,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | ProcessorMixin]:
     """Load `ref` (a local Hugging Face directory) with transformers, never running remote code.
 
     Only safetensors weights are read unless `allow_pickle` (pickled `.bin` files can execute code).
+    An image-text model (a config with a `vision_config`, e.g. Llava) is loaded with
+    `AutoModelForImageTextToText` and returned with its `AutoProcessor` instead of the tokenizer; the
+    `Evaluator` takes either.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-load progress bar only clutters the search's live display
@@ -55,9 +59,11 @@ def load_causal_lm(
         raise ModelError(
             f"model {path} has no safetensors weights; pass --allow-pickle to load pickled weights"
         )
+    vision = is_image_text_model(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
+        loader = AutoProcessor if vision else AutoTokenizer
+        tokenizer = loader.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = (AutoModelForImageTextToText if vision else AutoModelForCausalLM).from_pretrained(
             path,
             local_files_only=True,
             trust_remote_code=False,
@@ -67,7 +73,15 @@ def load_causal_lm(
     except (OSError, ValueError, KeyError) as error:
         reason = " ".join(str(error).split())[:200]
         raise ModelError(f"model {path} cannot be loaded with transformers ({reason})") from None
+    if vision and not isinstance(tokenizer, ProcessorMixin):
+        raise ModelError(f"model {path} is an image-text model but has no processor files (processor_config.json)")
     return model.to(device).eval(), tokenizer
 
 
-__all__ = ["load_causal_lm"]
+def is_image_text_model(ref: str | os.PathLike[str]) -> bool:
+    """True for a model directory whose config has a vision tower (`vision_config`), e.g. Llava."""
+    config = read_json(Path(ref) / "config.json")
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+
+
+__all__ = ["is_image_text_model", "load_causal_lm"]

@@ -6,7 +6,6 @@ its data completely up front, so a bad file fails in one sentence before any mod
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -21,8 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from evomerge.errors import TaskError
+from evomerge.evaluate.data import Row, load_cached_dataset, read_rows
+from evomerge.evaluate.images import TaskImage, load_image
 from evomerge.evaluate.language import language_check
-from evomerge.evaluate.offline import datasets_offline
 from evomerge.evaluate.scorers import (
     GenerativeScorer,
     LoglikScorer,
@@ -39,7 +39,6 @@ SPLITS: tuple[str, str] = ("search", "test")
 #: characters of prompt, and tokenising and batching such rows is how an evaluation runs out of memory.
 MAX_PROMPT_CHARACTERS = 200_000
 Split = Literal["search", "test"]
-Row = dict[str, Any]
 
 
 class _Strict(BaseModel):
@@ -117,6 +116,10 @@ class TaskSpec(_Strict):
     response_language: str | None = None
     """ISO 639-1 code the whole response must be identified as (the paper's check; the `langid` extra)."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    image_field: str | None = None
+    """Field holding each example's image (a path relative to its data file, or a base64 PNG; null for
+    a text-only example): the task is then evaluated through the model's processor, and image examples
+    are disjoint across splits by image pixels."""
 
 
 def _read_yaml(path: Path) -> tuple[Any, bytes]:
@@ -134,72 +137,6 @@ def _read_yaml(path: Path) -> tuple[Any, bytes]:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise TaskError(f"task file {path} is not valid YAML{where}") from None
-
-
-def _read_rows(path: Path, task_file: Path) -> list[Row]:
-    """Rows of a local JSONL / JSON / CSV / Parquet file, chosen by extension."""
-    if not path.is_file():
-        raise TaskError(f"task file {task_file}: data file {path} does not exist")
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".ndjson"):
-            return _read_jsonl(path)
-        if suffix == ".csv":
-            with path.open(newline="", encoding="utf-8") as handle:
-                return [dict(row) for row in csv.DictReader(handle)]
-    except UnicodeDecodeError as error:
-        raise TaskError(f"data file {path} is not UTF-8 text (byte {error.start} cannot be decoded)") from None
-    if suffix == ".parquet":
-        try:
-            import pyarrow
-            from pyarrow import parquet
-        except ImportError:
-            raise TaskError(f"data file {path} is Parquet; install evomerge[parquet] to read it") from None
-        try:
-            return parquet.read_table(path).to_pylist()
-        except (pyarrow.ArrowException, OSError, ValueError) as error:
-            raise TaskError(f"data file {path} is not a readable Parquet file ({error})") from None
-    raise TaskError(f"task file {task_file}: data file {path} must be .jsonl, .csv or .parquet")
-
-
-def _read_jsonl(path: Path) -> list[Row]:
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise TaskError(f"data file {path}: line {number} is not valid JSON") from None
-        if not isinstance(row, dict):
-            raise TaskError(f"data file {path}: line {number} is not a JSON object")
-        rows.append(row)
-    return rows
-
-
-def _load_cached_dataset(spec: CachedDataset, task_file: Path) -> tuple[dict[str, list[Row]], str]:
-    """Load a `datasets` dataset strictly offline; return the rows per split and a content fingerprint."""
-    try:
-        datasets_offline()
-    except ImportError:
-        raise TaskError(
-            f"task file {task_file}: data.dataset needs the `datasets` package installed"
-        ) from None
-    import datasets
-    splits: dict[str, list[Row]] = {}
-    digest = hashlib.sha256()
-    for split, name in (("search", spec.search_split), ("test", spec.test_split)):
-        try:
-            loaded = datasets.load_dataset(spec.dataset, spec.config, split=name)
-        except Exception as error:  # noqa: BLE001 -- datasets raises many unrelated types, all "not usable offline"
-            reason = " ".join(str(error).split())[:200]
-            raise TaskError(
-                f"task file {task_file}: dataset {spec.dataset!r} split {name!r} is not available in the "
-                f"local cache (downloads are disabled; HF_DATASETS_OFFLINE=1): {reason}"
-            ) from None
-        splits[split] = [dict(row) for row in loaded]
-        digest.update(f"{split}:{getattr(loaded, '_fingerprint', '')}".encode())
-    return splits, digest.hexdigest()
 
 
 def _prompt_fields(prompt: str, task_file: Path) -> list[str]:
@@ -233,22 +170,56 @@ def _row_key(row: Row, fields: Sequence[str]) -> str:
 class Task:
     """A validated task: its spec, its rows per split, its scorer and a stable fingerprint."""
 
-    def __init__(self, spec: TaskSpec, path: Path, splits: dict[str, list[Row]], fingerprint: str) -> None:
+    def __init__(
+        self,
+        spec: TaskSpec,
+        path: Path,
+        splits: dict[str, list[Row]],
+        fingerprint: str,
+        data_files: Mapping[str, Path] | None = None,
+    ) -> None:
         self.spec = spec
         self.path = path
         self._splits = splits
         self._fingerprint = fingerprint
+        # Image paths are relative to the data file a row came from (the task file for a dataset).
+        self._data_files = dict(data_files or {split: path for split in SPLITS})
+        self._images: dict[str, list[TaskImage]] = {}
         self.scorer: Scorer = _build_scorer(spec, path)
         self.charset: re.Pattern[str] | None = compile_charset(spec.answer_charset, "answer_charset", path)
         self.response_charset = compile_charset(spec.response_charset, "response_charset", path)
         self.response_language = language_check(spec.response_language, path)
         self._fields = _prompt_fields(spec.prompt, path)
         self._validate_rows()
+        if spec.image_field is not None:
+            # The images are part of what is evaluated: the same rows with other pictures are another task.
+            digests = [image.digest if image else "" for split in SPLITS for image in self.images(split)]
+            self._fingerprint = hashlib.sha256("\n".join([fingerprint, *digests]).encode()).hexdigest()
 
     @property
     def name(self) -> str:
         """The task's unique name."""
         return self.spec.name
+
+    @property
+    def has_images(self) -> bool:
+        """True when every example carries an image (the task names an `image_field`)."""
+        return self.spec.image_field is not None
+
+    def images(self, split: str) -> list[TaskImage | None]:
+        """The decoded images of `split`, in example order, None for a text-only example (decoded once,
+        on first use: at load)."""
+        split = check_split(split)
+        field = self.spec.image_field
+        if field is None:
+            raise TaskError(f"task {self.name!r} has no image_field")
+        if split not in self._images:
+            self._images[split] = [
+                None if row[field] is None
+                else load_image(row[field], self._data_files[split], f"task file {self.path}: {split} example {number}")
+                for number, row in enumerate(self._splits[split], start=1)
+            ]
+        return self._images[split]
 
     @property
     def is_generative(self) -> bool:
@@ -304,7 +275,8 @@ class Task:
             if not rows:
                 raise TaskError(f"task file {path}: the {split} split has no examples")
             for number, row in enumerate(rows, start=1):
-                missing = [f for f in (spec.answer_field, *self._fields) if f not in row]
+                needed = (spec.answer_field, *self._fields, *([spec.image_field] if spec.image_field else []))
+                missing = [f for f in needed if f not in row]
                 if missing:
                     raise TaskError(
                         f"task file {path}: {split} example {number} has no field {missing[0]!r} "
@@ -314,6 +286,8 @@ class Task:
                     _check_choices(
                         row, self.scorer.choices_field or "", spec.answer_field, path, split, number
                     )
+        if spec.fewshot and spec.image_field is not None:
+            raise TaskError(f"task file {path}: fewshot must be 0 for a task with an image_field (one image per prompt)")
         if spec.fewshot > len(self._splits["search"]) - 1:
             raise TaskError(
                 f"task file {path}: fewshot={spec.fewshot} needs more than {len(self._splits['search'])} "
@@ -337,9 +311,24 @@ class Task:
                     )
 
     def _check_disjoint(self) -> None:
+        text_rows = self._splits
+        if self.spec.image_field is not None:
+            # An image seen while searching makes any question about it a search example.
+            images = {split: self.images(split) for split in SPLITS}
+            seen = {image.digest: number for number, image in enumerate(images["search"], start=1) if image}
+            for number, image in enumerate(images["test"], start=1):
+                if image and image.digest in seen:
+                    raise TaskError(
+                        f"task file {self.path}: test example {number} has the same image as search example "
+                        f"{seen[image.digest]} (splits must be disjoint by image content)"
+                    )
+            text_rows = {
+                split: [row for row, image in zip(self._splits[split], images[split], strict=True) if image is None]
+                for split in SPLITS
+            }
         fields = self._fields or [self.spec.answer_field]
-        search = {_row_key(row, fields): row for row in self._splits["search"]}
-        overlap = [row for row in self._splits["test"] if _row_key(row, fields) in search]
+        search = {_row_key(row, fields): row for row in text_rows["search"]}
+        overlap = [row for row in text_rows["test"] if _row_key(row, fields) in search]
         if overlap:
             example = {field: overlap[0].get(field) for field in fields}
             raise TaskError(
@@ -388,21 +377,21 @@ def check_split(split: str) -> str:
     return split
 
 
-def _load_data(spec: TaskSpec, path: Path) -> tuple[dict[str, list[Row]], str]:
-    """Rows per split and a fingerprint of the data's bytes."""
+def _load_data(spec: TaskSpec, path: Path) -> tuple[dict[str, list[Row]], str, dict[str, Path]]:
+    """Rows per split, a fingerprint of the data's bytes and the file each split was read from."""
     base = path.parent
     data = spec.data
     if isinstance(data, CachedDataset):
-        return _load_cached_dataset(data, path)
+        return (*load_cached_dataset(data, path), {split: path for split in SPLITS})
     if isinstance(data, SplitFiles):
         files = {"search": base / data.search, "test": base / data.test}
-        splits = {split: _read_rows(file, path) for split, file in files.items()}
+        splits = {split: read_rows(file, path) for split, file in files.items()}
         digest = hashlib.sha256(b"".join(file.read_bytes() for file in files.values()))
-        return splits, digest.hexdigest()
+        return splits, digest.hexdigest(), files
     # One file with a split column: rows whose split value is neither search nor test (say
     # "validation") are left out on purpose.
     file = base / data.path
-    rows = _read_rows(file, path)
+    rows = read_rows(file, path)
     splits = {"search": [], "test": []}
     wanted = {data.search_value: "search", data.test_value: "test"}
     for number, row in enumerate(rows, start=1):
@@ -411,7 +400,7 @@ def _load_data(spec: TaskSpec, path: Path) -> tuple[dict[str, list[Row]], str]:
         split = wanted.get(str(row[data.split_field]))
         if split is not None:
             splits[split].append(row)
-    return splits, hashlib.sha256(file.read_bytes()).hexdigest()
+    return splits, hashlib.sha256(file.read_bytes()).hexdigest(), {split: file for split in SPLITS}
 
 
 def load_task(path: str | os.PathLike[str]) -> Task:
@@ -424,9 +413,9 @@ def load_task(path: str | os.PathLike[str]) -> Task:
         spec = TaskSpec.model_validate(raw)
     except ValidationError as error:
         raise TaskError(validation_sentence(error, f"task file {path}", TaskSpec)) from None
-    splits, data_fingerprint = _load_data(spec, path)
+    splits, data_fingerprint, data_files = _load_data(spec, path)
     fingerprint = hashlib.sha256(task_bytes + data_fingerprint.encode()).hexdigest()
-    return Task(spec, path, splits, fingerprint)
+    return Task(spec, path, splits, fingerprint, data_files)
 
 
 __all__ = [

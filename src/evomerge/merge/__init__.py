@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from evomerge.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from evomerge.merge.inmemory import InMemoryMerger
+    from evomerge.merge.inmemory import InMemoryMerger, checkpoint_named_tensors
     from evomerge.merge.plan import NonFiniteWeightsError
     from evomerge.merge.recipe import Recipe, load_recipe, parse_recipe
     from evomerge.merge.registry import OperatorSpec, ParamSpec, get_operator, operator_names
@@ -18,6 +18,7 @@ __getattr__, __dir__ = lazy_exports(
     __name__,
     {
         "InMemoryMerger": "inmemory",
+        "checkpoint_named_tensors": "inmemory",
         "NonFiniteWeightsError": "plan",
         "Recipe": "recipe",
         "load_recipe": "recipe",
@@ -40,6 +41,7 @@ __all__ = [
     "ParamSpec",
     "Recipe",
     "StreamingMerge",
+    "checkpoint_named_tensors",
     "get_operator",
     "load_recipe",
     "operator_names",

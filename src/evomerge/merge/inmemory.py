@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
 
 from evomerge.errors import ConfigError
 from evomerge.merge.plan import (
@@ -126,7 +128,7 @@ class InMemoryMerger:
         model has no room for a second copy on the device); a candidate that fails part-way (non-finite
         weights) leaves the module partly overwritten until the next candidate is merged into it.
         """
-        targets: Mapping[str, torch.Tensor] = module.state_dict(keep_vars=True)
+        targets = checkpoint_named_tensors(module)
         with torch.no_grad():
             for name, tensor in self.tensors(recipe):
                 target = targets.get(name)
@@ -135,4 +137,18 @@ class InMemoryMerger:
                 target.data.copy_(tensor)
 
 
-__all__ = ["InMemoryMerger", "NonFiniteWeightsError"]  # the error is raised by `tensors`
+def checkpoint_named_tensors(module: nn.Module) -> Mapping[str, torch.Tensor]:
+    """A live module's parameters and buffers under the names its checkpoint files use.
+
+    transformers 5 renames some models' modules at load (Llava's `language_model.model.layers.N` is the
+    live `model.language_model.layers.N`, its `language_model.lm_head` the live `lm_head`) and renames
+    them back on save; merges are planned in checkpoint names, so a live target is found through the
+    same reverse mapping `save_pretrained` applies. The tensors are the module's own (in-place writes).
+    """
+    targets = module.state_dict(keep_vars=True)
+    if isinstance(module, PreTrainedModel):
+        targets = revert_weight_conversion(module, targets)
+    return targets
+
+
+__all__ = ["InMemoryMerger", "NonFiniteWeightsError", "checkpoint_named_tensors"]  # the error is raised by `tensors`

@@ -75,10 +75,10 @@ def _plan_models(recipe: Recipe, spec: OperatorSpec, checkpoints: Mapping[str, C
     merged = _merged_refs(recipe, spec, [entry.model for entry in recipe.models])
     if not merged:
         raise ConfigError(f"method '{spec.name}' needs at least one model besides the base model")
-    donor_ref = recipe.base_model or recipe.models[0].model
+    donor_ref = recipe.reference_ref()
     donor = checkpoints[donor_ref]
     prefix = recipe.submodule.prefix if recipe.submodule else ""
-    rest_ref = (recipe.submodule.copy_rest_from if recipe.submodule else None) or donor_ref
+    rest_ref = donor_ref
     jobs: list[TensorJob] = []
     for name in donor.tensor_names():
         if not name.startswith(prefix):

@@ -80,11 +80,13 @@ class Slice(BaseModel):
 
 
 class Submodule(BaseModel):
-    """Merge only the tensors under `prefix` of the reference model (base, else first); copy the rest.
+    """Merge only the tensors under `prefix` of the reference model; copy the rest from it.
 
-    The other parents carry the same tensors under `parent_prefix` — e.g. a vision-language model's
-    `language_model.` against a plain LLM's `""`. Tensors outside `prefix` (a vision tower) are copied
-    from `copy_rest_from` (default: the reference model).
+    The reference is `copy_rest_from` when given, else the base, else the first model: the merged model
+    has its tensor names, config and tokenizer/processor files. The other models (base included) carry
+    the same tensors under `parent_prefix` — e.g. a vision-language model's `language_model.` against a
+    plain LLM's `""`: with `copy_rest_from` naming the VLM, its language tower is merged with plain LLM
+    parents over a plain LLM base, and its vision tower and projector are copied.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -146,9 +148,15 @@ class Recipe(BaseModel):
         return refs
 
     def donor_ref(self) -> str:
-        """Where config and tokenizer files come from: explicit source, else base, else first model."""
+        """Where config and tokenizer files come from: explicit source, else the reference model."""
         if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):  # union extends the base's
             return self.tokenizer_source
+        return self.reference_ref()
+
+    def reference_ref(self) -> str:
+        """The model whose tensor names the merge has: `submodule.copy_rest_from`, else base, else first."""
+        if self.submodule and self.submodule.copy_rest_from:
+            return self.submodule.copy_rest_from
         return self.base_model or self.parent_refs()[0]
 
     def to_yaml(self) -> str:

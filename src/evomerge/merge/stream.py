@@ -65,6 +65,9 @@ DONOR_FILES = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    # An image-text model's processor (a merged VLM's language tower keeps the reference's processor).
+    "processor_config.json",
+    "preprocessor_config.json",
 )
 
 
@@ -94,8 +97,13 @@ def check_parents(recipe: Recipe, checkpoints: Mapping[str, Checkpoint]) -> Comp
     only parents of the reference's depth take part in the tensor-by-tensor check.
     """
     copy_rest = recipe.submodule.copy_rest_from if recipe.submodule else None
-    merged = [ckpt for ref, ckpt in checkpoints.items() if ref != copy_rest or ref == recipe.donor_ref()]
+    merged = list(checkpoints.values())
     base = checkpoints.get(recipe.base_model) if recipe.base_model else None
+    if copy_rest is not None:
+        # The reference (whose names the merge has) goes first and the base is checked like a parent:
+        # it carries the merged tensors under `parent_prefix`, as the other parents do.
+        merged = [checkpoints[copy_rest], *(ckpt for ref, ckpt in checkpoints.items() if ref != copy_rest)]
+        base = None
     if recipe.slices is not None:
         depth = (base or merged[0]).num_layers
         merged = [ckpt for ckpt in merged if ckpt.num_layers == depth]

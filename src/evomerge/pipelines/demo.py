@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.evaluate.stats import paired_comparison
+from evomerge.evaluate.stats import PairedComparison, paired_comparison
 from evomerge.lineage import export_candidate
 from evomerge.pipelines.evolve import EvolveOutcome, evolve
 from evomerge.report import write_report
@@ -79,9 +79,26 @@ def run_demo(
             f"building the tiny model zoo: training {model} {done}/{steps}"
         ),
     )
+    config = demo_config(zoo, candidates=candidates, seed=seed, start=start)
+    return evolve_and_summarise(
+        out_dir, config, zoo.root, zoo.target_task.stem, on_candidate=on_candidate, on_status=on_status
+    )
+
+
+def evolve_and_summarise(
+    out_dir: Path,
+    config: dict[str, Any],
+    zoo_root: Path,
+    target: str,
+    *,
+    on_candidate: Callable[[CandidateResult], None] | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> tuple[EvolveOutcome, dict[str, Any]]:
+    """A demo's second half, for any zoo: evolve `config`, export the champion, write the report and
+    `summary.json` (test scores of every parent, baseline and the champion; paired comparisons on the
+    `target` task)."""
     config_path = out_dir / "evolve.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config = demo_config(zoo, candidates=candidates, seed=seed, start=start)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     outcome = evolve(config_path, out_dir / "run", on_candidate=on_candidate, on_status=on_status)
     if on_status is not None:
@@ -92,8 +109,8 @@ def run_demo(
     write_report(outcome.run_dir, out_dir / "report.html")
     champion = f"candidate:{outcome.selection.champion}"
     summary = {
-        "zoo": str(zoo.root),
-        "target_task": zoo.target_task.stem,
+        "zoo": str(zoo_root),
+        "target_task": target,
         "champion": champion,
         "candidates": outcome.candidates,
         "examples_saved_by_racing": outcome.examples_saved,
@@ -103,7 +120,10 @@ def run_demo(
         },
         "roles": {name: result.get("roles", [result["kind"]]) for name, result in outcome.test_results.items()},
         "baselines": {name: _settings(r["recipe"]) for name, r in outcome.test_results.items() if r["kind"] == "baseline"},
-        "comparison": champion_comparison(outcome.test_results, champion, zoo.target_task.stem),
+        "comparison": champion_comparison(outcome.test_results, champion, target),
+        "comparisons": {
+            name: paired.to_dict() for name, paired in each_comparison(outcome.test_results, champion, target).items()
+        },
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return outcome, summary
@@ -123,6 +143,16 @@ def champion_comparison(test_results: dict[str, Any], champion: str, task: str) 
         paired = paired_comparison(test_results[champion]["test"][task]["values"], rivals[rival]["values"])
         comparison[label] = {"name": rival, **paired.to_dict()}
     return comparison
+
+
+def each_comparison(test_results: dict[str, Any], champion: str, task: str) -> dict[str, PairedComparison]:
+    """The champion against every parent and every baseline, paired on the `task` test examples."""
+    mine = test_results[champion]["test"][task]["values"]
+    return {
+        name: paired_comparison(mine, result["test"][task]["values"])
+        for name, result in test_results.items()
+        if result["kind"] in ("parent", "baseline") and task in result["test"]
+    }
 
 
 def _without_values(row: dict[str, Any]) -> dict[str, Any]:

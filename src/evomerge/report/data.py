@@ -286,7 +286,7 @@ def coefficient_grids(recipe: Recipe, donor: Checkpoint) -> list[CoefficientGrid
               and any(p.name in e.parameters for e in recipe.models)]
     params.sort(key=lambda name: name != "weight")
     # The values the merge itself uses: the plan's jobs with merge's own parameter precedence.
-    jobs = [job for job in plan_jobs(recipe, spec, {recipe.base_model or recipe.models[0].model: donor}) if not job.copy]
+    jobs = [job for job in plan_jobs(recipe, spec, {recipe.reference_ref(): donor}) if not job.copy]
     resolved = [(job.out_name, job_parameters(spec, job)) for job in jobs]
     columns = list(dict.fromkeys(sorted((column_of(n, donor.model_type) for n, _ in resolved), key=_column_order)))
     grids = []

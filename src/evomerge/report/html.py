@@ -195,7 +195,7 @@ def _coefficients(data: RunData) -> Section:
     if recipe is None:
         return Section("coefficients", title, note="No champion yet.")
     try:
-        donor = Checkpoint.open(recipe.base_model or recipe.models[0].model)
+        donor = Checkpoint.open(recipe.reference_ref())
     except EvomergeError as error:
         return Section("coefficients", title, note=f"The donor's tensor names are needed and it cannot be opened: {error}")
     grids = coefficient_grids(recipe, donor)

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from evomerge.errors import ConfigError
-from evomerge.merge.recipe import Number, Recipe, parse_recipe
+from evomerge.merge.recipe import Number, Recipe, Submodule, parse_recipe
 from evomerge.merge.registry import get_operator
 from evomerge.validation import validation_sentence
 
@@ -209,6 +209,11 @@ class EvolveConfig(BaseModel):
         default_factory=dict, description="extra untuned merges to compare against, as recipes of the run's parents"
     )
     dfs: DfsConfig | None = None
+    submodule: Submodule | None = Field(
+        None,
+        description="evolve one sub-module, e.g. a VLM's language tower: {prefix: 'language_model.', parent_prefix: '', "
+        "copy_rest_from: the VLM}; only its tensors are in the genome, the rest is copied from copy_rest_from",
+    )
     objectives: list[Objective] = Field(min_length=1)
     combine: Literal["weighted", "pareto"] = "weighted"
     budget: Budget = Field(default_factory=Budget)
@@ -247,6 +252,11 @@ class EvolveConfig(BaseModel):
             raise ValueError("`max_parents` limits a `parents_pool`; give one")
         if self.dfs is None and not (self.parents or self.parents_pool):
             raise ValueError("give `parents` (a parameter-space search) or `dfs` (a layer-path search)")
+        if self.dfs is not None and self.submodule is not None:
+            raise ValueError(
+                "`dfs` cannot search a sub-module (layer paths run through plain causal LMs, not a VLM's "
+                "language tower); drop `dfs` or `submodule`"
+            )
         if self.dfs is None and not self.genome:
             raise ValueError("`genome` must name at least one free operator parameter")
         if self.combine == "pareto" and len(self.objectives) < 2:

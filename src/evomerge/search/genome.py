@@ -143,6 +143,7 @@ class ParameterGenome:
             parameters=shared,
             seed=seed,
             name=self.config.name,
+            submodule=self.config.submodule,
         )
 
     def selected_models(self, values: Mapping[str, float]) -> list[str]:

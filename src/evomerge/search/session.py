@@ -24,8 +24,15 @@ from evomerge.evaluate import (
     load_causal_lm,
     resolve_device,
 )
-from evomerge.merge import InMemoryMerger, NonFiniteWeightsError, Recipe, StreamingMerge, get_operator
-from evomerge.merge.recipe import ModelEntry
+from evomerge.merge import (
+    InMemoryMerger,
+    NonFiniteWeightsError,
+    Recipe,
+    StreamingMerge,
+    checkpoint_named_tensors,
+    get_operator,
+)
+from evomerge.merge.recipe import ModelEntry, Submodule
 from evomerge.merge.stream import DTYPES
 from evomerge.models import Checkpoint
 from evomerge.search.config import EvolveConfig, resolve_path, user_baselines
@@ -206,6 +213,7 @@ class SearchSession(SessionBase):
             if not self.pool_screen.kept:
                 raise ConfigError(f"evolve config: field 'parents_pool': the screen left no model ({self.pool_screen.rejected})")
         self.merged = self.pool_screen.kept if self.pool_screen else [resolve_path(ref, root) for ref in config.parents]
+        self.submodule = _resolved_submodule(config.submodule, root)
         template = Recipe(
             method=config.method,
             base_model=self.base,
@@ -213,20 +221,25 @@ class SearchSession(SessionBase):
             parameters=dict(config.fixed),
             seed=config.seed,
             allow_pickle=config.allow_pickle,
+            submodule=self.submodule,
         )
         self.merger = InMemoryMerger(template, device=self.device, dtype=self.dtype)
+        self.reference = template.reference_ref()
         donor = self.merger.donor
         merged_models = [ref for ref in self.merged if ref != self.base]
+        # With a sub-module only its tensors are genes (a VLM's vision tower and projector are copied).
+        prefix = self.submodule.prefix if self.submodule else ""
         self.genome = ParameterGenome(
-            self._with_paths(config), template.operator, merged_models, donor.tensor_names(),
-            donor.model_type, donor.num_layers,
+            self._with_paths(config), template.operator, merged_models,
+            [name for name in donor.tensor_names() if name.startswith(prefix)], donor.model_type, donor.num_layers,
         )
+        # A VLM comes with its processor, which the evaluator takes in place of the tokenizer.
         self.model, self.tokenizer = load_causal_lm(donor.path, device=self.device, dtype=self.dtype)
 
     def _with_paths(self, config: EvolveConfig) -> EvolveConfig:
         # Decoded recipes name parents by resolved path, so they work from any working directory.
         field = "parents_pool" if config.parents_pool else "parents"
-        return config.model_copy(update={"base_model": self.base, field: self.merged})
+        return config.model_copy(update={"base_model": self.base, field: self.merged, "submodule": self.submodule})
 
     # --- candidates -----------------------------------------------------------------------------
     def decode(self, genes: Mapping[str, float]) -> Recipe:
@@ -252,9 +265,15 @@ class SearchSession(SessionBase):
         return time.perf_counter() - started
 
     def activate_parent(self, ref: str) -> None:
-        """Write a parent's own weights into the live model."""
+        """Write a parent's own weights into the live model; in a sub-module search a parent other than
+        the reference is its sub-module in the reference (an LLM's weights as a VLM's language tower)."""
+        if self.submodule is not None and ref != self.reference:
+            alone = Recipe(method="linear", models=[ModelEntry(model=ref, parameters={"weight": 1.0})],
+                           submodule=self.submodule, allow_pickle=self.config.allow_pickle)
+            self.activate_baseline(alone)
+            return
         checkpoint = Checkpoint.open(ref, allow_pickle=self.config.allow_pickle)
-        targets = self.model.state_dict(keep_vars=True)
+        targets = checkpoint_named_tensors(self.model)
         with torch.no_grad():
             for name in checkpoint.tensor_names():
                 targets[name].data.copy_(checkpoint.get(name, device=self.device, dtype=self.dtype))
@@ -262,7 +281,7 @@ class SearchSession(SessionBase):
     def activate_baseline(self, recipe: Recipe) -> None:
         """Write an untuned merge into the live model, one tensor at a time: a baseline's method may be
         of another family than the merger's (task arithmetic beside SLERP), so it is streamed."""
-        targets = self.model.state_dict(keep_vars=True)
+        targets = checkpoint_named_tensors(self.model)
         with torch.no_grad():
             for job, tensor in StreamingMerge(recipe, device=self.device, compute_dtype=self.dtype):
                 targets[job.out_name].data.copy_(tensor)
@@ -277,7 +296,7 @@ class SearchSession(SessionBase):
         and weight 1 (with a base model), the run's own method the same way if it takes those parameters,
         and the config's own `baselines:`."""
         merged = self.genome.merged_models
-        common = {"base_model": self.base, "seed": self.config.seed}
+        common = {"base_model": self.base, "seed": self.config.seed, "submodule": self.submodule}
         recipes: dict[str, Recipe] = {}
 
         def add(name: str, method: str, per_model: dict[str, float], shared: dict[str, Any] | None = None) -> None:
@@ -330,6 +349,12 @@ class SearchSession(SessionBase):
         if self.pool_screen is not None:
             evidence["pool_screen"] = self.pool_screen.to_dict()
         return evidence
+
+
+def _resolved_submodule(submodule: Submodule | None, root: Path) -> Submodule | None:
+    if submodule is None or submodule.copy_rest_from is None:
+        return submodule
+    return submodule.model_copy(update={"copy_rest_from": resolve_path(submodule.copy_rest_from, root)})
 
 
 def open_session(config: EvolveConfig, root: Path, objective_function: ObjectiveFunction | None = None) -> Session:
