@@ -188,7 +188,7 @@ def test_an_image_task_needs_a_processor(tmp_path, vlm):
 def test_cli_eval_scores_a_vlm_on_an_image_task(tmp_path, tiny_vlm, vlm, monkeypatch, capsys):
     path = write_image_task(tmp_path, [{"seed": i} for i in range(3)], [{"seed": 9}])
     out = tmp_path / "scores.json"
-    code, _, err = invoke(monkeypatch, capsys, "eval", str(tiny_vlm), "--task", str(path), "--json", str(out))
+    code, _, err = invoke(monkeypatch, capsys, "eval", str(tiny_vlm), "--task", str(path), "--out", str(out))
     assert code == 0, err
     model, processor = vlm
     with torch.no_grad():
