@@ -27,31 +27,38 @@ DEMO_START = "init"
 DEMO_LICENSE = "apache-2.0"
 
 
-def demo_config(
-    zoo: Zoo, *, candidates: int = DEMO_CANDIDATES, seed: int = 0, start: str = DEMO_START
-) -> dict[str, Any]:
-    """The demo's evolve config: DARE-TIES with a weight per model per layer (the paper's start, 0.5) and
-    a density per model, CMA-ES from `start`, fitness = accuracy on the target task's search split."""
+def demo_search(target_task: Path, *, candidates: int, seed: int, start: str) -> dict[str, Any]:
+    """What both demos search with: DARE-TIES with a weight per model per layer (the paper's start, 0.5)
+    and a density per model, CMA-ES from `start`, fitness = accuracy on the target task's search split."""
     return {
-        "name": "demo",
-        "base_model": str(zoo.base),
-        "parents": [str(path) for path in zoo.specialists.values()],
         "method": "dare_ties",
         "genome": {
             "weight": {"bounds": [0.0, 1.5], "granularity": "per_layer", "init": 0.5},
             "density": {"bounds": [0.1, 1.0], "granularity": "global", "init": 0.9},
         },
         "start": start,
-        "objectives": [{"task": str(zoo.target_task)}],
+        "objectives": [{"task": str(target_task)}],
         "budget": {"candidates": candidates},
         "optimizer": "cmaes",
         "seed": seed,
         "cpu_threads": 1,
-        "intended_use": "Demonstration on synthetic tasks; not for real use.",
-        # The zoo's models carry no card: evomerge made them from random weights and its own synthetic
+        # The zoos' models carry no card: evomerge made them from random weights and its own synthetic
         # data, so they are evomerge's own Apache-2.0 work. Writing a license into the zoo would change
         # its source digest and rebuild every cached zoo; the demo states it instead.
         "license": DEMO_LICENSE,
+    }
+
+
+def demo_config(
+    zoo: Zoo, *, candidates: int = DEMO_CANDIDATES, seed: int = 0, start: str = DEMO_START
+) -> dict[str, Any]:
+    """The demo's evolve config: `demo_search` over the zoo's three specialists."""
+    return {
+        "name": "demo",
+        "base_model": str(zoo.base),
+        "parents": [str(path) for path in zoo.specialists.values()],
+        **demo_search(zoo.target_task, candidates=candidates, seed=seed, start=start),
+        "intended_use": "Demonstration on synthetic tasks; not for real use.",
     }
 
 

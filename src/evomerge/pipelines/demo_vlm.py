@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evomerge.pipelines.demo import DEMO_LICENSE, DEMO_START, evolve_and_summarise
+from evomerge.pipelines.demo import DEMO_START, demo_search, evolve_and_summarise
 from evomerge.pipelines.evolve import EvolveOutcome
 from evomerge.search.run import CandidateResult
 from evomerge.zoo.vlm import VlmZoo, build_vlm_zoo
@@ -24,27 +24,15 @@ LANGUAGE_TOWER = {"prefix": "language_model.", "parent_prefix": ""}
 def vlm_demo_config(
     zoo: VlmZoo, *, candidates: int = VLM_DEMO_CANDIDATES, seed: int = 0, start: str = DEMO_START
 ) -> dict[str, Any]:
-    """The text demo's genome (DARE-TIES, a weight per parent per layer from 0.5, a density per parent)
-    over the Llava's language tower only; the base is the text zoo's base, which both parents grew from."""
+    """The text demo's search (`demo_search`) over the Llava's language tower only; the base is the text
+    zoo's base, which both parents grew from."""
     return {
         "name": "vlm-demo",
         "base_model": str(zoo.text.base),
         "parents": [str(zoo.vlm), str(zoo.language)],
         "submodule": {**LANGUAGE_TOWER, "copy_rest_from": str(zoo.vlm)},
-        "method": "dare_ties",
-        "genome": {
-            "weight": {"bounds": [0.0, 1.5], "granularity": "per_layer", "init": 0.5},
-            "density": {"bounds": [0.1, 1.0], "granularity": "global", "init": 0.9},
-        },
-        "start": start,
-        "objectives": [{"task": str(zoo.target_task)}],
-        "budget": {"candidates": candidates},
-        "optimizer": "cmaes",
-        "seed": seed,
-        "cpu_threads": 1,
+        **demo_search(zoo.target_task, candidates=candidates, seed=seed, start=start),
         "intended_use": "Demonstration on synthetic pictures and tasks; not for real use.",
-        # As the text demo: the zoos' models are evomerge's own work and carry no card.
-        "license": DEMO_LICENSE,
     }
 
 

@@ -175,10 +175,11 @@ class Zoo:
         )
 
 
-def source_digest() -> str:
-    """SHA-256 over the zoo's own source files: a cached zoo built by other code is never reused."""
+def source_digest(package: Path = Path(__file__).parent) -> str:
+    """SHA-256 over a package's own source files (default: the zoo's; sub-packages are not included, so
+    the VLM and pool extensions do not invalidate the text zoo): a build made by other code is never reused."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(package.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -229,30 +230,47 @@ def build_zoo(
     device type but not bit-identical to a CPU build. ``on_progress`` follows the training steps.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"Zoo directory {out_dir} is a file; give a directory to build the zoo in.")
     size = "custom" if preset is not None else size
     chosen = resolve_preset(size, preset)
     parameters = build_parameters(size, seed, chosen)
-    if not force and _is_complete(out_dir, parameters):
-        return Zoo.load(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-        raise ConfigError(f"Zoo directory {out_dir} exists, is not empty and holds no {MANIFEST}; refusing to overwrite it.")
+    cached_build(
+        out_dir, parameters, lambda staging: _build_into(staging, chosen, parameters, seed, on_progress),
+        manifest=MANIFEST, force=force, what="Zoo directory",
+    )
+    return Zoo.load(out_dir)
+
+
+def cached_build(
+    out_dir: Path, parameters: dict[str, Any], build_into: Callable[[Path], None], *, manifest: str,
+    force: bool = False, what: str,
+) -> None:
+    """Build into `out_dir` unless it already holds a build whose `manifest` records `parameters`.
+
+    The build runs in a staging directory beside `out_dir`, under an exclusive lock (concurrent tests and
+    demos build once), and is moved into place only when complete; SIGINT/SIGTERM or any error removes the
+    staging directory, and one left by a killed build is removed by the next. `what` names the directory in
+    errors ("Zoo directory").
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{what} {out_dir} is a file; give a directory to build the zoo in.")
+    if not force and _is_complete(out_dir / manifest, parameters):
+        return
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / manifest).exists():
+        raise ConfigError(f"{what} {out_dir} exists, is not empty and holds no {manifest}; refusing to overwrite it.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
         # Another process may have finished the same build while we waited for the lock.
-        if force or not _is_complete(out_dir, parameters):
-            # Holding the lock, no other build of this zoo is running: any staging dir is a killed one's.
+        if force or not _is_complete(out_dir / manifest, parameters):
+            # Holding the lock, no other build of this directory is running: any staging dir is a killed one's.
             for stale in out_dir.parent.glob(f".{out_dir.name}.building-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
             try:
                 with _terminate_as_interrupt():
-                    _build_into(staging, chosen, parameters, seed, on_progress)
+                    build_into(staging)
                     _replace_dir(staging, out_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-    return Zoo.load(out_dir)
 
 
 @contextmanager
@@ -287,8 +305,7 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _is_complete(out_dir: Path, parameters: dict[str, Any]) -> bool:
-    manifest_path = out_dir / MANIFEST
+def _is_complete(manifest_path: Path, parameters: dict[str, Any]) -> bool:
     if not manifest_path.is_file():
         return False
     manifest = json.loads(manifest_path.read_text())

@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from evomerge.zoo.builder import BASE_MIXTURE, Zoo, specialist_mixture
+from evomerge.zoo.builder import BASE_MIXTURE, Zoo, cached_build, source_digest, specialist_mixture
 from evomerge.zoo.tasks import draw_splits, held_out_keys, task_specs, training_families
 from evomerge.zoo.train import TrainConfig, deterministic_torch, train
 
@@ -61,11 +59,8 @@ def default_pool_dir(zoo: Zoo) -> Path:
 
 
 def _parameters(zoo: Zoo) -> dict[str, Any]:
-    source = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        source.update(path.name.encode() + b"\0" + path.read_bytes())
     base_zoo = hashlib.sha256(json.dumps(zoo.manifest["build"], sort_keys=True).encode()).hexdigest()
-    return {"base_zoo": base_zoo, "source_sha256": source.hexdigest(), "torch_version": torch.__version__}
+    return {"base_zoo": base_zoo, "source_sha256": source_digest(Path(__file__).parent), "torch_version": torch.__version__}
 
 
 def _load(root: Path) -> PoolZoo:
@@ -77,18 +72,10 @@ def build_pool_zoo(zoo: Zoo, out_dir: str | os.PathLike[str] | None = None, *, f
     """The distractors of `zoo`, built deterministically into `out_dir` (default `default_pool_dir`) or reused."""
     out_dir = Path(out_dir) if out_dir is not None else default_pool_dir(zoo)
     parameters = _parameters(zoo)
-    manifest_path = out_dir / MANIFEST
-    if not force and manifest_path.is_file() and json.loads(manifest_path.read_text()).get("build") == parameters:
-        return _load(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
-        _build_into(staging, zoo, parameters)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    cached_build(
+        out_dir, parameters, lambda staging: _build_into(staging, zoo, parameters),
+        manifest=MANIFEST, force=force, what="Pool zoo directory",
+    )
     return _load(out_dir)
 
 

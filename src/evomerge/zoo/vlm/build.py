@@ -15,11 +15,8 @@ changes the text zoo's weights or invalidates its cache. The language parent is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +25,16 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from evomerge import __version__
-from evomerge.errors import ConfigError
 from evomerge.zoo.builder import (
     BASE_MIXTURE,
     ProgressCallback,
     Zoo,
-    _exclusive,
-    _replace_dir,
     _stream_seed,
-    _terminate_as_interrupt,
     build_zoo,
+    cached_build,
     default_zoo_dir,
     resolve_preset,
+    source_digest,
 )
 from evomerge.zoo.tasks import draw_splits, held_out_keys, task_specs, training_families
 from evomerge.zoo.train import deterministic_torch
@@ -103,13 +98,6 @@ def default_vlm_zoo_dir(seed: int = 0) -> Path:
     return default_zoo_dir("tiny", seed).with_name(f"vlm-zoo-tiny-seed{seed}")
 
 
-def _source_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
 def build_vlm_zoo(
     out_dir: str | os.PathLike[str] | None = None,
     *,
@@ -122,8 +110,6 @@ def build_vlm_zoo(
     return the one already there when its manifest records the same build (seed, preset, text zoo build,
     versions, digest of this sub-package's source). Training is single-threaded and seeded."""
     out_dir = Path(out_dir) if out_dir is not None else default_vlm_zoo_dir(seed)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"VLM zoo directory {out_dir} is a file; give a directory to build the zoo in.")
     text = build_zoo(text_zoo_dir if text_zoo_dir is not None else default_zoo_dir("tiny", seed), seed=seed,
                      on_progress=on_progress)
     parameters = {
@@ -132,30 +118,13 @@ def build_vlm_zoo(
         "text_zoo": text.manifest["build"],
         "evomerge_version": __version__,
         "torch_version": torch.__version__,
-        "source_sha256": _source_digest(),
+        "source_sha256": source_digest(Path(__file__).parent),
     }
-    if not force and _is_complete(out_dir, parameters):
-        return VlmZoo.load(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-        raise ConfigError(f"VLM zoo directory {out_dir} exists, is not empty and holds no {MANIFEST}; refusing to overwrite it.")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
-        if force or not _is_complete(out_dir, parameters):
-            for stale in out_dir.parent.glob(f".{out_dir.name}.building-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-            try:
-                with _terminate_as_interrupt():
-                    _build_into(staging, text, parameters, seed, on_progress)
-                    _replace_dir(staging, out_dir)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
+    cached_build(
+        out_dir, parameters, lambda staging: _build_into(staging, text, parameters, seed, on_progress),
+        manifest=MANIFEST, force=force, what="VLM zoo directory",
+    )
     return VlmZoo.load(out_dir)
-
-
-def _is_complete(out_dir: Path, parameters: dict[str, Any]) -> bool:
-    manifest = out_dir / MANIFEST
-    return manifest.is_file() and json.loads(manifest.read_text()).get("build") == parameters
 
 
 def _text_held_out(text: Zoo) -> dict[str, frozenset]:
