@@ -182,6 +182,22 @@ def test_exported_champion_loads_with_transformers_and_matches_the_path(dfs_run,
     assert ModelCard.load(out / "README.md").data.license == "mit"
 
 
+def test_the_lineage_of_a_dfs_run_names_its_sources_and_matches_the_exported_packet(dfs_run, tmp_path):
+    from evomerge.lineage import lineage
+
+    root, sources, outcome = dfs_run
+    graph = lineage(root / "run")
+    champion = graph.nodes[graph.root]
+    assert champion.details["method"] == "dfs"
+    assert [p["ref"] for p in champion.details["parents"]] == sources
+    assert len(champion.parents) == len(sources)  # one checkpoint node per source
+    spec = PathCandidate.from_json(load_run(root / "run")[1].study.trials[outcome.selection.champion].user_attrs["path"]).spec
+    assert len(champion.details["coefficients"]["path"]) == len(spec)
+    # The same model id as its exported packet: the run and the packet describe one model.
+    packet = export_candidate(root / "run", "champion", tmp_path / "champion", license="mit")
+    assert lineage(packet).root == graph.root
+
+
 def invoke(monkeypatch, capsys, *args: str) -> tuple[int, str]:
     monkeypatch.setattr(sys, "argv", ["evomerge", *args])
     with pytest.raises(SystemExit) as info:

@@ -22,6 +22,7 @@ from rich.tree import Tree
 from evomerge.errors import ConfigError
 from evomerge.lineage.packet import EVALUATION_FILE, parent_record
 from evomerge.models import LINEAGE_FILE, merged_model_id
+from evomerge.search.dfs import PathCandidate
 from evomerge.search.store import CONFIG_FILE, find_trial, is_run_dir, load_run, recipe_of
 
 RESOURCE_FIELDS = ("merge_seconds", "eval_seconds", "tokens", "peak_memory_bytes", "device")
@@ -197,16 +198,24 @@ def candidate_record(run_dir: str | Path, candidate: str) -> tuple[dict[str, Any
     run_dir = Path(run_dir)
     config, store = load_run(run_dir)
     trial = find_trial(store, candidate)
-    if trial.recipe is None:
-        raise ConfigError(f"candidate {trial.number} of {run_dir} has no merge recipe (a layer-path candidate)")
-    recipe = recipe_of(trial)
-    evidence = store.evidence
-    if evidence is not None:
-        by_ref = {p["ref"]: p for p in evidence["parents"]}
-        parents = [by_ref[ref] for ref in recipe.parent_refs()]
+    if trial.path is not None:
+        # A layer-path candidate: its parents are the path's sources, its "recipe" the path itself (the text
+        # its exported packet records, so both give the same model id).
+        spec = PathCandidate.from_json(trial.path).spec
+        if spec is None:
+            raise ConfigError(f"candidate {trial.number} of {run_dir} is not a valid layer path, so it has no lineage")
+        refs, method, recipe_yaml = list(spec.source_names), "dfs", json.dumps(spec.to_dict(), indent=2)
+        names = [Path(ref).name for ref in refs]
+        steps = zip(spec.steps, spec.scales, strict=True)
+        settings = {"path": [f"{names[source]} layer {layer} x {scale:.4g}" for (source, layer), scale in steps]}
     else:
-        parents = [parent_record(ref) for ref in recipe.parent_refs()]
-    recipe_yaml = recipe.to_yaml()
+        recipe = recipe_of(trial)
+        refs, method, recipe_yaml = recipe.parent_refs(), recipe.method, recipe.to_yaml()
+        settings = coefficients(recipe_yaml)
+    evidence = store.evidence
+    by_ref = {p["ref"]: p for p in evidence["parents"]} if evidence is not None else {}
+    # Runs recorded before the evidence existed, and a PS+DFS run's model A, are read from disk.
+    parents = [by_ref[ref] if ref in by_ref else parent_record(ref) for ref in refs]
     own = store.test_results.get(f"candidate:{trial.number}", {})
     details = {
         "model_id": merged_model_id(parents, recipe_yaml),
@@ -215,9 +224,9 @@ def candidate_record(run_dir: str | Path, candidate: str) -> tuple[dict[str, Any
         "roles": own.get("roles", []),
         "status": trial.status,
         "failure": trial.failure,
-        "method": recipe.method,
+        "method": method,
         "recipe": recipe_yaml,
-        "coefficients": coefficients(recipe_yaml),
+        "coefficients": settings,
         "parents": [{"content_hash": p["content_hash"], "path": p.get("path", p["ref"]), "ref": p["ref"]}
                     for p in parents],
         "architecture": sorted({p["architecture"] for p in parents if p.get("architecture")}),
@@ -291,6 +300,8 @@ def _merged_tree(tree: Tree, details: Mapping[str, Any]) -> None:
         branch = recipe.add(f"{model}")
         for name, value in params.items():
             branch.add(f"{name}: {_value_text(value)}")
+    for number, step in enumerate(coeffs.get("path") or []):
+        recipe.add(f"step {number}: {step}")
     if details.get("suite"):
         suite = tree.add("evaluation suite")
         for task in details["suite"]:
