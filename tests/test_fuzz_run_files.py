@@ -114,3 +114,19 @@ def test_mutated_task_data_is_refused_cleanly(lineage_runs, tmp_path_factory, da
     name = data.draw(st.sampled_from(sorted(p.name for p in task_dir.iterdir())))
     (task_dir / name).write_bytes(data.draw(byte_mutations((task_dir / name).read_bytes())))
     reads_cleanly(lambda: load_task(task_dir / lineage_runs["task"].name))
+
+
+def test_a_trial_attribute_that_is_no_json_is_refused_when_the_run_is_opened(lineage_runs, tmp_path):
+    """Found by the fuzzer above: a damaged row used to escape from whichever reader touched it first."""
+    import sqlite3
+
+    import pytest
+
+    run = _copy(lineage_runs["run_a"], tmp_path / "run")
+    with sqlite3.connect(run / "study.db") as db:
+        db.execute("UPDATE trial_user_attributes SET value_json = '{' WHERE trial_user_attribute_id = "
+                   "(SELECT min(trial_user_attribute_id) FROM trial_user_attributes)")
+    with pytest.raises(EvomergeError, match=r"its study '.*' cannot be opened \(missing or damaged database\)"):
+        load_run(run)
+    with pytest.raises(EvomergeError):
+        load_run_data(run)

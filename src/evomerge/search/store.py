@@ -225,10 +225,8 @@ class RunStore:
     def set_audit(self, number: int, *, scores: Mapping[str, Any], fitness: float, examples: int, seconds: float) -> None:
         # A finished trial's attributes are read-only in Optuna, so the audit is a study attribute of its own
         # (one per trial: concurrent workers never overwrite each other's).
-        self.study.set_user_attr(
-            f"{_AUDIT_PREFIX}{number}",
-            {"scores": dict(scores), "fitness": fitness, "examples": examples, "seconds": seconds},
-        )
+        audit = {"scores": dict(scores), "fitness": fitness, "examples": examples, "seconds": seconds}
+        self.study.set_user_attr(f"{_AUDIT_PREFIX}{number}", audit)
 
     @property
     def baselines(self) -> dict[str, Any] | None:
@@ -399,10 +397,12 @@ def open_store(url: str, study_name: str) -> RunStore:
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         raise ConfigError(f"no study database at {url} (the file does not exist)")
     try:
-        return RunStore(optuna.load_study(study_name=study_name, storage=url))
+        study = optuna.load_study(study_name=study_name, storage=url)
+        _ = study.get_trials(deepcopy=False), study.user_attrs  # a damaged database is refused now, not later
+        return RunStore(study)
     except KeyError:
         raise ConfigError(f"no study named '{study_name}' at {url}") from None
-    except sqlalchemy.exc.SQLAlchemyError as error:
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ValueError) as error:
         raise ConfigError(f"cannot open the study database {url}: {type(error).__name__}") from None
 
 
