@@ -154,3 +154,28 @@ def test_a_lineage_parent_without_a_hash_is_refused(lineage_runs, tmp_path):
     packet, _ = _orphan_packet(lineage_runs, tmp_path, drop_hash)
     with pytest.raises(ConfigError, match=r"lineage.json: parents\[1\] has no content_hash"):
         lineage(packet)
+
+
+def test_a_run_whose_config_allows_pickled_parents_exports_and_traces_them(lineage_runs, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.lineage.packet import export_candidate
+    from evomerge.pipelines import evolve
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(lineage_runs["two"], pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    config = yaml.safe_load((lineage_runs["run_a"] / "config.yaml").read_text())
+    config.update(name="pickled", parents=[str(lineage_runs["one"]), str(pickled)], allow_pickle=True)
+    (tmp_path / "pickled.yaml").write_text(yaml.safe_dump(config))
+    evolve(tmp_path / "pickled.yaml", tmp_path / "run")
+    packet = export_candidate(tmp_path / "run", "champion", tmp_path / "champion")
+    record = json.loads((packet / "lineage.json").read_text())
+    expected = Checkpoint.open(pickled, allow_pickle=True).content_hash()
+    by_ref = {parent["ref"]: parent for parent in record["parents"]}
+    assert by_ref[str(pickled)]["content_hash"] == expected  # the pickled parent, identified by its weights
+    assert lineage(tmp_path / "run").root == lineage(packet).root

@@ -215,7 +215,7 @@ def candidate_record(run_dir: str | Path, candidate: str) -> tuple[dict[str, Any
     evidence = store.evidence
     by_ref = {p["ref"]: p for p in evidence["parents"]} if evidence is not None else {}
     # Runs recorded before the evidence existed, and a PS+DFS run's model A, are read from disk.
-    parents = [by_ref[ref] if ref in by_ref else parent_record(ref) for ref in refs]
+    parents = [by_ref[ref] if ref in by_ref else parent_record(ref, allow_pickle=config.allow_pickle) for ref in refs]
     own = store.test_results.get(f"candidate:{trial.number}", {})
     details = {
         "model_id": merged_model_id(parents, recipe_yaml),

@@ -22,9 +22,9 @@ from evomerge.search.store import DUPLICATE, FAILED, RunStore, TrialRecord, find
 EVALUATION_FILE = "evaluation.json"
 
 
-def parent_record(ref: str) -> dict[str, Any]:
+def parent_record(ref: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     """Identity of a parent by content (`models.identity.parent_identity`)."""
-    return parent_identity(ref, Checkpoint.open(ref))
+    return parent_identity(ref, Checkpoint.open(ref, allow_pickle=allow_pickle))
 
 
 DFS_NO_MERGEKIT = (
@@ -47,9 +47,10 @@ def packet_files(
     the config's, else the one the parents' cards agree on; none of these is a `ConfigError` (a release
     packet is meant for the Hub, which asks for one).
     """
-    records = [parent_record(ref) for ref in parents]
+    # The run's own permission: a config that allowed pickled parents exports and identifies them too.
+    records = [parent_record(ref, allow_pickle=config.allow_pickle) for ref in parents]
     card_license = resolve_license(
-        {ref: Checkpoint.open(ref).path for ref in parents}, license or config.license, required=True,
+        {ref: Checkpoint.open(ref, allow_pickle=config.allow_pickle).path for ref in parents}, license or config.license, required=True,
         field_name="`license` in the evolve config (or pass --license to export)",
     )
     test_results = store.test_results
@@ -131,7 +132,7 @@ def export_candidate(
         searched=f"`{recipe.method}` merge recipes of its parents", license=license,
         mergekit_config=recipe.to_mergekit_yaml() is not None,
     )
-    run_merge(recipe, out_dir, overwrite=overwrite, extra_files=files)
+    run_merge(recipe, out_dir, overwrite=overwrite, allow_pickle=config.allow_pickle, extra_files=files)
     return Path(out_dir)
 
 

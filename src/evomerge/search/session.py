@@ -283,7 +283,9 @@ class SearchSession(SessionBase):
         of another family than the merger's (task arithmetic beside SLERP), so it is streamed."""
         targets = checkpoint_named_tensors(self.model)
         with torch.no_grad():
-            for job, tensor in StreamingMerge(recipe, device=self.device, compute_dtype=self.dtype):
+            for job, tensor in StreamingMerge(
+                recipe, device=self.device, compute_dtype=self.dtype, allow_pickle=self.config.allow_pickle
+            ):
                 targets[job.out_name].data.copy_(tensor)
 
     # --- the run's inputs -----------------------------------------------------------------------
