@@ -225,9 +225,11 @@ def zoo(
 def _build_vlm_zoo(out: Path, *, seed: int, force: bool, as_json: bool) -> None:
     from evomerge.zoo.vlm import build_vlm_zoo
 
-    with err_console.status("building the VLM zoo (and the tiny text zoo it grows from)") as status:
+    # The same progress as the text zoo's (a bar on a terminal, dated lines in a log), one model at a time.
+    with Progress(err_console, "building the VLM zoo (and the tiny text zoo it grows from)") as progress:
         built = build_vlm_zoo(
-            out, seed=seed, force=force, on_progress=lambda model, done, steps: status.update(f"training {model} {done}/{steps}")
+            out, seed=seed, force=force,
+            on_progress=lambda model, done, steps: progress.update(description=f"training {model}", completed=done, total=steps),
         )
     if as_json:
         print_json({"root": built.root, "vlm": built.vlm, "language": built.language, "tasks": built.tasks,
