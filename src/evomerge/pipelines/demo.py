@@ -27,13 +27,16 @@ DEMO_START = "init"
 DEMO_LICENSE = "apache-2.0"
 
 
-def demo_search(target_task: Path, *, candidates: int, seed: int, start: str) -> dict[str, Any]:
-    """What both demos search with: DARE-TIES with a weight per model per layer (the paper's start, 0.5)
-    and a density per model, CMA-ES from `start`, fitness = accuracy on the target task's search split."""
+def demo_search(
+    target_task: Path, *, candidates: int, seed: int, start: str, weight_granularity: str = "per_layer"
+) -> dict[str, Any]:
+    """What both demos search with: DARE-TIES with a weight per model per layer (or per layer and block
+    kind; the paper's start, 0.5) and a density per model, CMA-ES from `start`, fitness = accuracy on the
+    target task's search split."""
     return {
         "method": "dare_ties",
         "genome": {
-            "weight": {"bounds": [0.0, 1.5], "granularity": "per_layer", "init": 0.5},
+            "weight": {"bounds": [0.0, 1.5], "granularity": weight_granularity, "init": 0.5},
             "density": {"bounds": [0.1, 1.0], "granularity": "global", "init": 0.9},
         },
         "start": start,
