@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -13,8 +14,11 @@ from evomerge.merge import StreamingMerge
 from evomerge.pipelines.demo import demo_config
 from evomerge.search.config import parse_evolve_config
 from evomerge.search.genome import ParameterGenome
-from evomerge.search.pool import screen_pool, selected
+from evomerge.report.extras import extra_sections
+from evomerge.search.pool import SELECTED_AT, covering_choice, screen_pool, selected
+from evomerge.search.run import SearchRun
 from evomerge.search.session import SearchSession
+from evomerge.search.store import prepare_run_dir
 from evomerge.zoo.pool import build_pool_zoo
 
 
@@ -95,3 +99,56 @@ def test_pool_config_errors_name_the_field(zoo, tmp_path, change, message):
         parse_evolve_config(data | change, source="evolve.yaml", root=tmp_path)
     with pytest.raises(ConfigError, match="max_parents"):
         parse_evolve_config(demo_config(zoo) | {"max_parents": 2}, source="evolve.yaml", root=tmp_path)
+
+
+def test_covering_choice_takes_complementary_models_and_leaves_out_copies():
+    answers = [
+        {"t": [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]},  # a specialist
+        {"t": [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]},  # its degraded copy: a subset of its answers
+        {"t": [0] * 10},  # an irrelevant skill
+        {"t": [0, 0, 0, 0, 1, 1, 1, 0, 0, 0]},  # a second specialist
+        None,  # failed when scored
+        {"t": [0, 0, 0, 0, 0, 0, 0, 1, 1, 0]},  # a third
+    ]
+    assert covering_choice(answers, [("t", 1.0)], 3) == [0, 3, 5]
+    assert covering_choice(answers, [("t", 1.0)], 2) == [0, 3]
+    assert covering_choice(answers, [("t", 1.0)], 6) == [0, 3, 5]  # nobody else adds an answer
+    assert covering_choice([None, None], [("t", 1.0)], 2) == []
+    # Nothing answered at all: the single (first) best model still starts selected.
+    assert covering_choice([{"t": [0, 0]}, {"t": [0, 0]}], [("t", 1.0)], 2) == [0]
+
+
+def test_covering_choice_minimises_a_minimised_objective_and_weighs_tasks():
+    losses = [{"loss": [1.0, 0.2]}, {"loss": [0.1, 0.9]}, {"loss": [0.5, 0.5]}]
+    assert covering_choice(losses, [("loss", -1.0)], 3) == [0, 1]  # best of both: 0.1 and 0.2
+    assert covering_choice(losses, [("loss", -1.0)], 1) == [1]  # mean 0.5, ties with 2: lower index
+    weighted = [{"a": [1, 1], "b": [0, 0]}, {"a": [0, 0], "b": [1, 1]}]
+    assert covering_choice(weighted, [("a", 0.2), ("b", 0.8)], 1) == [1]
+
+
+@given(st.lists(st.lists(st.integers(0, 1), min_size=6, max_size=6), min_size=1, max_size=6), st.integers(1, 6))
+def test_covering_choice_stops_only_when_nothing_adds(rows, max_parents):
+    table = np.array(rows, dtype=float)
+    chosen = covering_choice([{"t": row} for row in rows], [("t", 1.0)], max_parents)
+    assert 1 <= len(chosen) <= max_parents and chosen == sorted(set(chosen))
+    covered = table[chosen].max(axis=0)
+    assert covered.mean() >= table.mean(axis=1).max()  # at least the best single model
+    if len(chosen) < max_parents:  # stopped early: no other model answers anything new
+        assert all((np.maximum(covered, table[i]) == covered).all() for i in range(len(rows)))
+
+
+def test_a_pool_search_starts_from_the_specialists_not_the_distractors(zoo, pool_zoo, tmp_path):
+    """Pool order puts distractors first, where the configured start (every gene at the threshold, ties to
+    the lower index) would select them; the parents' own search-split answers pick the specialists."""
+    pool = [pool_zoo.models["backwards"], pool_zoo.models["degraded"], *zoo.specialists.values(),
+            pool_zoo.models["other_base"]]
+    config, root = pool_config(zoo, tmp_path, pool, max_parents=3)
+    prepare_run_dir(config, tmp_path / "run")
+    run = SearchRun(config, root, tmp_path / "run")
+    x0 = run.start()
+    started = {g.model for g in run.genome.genes if g.param == "select" and x0[g.name] >= SELECTED_AT}
+    assert started == {str(p) for p in zoo.specialists.values()}
+    assert run.genome.selected_models(x0) == [str(p) for p in zoo.specialists.values()]
+    assert run.store.x0 == x0
+    (section,) = [s for s in extra_sections(run.store) if s[0] == "pool"]
+    assert "CMA-ES started with these selected" in section[2] and "math, language, strings" in section[2]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from evomerge.search.pool import SELECT, SELECTED_AT
 from evomerge.search.store import RunStore
 
 ExtraSection = tuple[str, str, str, str]
@@ -74,4 +75,17 @@ def pool_screen_section(store: RunStore) -> ExtraSection | None:
     table = (f"<table><tr><th>pool model</th><th>‖Δ‖/‖base‖</th>{header}<th>screen</th>{cosine_header}</tr>"
              f"{''.join(rows)}</table>")
     note = "Search-split scores of the models the screen kept (they are scored as parents); a rejected model is never merged."
+    start = _selected_at_start(store)
+    if start:
+        started = ", ".join(html.escape(Path(m).name) for m in screen["models"] if start.get(m))
+        table += f"<p>CMA-ES started with these selected (they cover the most search-split answers together): {started}</p>"
     return "pool", "Parents pool: pre-screen", table, note
+
+
+def _selected_at_start(store: RunStore) -> dict[str, bool]:
+    """Pool model -> whether the search's start selected it (empty when no start was recorded)."""
+    x0 = store.x0 or {}
+    return {
+        gene["model"]: x0[gene["name"]] >= SELECTED_AT
+        for gene in store.genes if gene["param"] == SELECT and gene["name"] in x0
+    }

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from evomerge.evaluate import EvalReport
+from evomerge.search.genome import ParameterGenome
 from evomerge.search.objectives import Objectives, score_table
+from evomerge.search.pool import SELECT, START_SELECTED, START_UNSELECTED, covering_choice
 from evomerge.search.session import CANDIDATE_FAILURES, Session, failure_reason
 from evomerge.search.store import RunStore
 
@@ -45,8 +47,11 @@ def _record(session: Session, report: EvalReport, kind: str, *, ref: str | None 
         "kind": kind,
         "ref": ref,
         "recipe": text,
-        # Per-example values where an estimated fitness chooses its anchors from them and fits its IRT on them.
-        "search": score_table(report.scores, per_example=session.config.fitness.estimator != "full"),
+        # Per-example values where an estimated fitness chooses its anchors from them and fits its IRT on
+        # them, and where a pool's start is the set of parents that covers the most answers.
+        "search": score_table(
+            report.scores, per_example=session.config.fitness.estimator != "full" or bool(session.config.parents_pool)
+        ),
         "fitness": session.objectives.fitness(scores),
     }
 
@@ -71,6 +76,28 @@ def warm_start(session: Session, baselines: Mapping[str, Any]) -> dict[str, floa
         return session.genome.initial()
     best = max(expressible.values(), key=lambda b: b["fitness"])
     return best["genome"]
+
+
+def pool_start(
+    genome: ParameterGenome, baselines: Mapping[str, Any], signed_weights: Sequence[tuple[str, float]]
+) -> dict[str, float]:
+    """A pool's selection genes to start from: the parents whose search-split answers together cover the
+    most (`pool.covering_choice`) start selected, the others not; empty (keep the configured start) when
+    the baselines hold no per-example answers (a run recorded before they were kept)."""
+    answers: list[dict[str, Any] | None] = []
+    for model in genome.merged_models:
+        record = baselines.get(f"parent:{Path(model).name}", {})
+        rows = record.get("search") or {}
+        usable = record.get("fitness") is not None and rows and all("values" in row for row in rows.values())
+        answers.append({task: row["values"] for task, row in rows.items()} if usable else None)
+    assert genome.max_parents is not None
+    chosen = {genome.merged_models[i] for i in covering_choice(answers, signed_weights, genome.max_parents)}
+    if not chosen:
+        return {}
+    return {
+        gene.name: START_SELECTED if gene.model in chosen else START_UNSELECTED
+        for gene in genome.genes if gene.param == SELECT
+    }
 
 
 def baselines_on_test(session: Session) -> dict[str, Any]:

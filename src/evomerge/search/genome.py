@@ -102,8 +102,8 @@ class ParameterGenome:
                 for label in groups.labels:
                     who = f"{labels[model]}." if model is not None else ""
                     genes.append(Gene(f"{param_name}.{who}{label}", param_name, model, label, low, high, init))
-        # A pool: one selection gene per model, every model selected at the start (the cap then takes the
-        # first `max_parents`; CMA-ES samples around that point, so the start rarely decides).
+        # A pool: one selection gene per model, configured at the threshold; a run starts CMA-ES from the
+        # parents that cover the most search-split answers instead (`baselines.pool_start`).
         self.max_parents = (config.max_parents or len(self.merged_models)) if config.parents_pool else None
         if self.max_parents is not None:
             for model in self.merged_models:

@@ -3,6 +3,11 @@
 The genome gets one selection gene per screened pool model, in [0, 1] like every other gene, so CMA-ES,
 NSGA-II and the rest search it unchanged; `selected` turns the genes into the parents a candidate merges.
 
+Where CMA-ES starts in the selection genes comes from the parents' own search-split answers
+(`covering_choice`): the pool models that together answer the most examples, each at its best, start
+selected and the others unselected, so the first generations merge a plausible set instead of whichever
+models come first in the pool.
+
 The screen is cheap and runs before any merge: it streams the pool's tensors once against the base and
 records every model's task-vector norm relative to the base and the pairwise task-vector cosine
 similarities. A model whose task vector is a large share of the base's own norm was not fine-tuned from
@@ -13,17 +18,22 @@ outright by the compatibility check (`CompatibilityError`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge.models import Checkpoint, check_compatible
 
 SELECT = "select"  # the selection genes' parameter name in gene names (`select.math`, ...)
 SELECTED_AT = 0.5  # a selection gene at or above this picks its model
+#: Where `covering_choice` starts a chosen model's selection gene and an unchosen one's: 1.5 of CMA-ES's
+#: initial step (1/6 of the gene's range) from the threshold, so the first generations mostly merge the
+#: covering set and still try swaps.
+START_SELECTED, START_UNSELECTED = 0.75, 0.25
 
 
 def selected(genes: Sequence[float], max_parents: int) -> list[int]:
@@ -32,6 +42,45 @@ def selected(genes: Sequence[float], max_parents: int) -> list[int]:
     ranked = sorted(range(len(genes)), key=lambda i: (-genes[i], i))
     chosen = [i for i in ranked if genes[i] >= SELECTED_AT][:max_parents] or ranked[:1]
     return sorted(chosen)
+
+
+def covering_choice(
+    answers: Sequence[Mapping[str, Sequence[float]] | None],
+    signed_weights: Sequence[tuple[str, float]],
+    max_parents: int,
+) -> list[int]:
+    """Pool indices (in pool order) of the models that together answer the search split best: greedily,
+    the model that most raises the weighted objective of the per-example best answer among those chosen
+    (an oracle routing each example to its best chosen model), while it rises, at most `max_parents`.
+
+    `answers[i]` maps each task to model i's per-example values (None: it failed and is never chosen);
+    `signed_weights` are the objectives' weights, negated for a minimised task. A model that only answers
+    what a chosen one already answers (a degraded copy) or nothing at all (an irrelevant specialist) adds
+    nothing and is left out; the single best model is chosen even if nothing rises.
+    """
+    scored = [i for i, a in enumerate(answers) if a is not None]
+    if not scored:
+        return []
+    tables = {
+        task: np.array([answers[i][task] for i in scored], dtype=np.float64) * np.sign(weight)
+        for task, weight in signed_weights
+    }
+
+    def value(members: list[int]) -> float:
+        return sum(abs(weight) * tables[task][members].max(axis=0).mean() for task, weight in signed_weights)
+
+    chosen: list[int] = []
+    current = -np.inf
+    while len(chosen) < max_parents:
+        gains = {row: value(chosen + [row]) for row in range(len(scored)) if row not in chosen}
+        if not gains:
+            break
+        row = max(gains, key=lambda r: (gains[r], -r))
+        if chosen and gains[row] <= current + 1e-12:
+            break
+        chosen.append(row)
+        current = gains[row]
+    return sorted(scored[row] for row in chosen)
 
 
 @dataclass(frozen=True)

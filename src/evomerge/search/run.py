@@ -23,7 +23,7 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.evaluate import TaskScore
 from evomerge.search import store as runs
-from evomerge.search.baselines import evaluate_baselines, warm_start
+from evomerge.search.baselines import evaluate_baselines, pool_start, warm_start
 from evomerge.search.config import EvolveConfig
 from evomerge.search.estimation import FitnessEstimator
 from evomerge.search.evidence import record_run_evidence
@@ -145,7 +145,11 @@ class SearchRun:
         parents = [b["fitness"] for b in baselines.values() if b["kind"] == "parent" and b["fitness"] is not None]
         self.best_parent = max(parents, default=None)
         x0 = warm_start(self.session, baselines) if self.config.start == "best_baseline" else self.genome.initial()
+        if self.genome.max_parents is not None:
+            x0 = {**x0, **pool_start(self.genome, baselines, self.session.objectives.signed_weights)}
         self.store.set_search_space([gene.__dict__ for gene in self.genome.genes], self.popsize)
+        # Workers' samplers start from it, and the report shows where a pool's selection began.
+        self.store.set_x0(x0 if self.config.resolved_optimizer == "cmaes" else None)
         return x0
 
     def run(self) -> optuna.Study:

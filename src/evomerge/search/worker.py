@@ -182,8 +182,7 @@ def worker_devices(device: str, workers: int) -> list[str]:
 
 def run_with_workers(run: SearchRun, workers: int, *, on_status: Callable[[str], None] | None = None) -> optuna.Study:
     """The coordinator: baselines and the published config here, candidates in `workers` processes."""
-    x0 = run.start()  # no worker runs yet, so anything RUNNING was left by a dead process
-    run.store.set_x0(x0 if run.config.resolved_optimizer == "cmaes" else None)
+    run.start()  # no worker runs yet, so anything RUNNING was left by a dead process
     run.store.publish_config(run.config, run.root)
     if on_status is not None:
         on_status(f"{workers} workers searching")
