@@ -79,8 +79,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             comparison = paired_comparison(a, b, seed=seed)
             # How much the hand-picked champion leans on each parent: its mean layer weight per parent.
             params = champion(hand).params
-            weights = {name: statistics.fmean(v for k, v in params.items() if k.startswith(f"weight.m{i}."))
-                       for i, name in enumerate(("math", "language", "strings"))}
+            weights = {name: statistics.fmean(v for k, v in params.items() if k.startswith(f"weight.{name}."))
+                       for name in ("math", "language", "strings")}
             result = {
                 "seed": seed, "chosen": [Path(m).name for m in chosen], "specialists": set(chosen) == specialists,
                 "rejected": {Path(m).name: why for m, why in pooled_run.session.pool_screen.rejected.items()},
