@@ -12,8 +12,13 @@ the estimate from K anchor examples (with its final audit of the top estimates).
 - the champion's test score against the full-fitness search's champion: per seed and pooled over seeds,
   a paired comparison (`evomerge.evaluate.stats.paired_comparison`) on the same test examples.
 
+`--large` is the harder build: the same zoo and test split, but a search split of 1,800 examples, every
+held-out row of the target's three skills (the `add`, `translate` and `reverse` tasks' search and test
+splits, and the target's own search split, an even mix as the target is), so that K anchors are a small
+share of the split as on real benchmarks. Nothing is retrained.
+
     python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
-        [--estimator irt] [--out results.json]
+        [--estimator irt] [--large] [--out results.json]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 from scipy.stats import spearmanr
 
 from evomerge.evaluate.stats import paired_comparison
@@ -36,11 +42,34 @@ from evomerge.search.run import SearchRun
 from evomerge.search.store import prepare_run_dir
 from evomerge.zoo import Zoo, build_zoo, default_zoo_dir
 
+LARGE_SOURCES = ("add", "translate", "reverse")
 
-def run_search(zoo: Zoo, run_dir: Path, *, seed: int, candidates: int, fitness: dict) -> SearchRun:
+
+def large_target(zoo: Zoo, out: Path) -> Path:
+    """The target task with a 1,800-example search split (module docstring) and the zoo's own test split."""
+    spec = yaml.safe_load(zoo.target_task.read_text())
+    tasks = zoo.target_task.parent
+    rows = []
+    for name in LARGE_SOURCES:
+        for split in ("search", "test"):
+            rows += (tasks / f"{name}_{split}.jsonl").read_text().splitlines()
+    rows += (tasks / "target_search.jsonl").read_text().splitlines()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "target_search.jsonl").write_text("\n".join(rows) + "\n")
+    (out / "target_test.jsonl").write_text((tasks / "target_test.jsonl").read_text())
+    spec["description"] = f"{spec['description']}; search split: every held-out row of {', '.join(LARGE_SOURCES)}"
+    (out / "target.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out / "target.yaml"
+
+
+def run_search(
+    zoo: Zoo, run_dir: Path, *, seed: int, candidates: int, fitness: dict, task: Path | None = None
+) -> SearchRun:
     """One closed-loop search on the demo problem, racing off so that `full` means the whole split."""
     data = demo_config(zoo, candidates=candidates, seed=seed)
     data.update(racing={"enabled": False}, fitness=fitness, name=f"estimation-{fitness['estimator']}")
+    if task is not None:
+        data["objectives"] = [{"task": str(task)}]
     config, root = parse_evolve_config(data, source="benchmark config", root=run_dir)
     prepare_run_dir(config, run_dir)
     run = SearchRun(config, root, run_dir)
@@ -70,9 +99,10 @@ def champion_test_values(run: SearchRun) -> list[float]:
     return [value for _, value in sorted(zip(score.indices, score.values, strict=True))]
 
 
-def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict) -> dict:
-    full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates, fitness={"estimator": "full"})
-    estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator)
+def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, task: Path | None) -> dict:
+    full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates, fitness={"estimator": "full"},
+                      task=task)
+    estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task)
     told, truth = [], []
     for record in estimated.store.counted_trials():
         if record.estimate is not None:  # failed candidates have none
@@ -119,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--anchors", choices=["clustered", "stratified"], default="clustered")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--audit-top-k", type=int, default=3)
+    parser.add_argument("--large", action="store_true", help="the 1,800-example search split (module docstring)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
@@ -126,8 +157,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "warmup": args.warmup, "audit_top_k": args.audit_top_k}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        task = large_target(zoo, Path(tmp) / "large") if args.large else None
         for seed in args.seeds:
-            result = one_seed(zoo, Path(tmp), seed, args.candidates, estimator)
+            result = one_seed(zoo, Path(tmp), seed, args.candidates, estimator, task)
             results.append(result)
             print(f"seed {seed}: examples/candidate {result['examples_per_candidate']['estimated']:.1f} "
                   f"(full {result['examples_per_candidate']['full']:.0f}), saving {result['saving']:.1f}x, "
@@ -136,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"(paired p {result['paired']['p_value']:.3g})", flush=True)
     summary = pooled(results)
     if args.out:
-        args.out.write_text(json.dumps({"settings": estimator, "seeds": results, "pooled": summary}, indent=1))
+        args.out.write_text(json.dumps(
+            {"settings": estimator, "large": args.large, "seeds": results, "pooled": summary}, indent=1
+        ))
     print(f"pooled over {len(results)} seeds: champion test delta stderr {summary['stderr_paired']:.3f} (paired, "
           f"per example), {summary['stderr_over_seeds'] or float('nan'):.3f} (over seeds)")
     print(f"estimation: saving {summary['saving']:.1f}x at spearman {summary['spearman']:.2f}, "

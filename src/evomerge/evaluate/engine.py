@@ -92,6 +92,7 @@ class Evaluator:
         self._pad_id = _pad_id(tokenizer)
         self._eos_ids = _eos_ids(tokenizer)
         self._prepared = {task.name: self._prepare(task) for task in tasks}
+        self._references: dict[str, list[tuple[list[int], list[int]]]] = {}
 
     @property
     def tasks(self) -> list[Task]:
@@ -205,6 +206,58 @@ class Evaluator:
         for name, chosen in selection.items():
             scores[name] = self._score_task(model, self._prepared[name], chosen)
         return EvalReport(self.split, scores, time.perf_counter() - started)
+
+    def answer_probabilities(self, model: PreTrainedModel, indices: Mapping[str, Sequence[int]]) -> EvalReport:
+        """Per chosen example of each generative task, the probability that the model writes the reference
+        answer and then stops (at the task's first stop string, or EOS), teacher-forced: one forward pass,
+        no generation. A graded signal where greedy answers are 0/1 (`fitness.anchor_answers: likelihood`).
+        """
+        selection = self._selection(indices, None)
+        for name in selection:
+            if not isinstance(self._prepared[name].task.scorer, GenerativeScorer):
+                raise TaskError(f"task {name!r} is scored by log-likelihood; answer probabilities are for generative tasks")
+        self._check_context(model)
+        started = time.perf_counter()
+        model = self._place(model)
+        scores = {}
+        for name, chosen in selection.items():
+            task_started = time.perf_counter()
+            prepared = self._prepared[name]
+            pairs = self._reference_pairs(prepared)
+            logprob: dict[int, float] = {}
+            for batch in self._batches(chosen, [len(ctx) + len(cont) for ctx, cont in pairs]):
+                logprob.update(zip(batch, continuation_logprobs(
+                    model, [pairs[i] for i in batch], pad_id=self._pad_id, pixel_values=prepared.pixels(batch)
+                ), strict=True))
+            values = [float(torch.tensor(logprob[i]).exp()) for i in chosen]
+            score, stderr = mean_and_stderr(values)
+            scores[name] = TaskScore(
+                task=name, score=score, stderr=stderr, n=len(values), values=values, indices=chosen,
+                prompt_tokens=sum(len(pairs[i][0]) + len(pairs[i][1]) for i in chosen), generated_tokens=0,
+                seconds=time.perf_counter() - task_started, outputs=[],
+            )
+        return EvalReport(self.split, scores, time.perf_counter() - started)
+
+    def _reference_pairs(self, prepared: _Prepared) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, reference answer + stop ids) per example of a generative task, made once."""
+        cached = self._references.get(prepared.task.name)
+        if cached is not None:
+            return cached
+        task = prepared.task
+        stop = next((s for s in task.spec.generation.stop if s), None)
+        end = self._eos_ids[:1] if stop is None else []
+        pairs = []
+        rows = zip(prepared.prompt_ids, task.prompts(self.split), task.answers(self.split), strict=True)
+        for index, (prompt_ids, prompt, answer) in enumerate(rows):
+            text = str(answer[0] if isinstance(answer, list) else answer) + (stop or "")
+            if prepared.pixel_values and prepared.pixel_values[index] is not None:
+                # Image placeholders are special tokens: no merge crosses into the answer.
+                pairs.append((prompt_ids, self._encode_plain(text) + end))
+            else:
+                context, continuation = self._pair(prompt, text)
+                pairs.append((context, continuation + end))
+        self._references[task.name] = pairs
+        return pairs
 
     def _check_context(self, model: PreTrainedModel) -> None:
         """Refuse, before any work, an example longer than the model can read: a too-long prompt would

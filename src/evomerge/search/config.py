@@ -139,6 +139,10 @@ class Racing(BaseModel):
 class Fitness(BaseModel):
     """How a candidate's fitness is measured: the whole search split, or estimated from a few anchor examples.
 
+    `anchor_answers: likelihood` answers the anchors with the probability the candidate gives the reference
+    answer instead of its greedy answer's 0/1 score: a graded signal that ranks candidates better from
+    the same anchors (benchmarks/RESULTS.md), at the price of an estimate biased low in absolute terms.
+
     `subset`: the accuracy on the anchors. `irt`: a 2PL item-response model fitted on every fully
     evaluated model (parents, untuned merges, the first `warmup` candidates, audited candidates) predicts
     the full-split accuracy from the anchor answers (`search.irt`). Estimated candidates are told to the
@@ -158,6 +162,11 @@ class Fitness(BaseModel):
     )
     audit_top_k: PositiveInt = Field(
         3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
+    )
+    anchor_answers: Literal["generated", "likelihood"] = Field(
+        "generated",
+        description="how an estimated candidate answers its anchors: greedy answers scored by the task (0/1), "
+        "or the teacher-forced probability of the reference answer (graded, one forward pass; generative tasks)",
     )
 
 

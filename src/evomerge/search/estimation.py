@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from evomerge.errors import ConfigError
-from evomerge.evaluate import TaskScore
+from evomerge.evaluate import Task, TaskScore
+from evomerge.evaluate.scorers import GenerativeScorer
 from evomerge.search.config import Fitness
 from evomerge.search.irt import IrtFit, estimate_ability, fit_2pl, predicted_accuracy, select_anchors
 from evomerge.search.objectives import Objectives
@@ -33,9 +34,11 @@ class Estimate:
     scores: dict[str, float]
     examples: int
     estimator: str
+    answers: str  # how the anchors were answered: `generated` or `likelihood`
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fitness": self.fitness, "scores": self.scores, "examples": self.examples, "estimator": self.estimator}
+        return {"fitness": self.fitness, "scores": self.scores, "examples": self.examples,
+                "estimator": self.estimator, "answers": self.answers}
 
 
 def split_examples(total: int, sizes: Mapping[str, int]) -> dict[str, int]:
@@ -55,6 +58,18 @@ class FitnessEstimator:
         self.seed = seed
         self._anchors: dict[str, list[int]] | None = None
         self._fits: dict[str, tuple[int, IrtFit, float, float]] = {}  # task -> (rows fitted, fit, prior mean, prior sd)
+        if settings.anchor_answers == "likelihood":
+            for task in objectives.tasks:
+                if not (isinstance(task, Task) and isinstance(task.scorer, GenerativeScorer)):
+                    raise ConfigError(
+                        f"fitness.anchor_answers 'likelihood' needs generative task files, and objective "
+                        f"'{task.name}' is not one; use 'generated'"
+                    )
+
+    @property
+    def likelihood(self) -> bool:
+        """Whether anchors are answered with reference-answer probabilities (`answer_probabilities`)."""
+        return self.settings.anchor_answers == "likelihood"
 
     # --- what the fit learns from ---------------------------------------------------------------
     def _rows(self) -> tuple[list[dict[str, list[float]]], int]:
@@ -106,7 +121,8 @@ class FitnessEstimator:
         return fit, prior_mean, prior_sd
 
     def estimate(self, scores: Mapping[str, TaskScore]) -> Estimate:
-        """The predicted full-split fitness from the anchor answers among `scores` (a full score has them too)."""
+        """The predicted full-split fitness from the anchor answers among `scores` (a full score has them too;
+        with `likelihood`, `scores` are the anchors' reference-answer probabilities)."""
         rows, parents = self._rows() if self.settings.estimator == "irt" else ([], 0)
         predicted: dict[str, float] = {}
         for task, anchor in self.anchors.items():
@@ -118,8 +134,11 @@ class FitnessEstimator:
             fit, prior_mean, prior_sd = self._fit(task, rows, parents)
             items = np.array(anchor, dtype=int)
             theta = estimate_ability(fit, items, answers, prior_mean=prior_mean, prior_sd=prior_sd)
-            predicted[task] = predicted_accuracy(fit, items, answers, theta)
-        return Estimate(self.objectives.fitness(predicted), predicted, self.examples, self.settings.estimator)
+            # Probabilities are no 0/1 answers to keep as observed: the model's prediction everywhere.
+            predicted[task] = (float(fit.probabilities(theta).mean()) if self.likelihood
+                               else predicted_accuracy(fit, items, answers, theta))
+        return Estimate(self.objectives.fitness(predicted), predicted, self.examples, self.settings.estimator,
+                        self.settings.anchor_answers)
 
     # --- audits ---------------------------------------------------------------------------------
     def audit_due(self, counted: int) -> bool:

@@ -96,7 +96,8 @@ def _logit(p: np.ndarray) -> np.ndarray:
 def estimate_ability(
     fit: IrtFit, items: np.ndarray, answers: np.ndarray, *, prior_mean: float, prior_sd: float
 ) -> float:
-    """MAP ability of a model that answered examples ``items`` with 0/1 ``answers`` (Newton, Gaussian prior)."""
+    """MAP ability of a model that answered examples ``items`` with ``answers`` in [0, 1] (Newton, Gaussian
+    prior): 0/1 scores, or graded ones such as answer probabilities (a Bernoulli quasi-likelihood)."""
     a, b = fit.a[items], fit.b[items]
     y = np.asarray(answers, dtype=np.float64)
     theta = prior_mean

@@ -252,10 +252,16 @@ class SearchRun:
         estimate = None
         if self.estimator is not None:
             full = self.estimator.wants_full()
-            scores = dict(self.session.evaluate("search", None if full else self.estimator.anchors).scores)
-            # A fully scored candidate gets the (free) estimate from its anchor answers too: the report's
-            # estimate error. Its own values join the fit only once it is stored.
-            estimate = self.estimator.estimate(scores)
+            anchors = self.estimator.anchors
+            # A fully scored candidate gets the estimate from its anchor answers too (free, or one forward
+            # pass over the anchors): the report's estimate error. Its own values join the fit once stored.
+            if self.estimator.likelihood:
+                anchor_scores = self.session.answer_probabilities("search", anchors).scores
+                scores = dict(self.session.evaluate("search").scores) if full else dict(anchor_scores)
+            else:
+                scores = dict(self.session.evaluate("search", None if full else anchors).scores)
+                anchor_scores = scores
+            estimate = self.estimator.estimate(anchor_scores)
             status = runs.COMPLETE if full else runs.ESTIMATED
         elif racing:
             scores: dict[str, TaskScore] = {}

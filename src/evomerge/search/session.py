@@ -104,6 +104,8 @@ class Session(Protocol):
 
     def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport: ...
 
+    def answer_probabilities(self, split: str, indices: Mapping[str, Sequence[int]]) -> EvalReport: ...
+
     def decode(self, genes: Mapping[str, float]) -> Any: ...
 
     def describe(self, genes: Mapping[str, float], candidate: Any) -> tuple[str, dict[str, str]]: ...
@@ -170,6 +172,11 @@ class SessionBase:
                 self.tokenizer, native, split, device=self.device, batch_size=self.config.batch_size
             )
         return self._evaluators[split]
+
+    def answer_probabilities(self, split: str, indices: Mapping[str, Sequence[int]]) -> EvalReport:
+        """The live model's teacher-forced probability of each chosen example's reference answer
+        (`Evaluator.answer_probabilities`); task files only."""
+        return self.evaluator(split).answer_probabilities(self.model, indices)
 
     def sizes(self) -> dict[str, int]:
         """Search-split size per task."""
