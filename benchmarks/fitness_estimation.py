@@ -8,7 +8,8 @@ the estimate from K anchor examples (with its final audit of the top estimates).
   scored once by both, are not) and the saving factor full / estimated;
 - Spearman rank correlation between the estimate each candidate was told and its full search-split
   fitness (every estimated candidate is scored on the whole split afterwards for this, outside the count);
-  `--estimator subset` measures the plain anchor mean the same way;
+  `--estimator subset` measures the plain anchor mean the same way, and `--anchor-answers likelihood`
+  answers the anchors with reference-answer probabilities instead of greedy 0/1 scores;
 - the champion's test score against the full-fitness search's champion: per seed and pooled over seeds,
   a paired comparison (`evomerge.evaluate.stats.paired_comparison`) on the same test examples.
 
@@ -149,12 +150,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--anchors", choices=["clustered", "stratified"], default="clustered")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--audit-top-k", type=int, default=3)
+    parser.add_argument("--anchor-answers", choices=["generated", "likelihood"], default="generated")
     parser.add_argument("--large", action="store_true", help="the 1,800-example search split (module docstring)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
     estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
-                 "warmup": args.warmup, "audit_top_k": args.audit_top_k}
+                 "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None

@@ -243,3 +243,32 @@ def test_empty_prompt_and_empty_continuation(lm, tmp_path):
     )
     with pytest.raises(TaskError, match="search example 1 has an empty answer"):
         Evaluator(tokenizer, [ppl])
+
+
+def test_answer_probabilities_match_unpadded_forwards(lm, tmp_path):
+    """The teacher-forced probability of the reference answer and the stop (or EOS, without a stop string),
+    batched with padding, equals one unpadded forward per example; a log-likelihood task is refused."""
+    model, tokenizer = lm
+    rows = _rows(3, 9)
+    stopped = load_task(write_task_files(tmp_path / "s", rows, _rows(4, 2), name="s"))
+    unstopped = load_task(write_task_files(tmp_path / "e", rows, _rows(4, 2), name="e", generation={"max_new_tokens": 8}))
+    report = Evaluator(tokenizer, [stopped, unstopped], batch_size=4).answer_probabilities(
+        model, {"s": range(9), "e": [0, 4, 8]}
+    )
+    for i, row in enumerate(rows):
+        total, _ = _manual_logprob(model, tokenizer, f"{row['question']}=", row["answer"] + "\n")
+        assert report["s"].values[i] == pytest.approx(math.exp(total), rel=1e-4)
+    for value, i in zip(report["e"].values, [0, 4, 8], strict=True):
+        context = tokenizer(f"{rows[i]['question']}=")["input_ids"]
+        whole = tokenizer(f"{rows[i]['question']}={rows[i]['answer']}")["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+        total = sum(float(logits[t - 1, whole[t]]) for t in range(len(context), len(whole)))
+        assert value == pytest.approx(math.exp(total), rel=1e-4)
+    assert report["s"].indices == list(range(9)) and report["e"].n == 3 and report["s"].generated_tokens == 0
+    choice = load_task(write_task_files(
+        tmp_path / "c", [{"question": "1", "choices": ["a", "b"], "answer": 0}], [{"question": "2", "choices": ["a", "b"], "answer": 1}],
+        name="c", scorer="choice", scorer_args={"choices_field": "choices"},
+    ))
+    with pytest.raises(TaskError, match="log-likelihood"):
+        Evaluator(tokenizer, [choice]).answer_probabilities(model, {"c": [0]})

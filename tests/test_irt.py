@@ -80,3 +80,26 @@ def test_anchor_count_invariant(models, items, k, seed, method):
     answers = (np.random.default_rng(seed).random((models, items)) < 0.5).astype(float)
     anchors = select_anchors(answers, k, seed=seed, method=method)
     assert len(anchors) == len(set(anchors.tolist())) == min(k, items)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12), st.integers(0, 2**16), st.floats(-1.0, 1.0))
+def test_graded_answers_give_the_root_of_the_quasi_likelihood_score(answers, seed, prior_mean):
+    """With answers in [0, 1] (answer probabilities), the ability is where the penalised Bernoulli
+    quasi-likelihood's derivative is zero (found here by bracketing, not Newton), and it never falls when
+    an answer rises."""
+    from scipy.optimize import brentq
+
+    responses, *_ = simulate(30, 12, seed=seed % 1000)
+    fit = fit_2pl(responses)
+    items = np.arange(len(answers))
+    y = np.array(answers)
+    a, b = fit.a[items], fit.b[items]
+
+    def score(theta: float) -> float:
+        return float(a @ (y - 1 / (1 + np.exp(-a * (theta - b))))) - (theta - prior_mean) / 1.0**2
+
+    theta = estimate_ability(fit, items, y, prior_mean=prior_mean, prior_sd=1.0)
+    assert theta == pytest.approx(brentq(score, -30, 30, xtol=1e-12), abs=1e-6)
+    higher = np.minimum(y + 0.3, 1.0)
+    assert estimate_ability(fit, items, higher, prior_mean=prior_mean, prior_sd=1.0) >= theta - 1e-9

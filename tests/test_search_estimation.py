@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import write_task_files
 from evomerge.errors import ConfigError
 from evomerge.pipelines.demo import demo_config
 from evomerge.report.extras import extra_sections
@@ -75,3 +76,47 @@ def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp
     theta = estimate_ability(fit, items, answers, prior_mean=float(fit.theta[:parents].mean()),
                              prior_sd=max(1.0, float(fit.theta.std())))
     assert first.estimate["fitness"] == pytest.approx(predicted_accuracy(fit, items, answers, theta), abs=1e-9)
+
+
+def test_likelihood_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo):
+    """`anchor_answers: likelihood`: estimated candidates score their anchors with reference-answer
+    probabilities (one forward pass, no generation), warm-up candidates add that pass to their full scores,
+    the optimizer is told the estimate for every candidate, and the champion is still chosen on full scores."""
+    data = demo_config(zoo, candidates=8, seed=1) | {
+        "racing": {"enabled": False},
+        "fitness": {"estimator": "irt", "examples": 20, "warmup": 2, "anchor_answers": "likelihood"},
+    }
+    config, root = parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
+    prepare_run_dir(config, tmp_path / "run")
+    run = SearchRun(config, root, tmp_path / "run")
+    run.run()
+    records = run.store.counted_trials()
+    assert all(r.values == [r.estimate["fitness"]] and r.estimate["answers"] == "likelihood" for r in records)
+    warm = [r for r in records if r.number < 2]
+    assert all(r.status == COMPLETE and r.examples == 300 + 20 for r in warm)
+    estimated = [r for r in records if r.status == ESTIMATED]
+    assert estimated and all(r.examples == 20 and r.scores["target"]["tokens"] > 0 for r in estimated)
+    # The anchors' graded answers, recomputed by the engine for the first estimated candidate, give its estimate.
+    first = estimated[0]
+    run.session.activate_candidate(run.session.candidate_of(first))
+    anchors = run.estimator.anchors
+    probabilities = run.session.answer_probabilities("search", anchors).scores["target"].values
+    assert all(0.0 <= p <= 1.0 for p in probabilities) and not set(probabilities) <= {0.0, 1.0}
+    assert first.scores["target"]["score"] == pytest.approx(np.mean(probabilities), abs=1e-9)
+    champion = next(r for r in run.store.trials() if r.number == run.store.champion())
+    assert champion.fully_evaluated and champion.scores["target"]["n"] == 300
+
+
+def test_likelihood_anchors_need_generative_tasks(tmp_path, zoo):
+    choice = tmp_path / "choice"
+    write_task_files(choice, [{"question": "1", "choices": ["a", "b"], "answer": 0}] * 4,
+                     [{"question": "2", "choices": ["a", "b"], "answer": 1}], name="pick", scorer="choice",
+                     scorer_args={"choices_field": "choices"})
+    data = demo_config(zoo, candidates=2) | {
+        "objectives": [{"task": str(choice / "pick.yaml")}],
+        "fitness": {"estimator": "subset", "examples": 2, "anchor_answers": "likelihood"},
+    }
+    config, root = parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
+    prepare_run_dir(config, tmp_path / "run")
+    with pytest.raises(ConfigError, match="objective 'pick' is not one"):
+        SearchRun(config, root, tmp_path / "run").run()

@@ -12,9 +12,9 @@ from conftest import make_llama
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.merge import StreamingMerge
 from evomerge.pipelines.demo import demo_config
+from evomerge.report.extras import extra_sections
 from evomerge.search.config import parse_evolve_config
 from evomerge.search.genome import ParameterGenome
-from evomerge.report.extras import extra_sections
 from evomerge.search.pool import SELECTED_AT, covering_choice, screen_pool, selected
 from evomerge.search.run import SearchRun
 from evomerge.search.session import SearchSession

@@ -289,6 +289,9 @@ class SearchRun:
         if not math.isfinite(fitness):  # e.g. weights that overflow in the forward pass: a failed candidate
             raise ValueError(f"the candidate's fitness is {fitness} (non-finite scores: {plain})")
         examples = sum(s.n for s in scores.values())
+        likelihood = self.estimator is not None and self.estimator.likelihood
+        if likelihood and status == runs.COMPLETE:
+            examples += self.estimator.examples  # the anchors' forward pass beside the full scores
         # Full scores keep per-example values when an estimator learns from them.
         table = score_table(scores, per_example=self.estimator is not None and status == runs.COMPLETE)
         if estimate is not None:
@@ -299,7 +302,12 @@ class SearchRun:
             tokens=sum(s.tokens for s in scores.values()), peak_memory_bytes=peak_memory_bytes(self.session.device),
             device=str(self.session.device),
         )
-        values = objectives.values(plain) if status != runs.ESTIMATED else (fitness,)
+        # Graded (likelihood) estimates are biased low, so then every candidate, a fully scored one too, is
+        # told its estimate: the optimizer compares like with like. The champion is still chosen on `fitness`.
+        if status == runs.ESTIMATED or likelihood:
+            values: tuple[float, ...] = (estimate.fitness if likelihood else fitness,)
+        else:
+            values = objectives.values(plain)
         if status == runs.RACED_OUT:
             # Pruned, not complete: a partial score is no full one (CMA-ES ignores pruned trials; the
             # dashboard and importance plots then never mix partial with full scores).
