@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from evomerge.pipelines.demo_vlm import run_vlm_demo
+from evomerge.search.store import load_run
 
 CANDIDATES = 24
 
@@ -51,3 +53,18 @@ def test_the_champion_packet_is_a_llava_with_its_processor(vlm_demo, vlm_zoo):
     assert answer.strip() != ""
     card = (out / "champion" / "README.md").read_text()
     assert "base_model" in card
+
+
+def test_the_genome_weighs_each_block_kind_of_the_language_tower_only(vlm_demo):
+    """A weight per parent, layer and block kind (docs/ZOO.md: per whole layer, seed 2's champion could not
+    keep counting and translating together), and the champion's recipe touches language-tower tensors only."""
+    out, _, _ = vlm_demo
+    _, store = load_run(out / "run")
+    kinds = ("attention", "mlp", "norm")
+    layers = [f"layer{i}.{kind}" for i in range(4) for kind in kinds] + [f"outside.{k}" for k in ("embedding", "head", "norm")]
+    expected = {f"weight.{parent}.{group}" for parent in ("vlm", "language") for group in layers}
+    expected |= {"density.vlm.all", "density.language.all"}
+    assert {gene["name"] for gene in store.genes} == expected
+    recipe = yaml.safe_load((out / "champion" / "recipe.yaml").read_text())
+    filters = [rule["filter"] for model in recipe["models"] for rule in model["parameters"]["weight"]]
+    assert filters and all(f.startswith("language_model.") for f in filters)
