@@ -19,7 +19,7 @@ splits, and the target's own search split, an even mix as the target is), so tha
 share of the split as on real benchmarks. Nothing is retrained.
 
     python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
-        [--estimator irt] [--large] [--out results.json]
+        [--estimator irt] [--anchor-answers likelihood] [--large] [--jobs 2] [--out results.json]
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import math
 import statistics
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--audit-top-k", type=int, default=3)
     parser.add_argument("--anchor-answers", choices=["generated", "likelihood"], default="generated")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     parser.add_argument("--large", action="store_true", help="the 1,800-example search split (module docstring)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -158,10 +161,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
                  "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers}
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None
-        for seed in args.seeds:
-            result = one_seed(zoo, Path(tmp), seed, args.candidates, estimator, task)
+        # Seeds are independent searches (one CPU thread each): `--jobs` runs them side by side.
+        futures = [pool.submit(one_seed, zoo, Path(tmp), seed, args.candidates, estimator, task) for seed in args.seeds]
+        for seed, future in zip(args.seeds, futures, strict=True):
+            result = future.result()
             results.append(result)
             print(f"seed {seed}: examples/candidate {result['examples_per_candidate']['estimated']:.1f} "
                   f"(full {result['examples_per_candidate']['full']:.0f}), saving {result['saving']:.1f}x, "
