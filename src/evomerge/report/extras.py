@@ -40,7 +40,8 @@ def estimate_error_section(store: RunStore) -> ExtraSection | None:
     error = told - full
     summary = (
         f"{len(pairs)} of the {len(estimated)} candidates with an estimate also scored on the whole split "
-        f"({estimated[0].estimate['examples']} anchor examples each, estimator {estimated[0].estimate['estimator']}): "
+        f"({estimated[0].estimate['examples']} anchor examples each, estimator {estimated[0].estimate['estimator']}, "
+        f"anchors answered by {estimated[0].estimate.get('answers', 'generated')}): "
         f"mean error {error.mean():+.4f}, RMSE {np.sqrt((error ** 2).mean()):.4f}"
     )
     if len(pairs) >= 3 and told.std() > 0 and full.std() > 0:
