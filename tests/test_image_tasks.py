@@ -202,3 +202,30 @@ def test_an_image_prompt_longer_than_the_language_models_context_is_refused(tmp_
     task = load_task(write_image_task(tmp_path, [{"seed": 1, "question": "7" * 120}], [{"seed": 2}]))
     with pytest.raises(TaskError, match="search example 1 needs 125 prompt tokens \\+ 6 new tokens, more than the model's context of 128"):
         Evaluator(processor, [task]).evaluate(model)
+
+
+def test_answer_probabilities_of_image_and_text_rows_match_unpadded_forwards(tmp_path, vlm):
+    """Reference-answer probabilities (`fitness.anchor_answers: likelihood`) on a mixed image task, batched:
+    each equals one forward of the processor's own inputs with the answer and stop appended."""
+    model, processor = vlm
+    search = [{"seed": 50 + i, "question": "7" * (1 + i % 3)} if i % 2 else {"image": None, "question": f"{i}+{i}"}
+              for i in range(6)]
+    task = load_task(write_image_task(tmp_path, search, [{"seed": 98}]))
+    report = Evaluator(processor, [task], batch_size=4).answer_probabilities(model, {"vqa": range(6)})
+    tokenizer = processor.tokenizer
+    for i, (prompt, image, answer) in enumerate(
+        zip(task.prompts("search"), task.images("search"), task.answers("search"), strict=True)
+    ):
+        if image is None:
+            context = tokenizer(prompt)["input_ids"]
+            whole = tokenizer(prompt + answer + "\n")["input_ids"]
+            inputs = {"input_ids": torch.tensor([whole])}
+        else:
+            encoded = processor(images=[image.image], text=[processor.image_token + prompt], return_tensors="pt")
+            context = encoded["input_ids"][0].tolist()
+            whole = context + tokenizer(answer + "\n", add_special_tokens=False)["input_ids"]
+            inputs = {"input_ids": torch.tensor([whole]), "pixel_values": encoded["pixel_values"]}
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].log_softmax(-1)
+        expected = float(torch.tensor(sum(float(logits[t - 1, whole[t]]) for t in range(len(context), len(whole)))).exp())
+        assert report["vqa"].values[i] == pytest.approx(expected, rel=1e-4), i
