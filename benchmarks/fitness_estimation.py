@@ -122,7 +122,8 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
         "estimate_rmse": math.sqrt(statistics.fmean((t - f) ** 2 for t, f in zip(told, truth, strict=True))),
         "champion_test": {"estimated": statistics.fmean(a), "full": statistics.fmean(b)},
         "paired": comparison.to_dict(), "values": {"estimated": a, "full": b},
-        "audited": sorted(estimated.store.audits),
+        "audited": sorted(estimated.store.audits), "told": told, "full_fitness": truth,
+        "best_full_fitness": {"estimated_search": max(truth), "full_search": max(r.fitness for r in full.store.fully_evaluated())},
     }
 
 
