@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ))
     print(f"pooled over {len(results)} seeds: champion test delta stderr {summary['stderr_paired']:.3f} (paired, "
           f"per example), {summary['stderr_over_seeds'] or float('nan'):.3f} (over seeds)")
-    print(f"estimation: saving {summary['saving']:.1f}x at spearman {summary['spearman']:.2f}, "
+    print(f"estimation: saving {summary['saving']:.1f}x at spearman {summary['spearman']:.3f}, "
           f"champion test delta {summary['delta']:+.3f} (paired p {summary['p']:.2g})")
 
 
