@@ -153,10 +153,10 @@ class Fitness(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     estimator: Literal["full", "subset", "irt"] = "full"
     examples: PositiveInt = Field(30, description="anchor examples per candidate, over all objectives' tasks")
-    # Stratified by default: with a hundred anchors from a few models' answers, k-means centres land on rare
-    # answer patterns and the anchors stop representing the split (1,800-example zoo split, 126 anchors:
-    # Spearman 0.75 against 0.93 stratified; with 30 anchors of 300, clustered ranked better, 0.69 vs 0.58;
-    # benchmarks/RESULTS.md).
+    # Stratified by default, for the large splits estimation is for: with ~100 anchors from a few models'
+    # answers, k-means centres land on rare answer patterns and the anchors stop representing the split
+    # (benchmarks/anchor_choice.py, 90 of 1,800 examples: IRT Spearman 0.79 clustered, 0.91 stratified; with
+    # 30 of 300 clustered ranked better, 0.73 against 0.67).
     anchors: Literal["stratified", "clustered"] = Field(
         "stratified", description="pick anchors by difficulty strata, or by k-means on the baselines' answers"
     )
