@@ -145,7 +145,7 @@ class SearchRun:
         parents = [b["fitness"] for b in baselines.values() if b["kind"] == "parent" and b["fitness"] is not None]
         self.best_parent = max(parents, default=None)
         x0 = warm_start(self.session, baselines) if self.config.start == "best_baseline" else self.genome.initial()
-        if self.genome.max_parents is not None:
+        if self.config.parents_pool:  # a parameter-space genome: `parents_pool` refuses `dfs`
             x0 = {**x0, **pool_start(self.genome, baselines, self.session.objectives.signed_weights)}
         self.store.set_search_space([gene.__dict__ for gene in self.genome.genes], self.popsize)
         # Workers' samplers start from it, and the report shows where a pool's selection began.
