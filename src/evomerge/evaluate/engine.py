@@ -7,6 +7,7 @@ place between calls.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -229,7 +230,7 @@ class Evaluator:
                 logprob.update(zip(batch, continuation_logprobs(
                     model, [pairs[i] for i in batch], pad_id=self._pad_id, pixel_values=prepared.pixels(batch)
                 ), strict=True))
-            values = [float(torch.tensor(logprob[i]).exp()) for i in chosen]
+            values = [math.exp(logprob[i]) for i in chosen]
             score, stderr = mean_and_stderr(values)
             scores[name] = TaskScore(
                 task=name, score=score, stderr=stderr, n=len(values), values=values, indices=chosen,
