@@ -79,20 +79,24 @@ def run_demo(
 
     The zoo is built once per machine into the cache (`default_zoo_dir`) unless `zoo_dir` names another.
     """
-    out_dir = Path(out_dir)
-    if on_status is not None:
-        on_status("building (or reusing) the tiny model zoo")
     zoo = build_zoo(
         zoo_dir if zoo_dir is not None else default_zoo_dir("tiny", seed),
-        seed=seed,
-        on_progress=None if on_status is None else lambda model, done, steps: on_status(
-            f"building the tiny model zoo: training {model} {done}/{steps}"
-        ),
+        seed=seed, on_progress=zoo_progress(on_status, "tiny model zoo"),
     )
     config = demo_config(zoo, candidates=candidates, seed=seed, start=start)
     return evolve_and_summarise(
-        out_dir, config, zoo.root, zoo.target_task.stem, on_candidate=on_candidate, on_status=on_status
+        Path(out_dir), config, zoo.root, zoo.target_task.stem, on_candidate=on_candidate, on_status=on_status
     )
+
+
+def zoo_progress(
+    on_status: Callable[[str], None] | None, zoo: str
+) -> Callable[[str, int, int], None] | None:
+    """Announce that `zoo` is built or reused, and turn its training steps into status lines (both demos)."""
+    if on_status is None:
+        return None
+    on_status(f"building (or reusing) the {zoo}")
+    return lambda model, done, steps: on_status(f"building the {zoo}: training {model} {done}/{steps}")
 
 
 def evolve_and_summarise(

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evomerge.pipelines.demo import DEMO_START, demo_search, evolve_and_summarise
+from evomerge.pipelines.demo import DEMO_START, demo_search, evolve_and_summarise, zoo_progress
 from evomerge.pipelines.evolve import EvolveOutcome
 from evomerge.search.run import CandidateResult
 from evomerge.zoo.vlm import VlmZoo, build_vlm_zoo
@@ -58,14 +58,7 @@ def run_vlm_demo(
     The VLM zoo (and the text zoo under it) is built once per machine into the cache unless `zoo_dir`
     names another directory for the VLM zoo.
     """
-    if on_status is not None:
-        on_status("building (or reusing) the VLM zoo")
-    zoo = build_vlm_zoo(
-        zoo_dir, seed=seed,
-        on_progress=None if on_status is None else lambda model, done, steps: on_status(
-            f"building the VLM zoo: training {model} {done}/{steps}"
-        ),
-    )
+    zoo = build_vlm_zoo(zoo_dir, seed=seed, on_progress=zoo_progress(on_status, "VLM zoo"))
     config = vlm_demo_config(zoo, candidates=candidates, seed=seed, start=start)
     return evolve_and_summarise(
         Path(out_dir), config, zoo.root, zoo.target_task.stem, on_candidate=on_candidate, on_status=on_status
