@@ -106,17 +106,36 @@ def train(
     """
     vocab = tokenizer.get_vocab()
     rng = random.Random(seed)
-    model.to(device).train()
+    model.to(device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
     )
-    losses: list[float] = []
-    for step in range(config.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr_at(step)
+
+    def loss_at(step: int) -> torch.Tensor:
         batch = sample_batch(rng, families, config.mixture, config.batch_size)
         input_ids, mask, labels = (t.to(device) for t in encode_batch(batch, vocab, tokenizer.pad_token_id))
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+
+    return optimise(model, optimizer, config.steps, lambda step: [config.lr_at(step)], loss_at, on_step)
+
+
+def optimise(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    rates_at: Callable[[int], list[float]],
+    loss_at: Callable[[int], torch.Tensor],
+    on_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """The zoo's training loop, shared by every zoo model: per step, each parameter group's learning rate
+    from ``rates_at(step)``, then ``loss_at(step)``, gradients clipped at norm 1, one optimiser step.
+    Returns every step's loss; the model is left in eval mode."""
+    model.train()
+    losses: list[float] = []
+    for step in range(steps):
+        for group, rate in zip(optimizer.param_groups, rates_at(step), strict=True):
+            group["lr"] = rate
+        loss = loss_at(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

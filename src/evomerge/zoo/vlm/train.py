@@ -25,7 +25,7 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from evomerge.zoo.tasks import Family
-from evomerge.zoo.train import IGNORE_INDEX, TrainConfig, encode_batch, sample_batch
+from evomerge.zoo.train import IGNORE_INDEX, TrainConfig, encode_batch, optimise, sample_batch
 from evomerge.zoo.vlm.scenes import IMAGE_SIZE, QUESTIONS, Scene, draw_scene, render, visual_problem
 
 PATCH_SIZE = 4
@@ -128,27 +128,18 @@ def train_vlm(
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), weight_decay=0.0)
     peaks = [config.lr_vision, config.lr_language]
     tokenizer = processor.tokenizer
-    model.train()
-    losses = []
-    for step in range(config.steps):
-        for group, peak in zip(optimizer.param_groups, peaks, strict=True):
-            group["lr"] = peak * config.lr_scale(step)
+
+    def loss_at(step: int) -> torch.Tensor:
         if rng.random() < config.text_replay:
             batch = sample_batch(rng, families, mixture, config.batch_size)
             input_ids, mask, labels = encode_batch(batch, tokenizer.get_vocab(), tokenizer.pad_token_id)
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-        else:
-            input_ids, labels, pixels = visual_batch(rng, held_out, config.batch_size, processor)
-            loss = model(input_ids=input_ids, pixel_values=pixels, labels=labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step + 1)
-    model.eval()
-    return losses
+            return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        input_ids, labels, pixels = visual_batch(rng, held_out, config.batch_size, processor)
+        return model(input_ids=input_ids, pixel_values=pixels, labels=labels).loss
+
+    return optimise(
+        model, optimizer, config.steps, lambda step: [peak * config.lr_scale(step) for peak in peaks], loss_at, on_step
+    )
 
 
 __all__ = ["IMAGE_TOKEN", "IMAGE_TOKENS", "VlmTrainConfig", "initial_vlm", "make_processor", "train_vlm", "visual_batch"]
