@@ -2,13 +2,15 @@
 
 One closed-loop full-fitness search (the demo problem, racing off; `--large`: the 1,800-example search
 split of `fitness_estimation.py`) gives candidates along a real CMA-ES trajectory. Every candidate is then
-scored on every search example twice: its greedy answers (0/1, the task's scorer) and the probability it
-gives the reference answer (`Evaluator.answer_probabilities`). Offline, over `--repeats` draws of nine
+scored on every search example three ways: its greedy answers (0/1, the task's scorer), the probability
+it gives the reference answer (`likelihood`) and the product of its reference tokens' races against their
+strongest rivals (`margin`; both `Evaluator.answer_probabilities`). First, how well each graded answer's
+whole-split mean ranks candidates by accuracy (over all candidates and over the better half): what a
+search told that answer optimises instead of accuracy. Then, offline, over `--repeats` draws of nine
 candidates standing in for the parents and untuned merges the estimator fits on:
 
 - Spearman between full fitness and each estimate of the other candidates: the anchor mean (`subset`) and
-  the IRT ability (`irt`), for anchors drawn at random, `stratified` and `clustered`, answered by greedy
-  answers or by probabilities;
+  the IRT ability (`irt`), for anchors drawn at random, `stratified` and `clustered`, answered each way;
 - how much worse the best of the `--audit` best estimates is than the truly best candidate, on the search
   split (what the final audit loses on a fixed trajectory);
 - the split-half reliability of the full fitness itself (Spearman-Brown), which bounds how well any
@@ -34,17 +36,24 @@ from evomerge.zoo import build_zoo, default_zoo_dir
 FIT_ROWS = 9  # the parents and untuned merges of the demo problem: 4 parents + 5 baselines
 
 
-def answers(run, records) -> tuple[np.ndarray, np.ndarray]:
-    """(candidates x examples) greedy 0/1 answers and reference-answer probabilities on the search split."""
-    greedy, probability = [], []
+def in_order(score) -> list[float]:
+    return [v for _, v in sorted(zip(score.indices, score.values, strict=True))]
+
+
+def answers(run, records) -> dict[str, np.ndarray]:
+    """(candidates x examples) answers on the search split: greedy 0/1, `likelihood` and `margin`."""
+    tables: dict[str, list[list[float]]] = {"generated": [], "likelihood": [], "margin": []}
     everything = {name: list(range(size)) for name, size in run.session.sizes().items()}
     for record in records:
         run.session.activate_candidate(run.session.candidate_of(record))
         (score,) = run.session.evaluate("search").scores.values()
-        greedy.append([v for _, v in sorted(zip(score.indices, score.values, strict=True))])
-        (likely,) = run.session.answer_probabilities("search", everything).scores.values()
-        probability.append([v for _, v in sorted(zip(likely.indices, likely.values, strict=True))])
-    return np.array(greedy), np.array(probability)
+        tables["generated"].append(in_order(score))
+        for kind in ("likelihood", "margin"):
+            (graded,) = run.session.answer_probabilities(
+                "search", everything, against_rival=kind == "margin"
+            ).scores.values()
+            tables[kind].append(in_order(graded))
+    return {kind: np.array(rows) for kind, rows in tables.items()}
 
 
 def reliability(greedy: np.ndarray, rng: np.random.Generator, draws: int = 200) -> float:
@@ -74,12 +83,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         run = run_search(zoo, Path(tmp) / "run", seed=args.seed, candidates=args.candidates,
                          fitness={"estimator": "full"}, task=task)
         records = [r for r in run.store.counted_trials() if r.fitness is not None]
-        greedy, probability = answers(run, records)
+        tables = answers(run, records)
+    greedy = tables["generated"]
     full = greedy.mean(1)
     rel = reliability(greedy, rng)
     print(f"{len(records)} candidates, {greedy.shape[1]} search examples, full fitness sd {full.std():.3f}; "
           f"split-half reliability {rel:.3f} (an estimate that knew each candidate's expected accuracy would "
           f"rank at about {np.sqrt(rel):.3f} against full fitness)")
+    better = np.argsort(full)[len(full) // 2 :]
+    for kind in ("likelihood", "margin"):
+        whole = tables[kind].mean(1)
+        print(f"{kind} on the whole split ranks candidates by accuracy at Spearman "
+              f"{spearmanr(whole, full).statistic:.3f} (better half: {spearmanr(whole[better], full[better]).statistic:.3f})")
     rho: dict[str, list[float]] = {}
     gaps = []
     for repeat in range(args.repeats):
@@ -93,19 +108,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             "clustered": select_anchors(greedy[fitted], args.examples, seed=repeat, method="clustered"),
         }
         for method, items in draws.items():
-            for kind, table in (("generated", greedy), ("likelihood", probability)):
+            for kind, table in tables.items():
                 subset = table[rest][:, items].mean(1)
                 theta = [estimate_ability(fit, items, table[i, items], prior_mean=prior_mean, prior_sd=prior_sd)
                          for i in rest]
                 rho.setdefault(f"subset {method} {kind}", []).append(spearmanr(subset, full[rest]).statistic)
                 rho.setdefault(f"irt {method} {kind}", []).append(spearmanr(theta, full[rest]).statistic)
-                if (method, kind) == ("stratified", "likelihood"):
+                if (method, kind) == ("stratified", "margin"):
                     audited = rest[np.argsort(theta)[::-1][: args.audit]]
                     gaps.append(full[rest].max() - full[audited].max())
     print(f"Spearman against full fitness, {args.examples} anchors, mean over {args.repeats} draws:")
     for name, values in rho.items():
         print(f"  {name:32s} {np.mean(values):.3f}")
-    print(f"irt stratified likelihood: the best of the {args.audit} best estimates is {np.mean(gaps):.4f} below the "
+    print(f"irt stratified margin: the best of the {args.audit} best estimates is {np.mean(gaps):.4f} below the "
           f"best candidate on the search split on average (0 in {np.mean(np.array(gaps) == 0):.0%} of draws)")
 
 

@@ -48,8 +48,9 @@ from evomerge.zoo import Zoo, build_zoo, default_zoo_dir
 LARGE_SOURCES = ("add", "translate", "reverse")
 
 
-def large_target(zoo: Zoo, out: Path) -> Path:
-    """The target task with a 1,800-example search split (module docstring) and the zoo's own test split."""
+def large_target(zoo: Zoo, out: Path, *, drop: int | None = None) -> Path:
+    """The target task with a 1,800-example search split (module docstring) and the zoo's own test split;
+    `drop`: without that search example (the control arm's split)."""
     spec = yaml.safe_load(zoo.target_task.read_text())
     tasks = zoo.target_task.parent
     rows = []
@@ -57,6 +58,8 @@ def large_target(zoo: Zoo, out: Path) -> Path:
         for split in ("search", "test"):
             rows += (tasks / f"{name}_{split}.jsonl").read_text().splitlines()
     rows += (tasks / "target_search.jsonl").read_text().splitlines()
+    if drop is not None:
+        del rows[drop % len(rows)]
     out.mkdir(parents=True, exist_ok=True)
     (out / "target_search.jsonl").write_text("\n".join(rows) + "\n")
     (out / "target_test.jsonl").write_text((tasks / "target_test.jsonl").read_text())
@@ -102,7 +105,8 @@ def champion_test_values(run: SearchRun) -> list[float]:
     return [value for _, value in sorted(zip(score.indices, score.values, strict=True))]
 
 
-def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, task: Path | None) -> dict:
+def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, task: Path | None,
+             control: bool) -> dict:
     full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates, fitness={"estimator": "full"},
                       task=task)
     estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task)
@@ -114,7 +118,18 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
     full_examples, est_examples = search_examples(full), search_examples(estimated)
     a, b = champion_test_values(estimated), champion_test_values(full)
     comparison = paired_comparison(a, b, seed=seed)
-    return {
+    extra = {}
+    if control:
+        # A second full-fitness search whose split lacks one of its 1,800 examples: it is told practically
+        # the same fitness, so how far its champion lands from the full search's is the search's own spread.
+        dropped = large_target(zoo, work / f"control-task-{seed}", drop=seed)
+        twin = run_search(zoo, work / f"control-{seed}", seed=seed, candidates=candidates,
+                          fitness={"estimator": "full"}, task=dropped)
+        c = champion_test_values(twin)
+        extra = {"control": {"champion_test": statistics.fmean(c), "values": c,
+                             "paired_vs_full": paired_comparison(c, b, seed=seed).to_dict(),
+                             "best_full_fitness": max(r.fitness for r in twin.store.fully_evaluated())}}
+    return extra | {
         "seed": seed, "candidates": candidates,
         "examples_per_candidate": {"full": full_examples / candidates, "estimated": est_examples / candidates},
         "saving": full_examples / est_examples,
@@ -153,11 +168,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--anchors", choices=["clustered", "stratified"], default="stratified")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--audit-top-k", type=int, default=3)
-    parser.add_argument("--anchor-answers", choices=["generated", "likelihood"], default="generated")
+    parser.add_argument("--anchor-answers", choices=["generated", "likelihood", "margin"], default="generated")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     parser.add_argument("--large", action="store_true", help="the 1,800-example search split (module docstring)")
+    parser.add_argument("--control", action="store_true",
+                        help="also a full search on the large split less one example (the search's own spread)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.control and not args.large:
+        parser.error("--control drops one example of the --large split; pass --large")
     zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
     estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
                  "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers}
@@ -165,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None
         # Seeds are independent searches (one CPU thread each): `--jobs` runs them side by side.
-        futures = [pool.submit(one_seed, zoo, Path(tmp), seed, args.candidates, estimator, task) for seed in args.seeds]
+        futures = [pool.submit(one_seed, zoo, Path(tmp), seed, args.candidates, estimator, task, args.control)
+                   for seed in args.seeds]
         for seed, future in zip(args.seeds, futures, strict=True):
             result = future.result()
             results.append(result)
@@ -174,7 +194,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"spearman {result['spearman']:.3f}, estimate rmse {result['estimate_rmse']:.3f}, champion test "
                   f"{result['champion_test']['estimated']:.3f} vs {result['champion_test']['full']:.3f} "
                   f"(paired p {result['paired']['p_value']:.3g})", flush=True)
+            if args.control:
+                print(f"seed {seed} control: full search on the split less one example, champion test "
+                      f"{result['control']['champion_test']:.3f}", flush=True)
     summary = pooled(results)
+    if args.control:
+        twins = [v for r in results for v in r["control"]["values"]]
+        fulls = [v for r in results for v in r["values"]["full"]]
+        estimates = [v for r in results for v in r["values"]["estimated"]]
+        summary["control"] = {"vs_full": paired_comparison(twins, fulls).to_dict(),
+                              "estimated_vs_control": paired_comparison(estimates, twins).to_dict()}
+        for name, label in (("vs_full", "control vs full"), ("estimated_vs_control", "estimated vs control")):
+            c = summary["control"][name]
+            print(f"pooled {label}: champion test delta {c['difference']:+.3f} (paired p {c['p_value']:.2g})")
     if args.out:
         args.out.write_text(json.dumps(
             {"settings": estimator, "large": args.large, "seeds": results, "pooled": summary}, indent=1

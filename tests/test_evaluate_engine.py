@@ -245,6 +245,29 @@ def test_empty_prompt_and_empty_continuation(lm, tmp_path):
         Evaluator(tokenizer, [ppl])
 
 
+def test_answers_against_rivals_match_unpadded_forwards(lm, tmp_path):
+    """`against_rival`: per example, the product over the reference answer's (and stop's) tokens of
+    p(token) / (p(token) + p(most probable other token)), batched with padding, equals the same product
+    from one unpadded forward per example."""
+    model, tokenizer = lm
+    rows = _rows(5, 9)
+    task = load_task(write_task_files(tmp_path / "s", rows, _rows(6, 2), name="s"))
+    report = Evaluator(tokenizer, [task], batch_size=4).answer_probabilities(model, {"s": range(9)}, against_rival=True)
+    for i, row in enumerate(rows):
+        context = tokenizer(f"{row['question']}=")["input_ids"]
+        whole = tokenizer(f"{row['question']}={row['answer']}\n")["input_ids"]
+        with torch.no_grad():
+            probabilities = model(torch.tensor([whole])).logits[0].softmax(-1)
+        expected = 1.0
+        for t in range(len(context), len(whole)):
+            row_p = probabilities[t - 1].clone()
+            reference = float(row_p[whole[t]])
+            row_p[whole[t]] = 0.0
+            expected *= reference / (reference + float(row_p.max()))
+        assert report["s"].values[i] == pytest.approx(expected, rel=1e-4)
+    assert all(0.0 < v < 1.0 for v in report["s"].values)
+
+
 def test_answer_probabilities_match_unpadded_forwards(lm, tmp_path):
     """The teacher-forced probability of the reference answer and the stop (or EOS, without a stop string),
     batched with padding, equals one unpadded forward per example; a log-likelihood task is refused."""

@@ -78,20 +78,22 @@ def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp
     assert first.estimate["fitness"] == pytest.approx(predicted_accuracy(fit, items, answers, theta), abs=1e-9)
 
 
-def test_likelihood_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo):
-    """`anchor_answers: likelihood`: estimated candidates score their anchors with reference-answer
-    probabilities (one forward pass, no generation), warm-up candidates add that pass to their full scores,
-    the optimizer is told the estimate for every candidate, and the champion is still chosen on full scores."""
+@pytest.mark.parametrize("answers", ["likelihood", "margin"])
+def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, answers):
+    """Graded anchor answers (`likelihood`: reference-answer probabilities; `margin`: each reference token's
+    race against its strongest rival): one forward pass, no generation; warm-up candidates add that pass to
+    their full scores, the optimizer is told the estimate for every candidate, and the champion is still
+    chosen on full scores."""
     data = demo_config(zoo, candidates=8, seed=1) | {
         "racing": {"enabled": False},
-        "fitness": {"estimator": "irt", "examples": 20, "warmup": 2, "anchor_answers": "likelihood"},
+        "fitness": {"estimator": "irt", "examples": 20, "warmup": 2, "anchor_answers": answers},
     }
     config, root = parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
     prepare_run_dir(config, tmp_path / "run")
     run = SearchRun(config, root, tmp_path / "run")
     run.run()
     records = run.store.counted_trials()
-    assert all(r.values == [r.estimate["fitness"]] and r.estimate["answers"] == "likelihood" for r in records)
+    assert all(r.values == [r.estimate["fitness"]] and r.estimate["answers"] == answers for r in records)
     warm = [r for r in records if r.number < 2]
     assert all(r.status == COMPLETE and r.examples == 300 + 20 for r in warm)
     estimated = [r for r in records if r.status == ESTIMATED]
@@ -100,9 +102,17 @@ def test_likelihood_anchors_tell_every_candidate_its_graded_estimate(tmp_path, z
     first = estimated[0]
     run.session.activate_candidate(run.session.candidate_of(first))
     anchors = run.estimator.anchors
-    probabilities = run.session.answer_probabilities("search", anchors).scores["target"].values
+    probabilities = run.session.answer_probabilities(
+        "search", anchors, against_rival=answers == "margin"
+    ).scores["target"].values
     assert all(0.0 <= p <= 1.0 for p in probabilities) and not set(probabilities) <= {0.0, 1.0}
     assert first.scores["target"]["score"] == pytest.approx(np.mean(probabilities), abs=1e-9)
+    if answers == "margin":
+        # Above 1/2, every reference token beats its rival, so greedy decoding writes the reference (an
+        # exact-match task); one generated answer per anchor checks it.
+        greedy = run.session.evaluate("search", anchors).scores["target"].values
+        assert any(p > 0.5 for p in probabilities)
+        assert all(correct == 1.0 for p, correct in zip(probabilities, greedy, strict=True) if p > 0.5)
     champion = next(r for r in run.store.trials() if r.number == run.store.champion())
     assert champion.fully_evaluated and champion.scores["target"]["n"] == 300
 

@@ -130,9 +130,15 @@ def continuation_logprobs(
     *,
     pad_id: int,
     pixel_values: torch.Tensor | None = None,
+    against_rival: bool = False,
 ) -> list[float]:
     """Sum of log p(continuation | context) for each (context_ids, continuation_ids) pair, one batch.
     `pixel_values` holds one image per pair for image models (its placeholder tokens are in the context).
+
+    `against_rival`: instead, the sum over continuation tokens of log(p(token) / (p(token) + p(rival))),
+    the rival being the most probable other token at that position: the log of the chance that each
+    reference token wins a two-way race against its strongest rival. Every factor is above 1/2 exactly
+    when greedy decoding writes the continuation, so it is a graded version of greedy correctness.
 
     Rows are right-padded (causal attention never looks right, so no position fix is needed) and
     only the continuation positions are put through log-softmax, to keep memory at B x T x V once.
@@ -153,8 +159,12 @@ def continuation_logprobs(
         start, end = len(ctx), len(ctx) + len(cont)
         # Logits at position t predict token t+1, hence the shift by one.
         logprobs = logits[i, start - 1 : end - 1].float().log_softmax(-1)
-        target = ids[i, start:end].to(device)
-        totals.append(float(logprobs.gather(-1, target[:, None]).sum()))
+        target = ids[i, start:end].to(device)[:, None]
+        chosen = logprobs.gather(-1, target)[:, 0]
+        if against_rival:
+            rival = logprobs.scatter(-1, target, float("-inf")).max(-1).values
+            chosen = torch.nn.functional.logsigmoid(chosen - rival)  # log(p / (p + p_rival))
+        totals.append(float(chosen.sum()))
     return totals
 
 

@@ -208,10 +208,15 @@ class Evaluator:
             scores[name] = self._score_task(model, self._prepared[name], chosen)
         return EvalReport(self.split, scores, time.perf_counter() - started)
 
-    def answer_probabilities(self, model: PreTrainedModel, indices: Mapping[str, Sequence[int]]) -> EvalReport:
+    def answer_probabilities(
+        self, model: PreTrainedModel, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False
+    ) -> EvalReport:
         """Per chosen example of each generative task, the probability that the model writes the reference
         answer and then stops (at the task's first stop string, or EOS), teacher-forced: one forward pass,
         no generation. A graded signal where greedy answers are 0/1 (`fitness.anchor_answers: likelihood`).
+        `against_rival`: the product over the answer's tokens of p(token) / (p(token) + p(strongest other
+        token)), a graded version of whether greedy decoding writes the reference (`anchor_answers: margin`;
+        `decoding.continuation_logprobs`).
         """
         selection = self._selection(indices, None)
         for name in selection:
@@ -228,7 +233,8 @@ class Evaluator:
             logprob: dict[int, float] = {}
             for batch in self._batches(chosen, [len(ctx) + len(cont) for ctx, cont in pairs]):
                 logprob.update(zip(batch, continuation_logprobs(
-                    model, [pairs[i] for i in batch], pad_id=self._pad_id, pixel_values=prepared.pixels(batch)
+                    model, [pairs[i] for i in batch], pad_id=self._pad_id, pixel_values=prepared.pixels(batch),
+                    against_rival=against_rival,
                 ), strict=True))
             values = [math.exp(logprob[i]) for i in chosen]
             score, stderr = mean_and_stderr(values)

@@ -139,9 +139,13 @@ class Racing(BaseModel):
 class Fitness(BaseModel):
     """How a candidate's fitness is measured: the whole search split, or estimated from a few anchor examples.
 
-    `anchor_answers: likelihood` answers the anchors with the probability the candidate gives the reference
-    answer instead of its greedy answer's 0/1 score: a graded signal that ranks candidates better from
-    the same anchors (benchmarks/RESULTS.md), at the price of an estimate biased low in absolute terms.
+    Graded anchor answers rank candidates better from the same anchors than greedy answers' 0/1 scores
+    (benchmarks/RESULTS.md), and cost one teacher-forced forward pass instead of a generation:
+    `likelihood`, the probability the candidate gives the reference answer; `margin`, the product over
+    the answer's tokens of p(token) / (p(token) + p(strongest other token)), a graded version of whether
+    greedy decoding writes the reference. A search told `likelihood` estimates learns to raise the
+    reference's probability, which is not the accuracy it is judged on; `margin` tracks greedy accuracy
+    much more closely (benchmarks/RESULTS.md, fitness estimation). Both are biased low in absolute terms.
 
     `subset`: the accuracy on the anchors. `irt`: a 2PL item-response model fitted on every fully
     evaluated model (parents, untuned merges, the first `warmup` candidates, audited candidates) predicts
@@ -167,10 +171,11 @@ class Fitness(BaseModel):
     audit_top_k: PositiveInt = Field(
         3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
     )
-    anchor_answers: Literal["generated", "likelihood"] = Field(
+    anchor_answers: Literal["generated", "likelihood", "margin"] = Field(
         "generated",
         description="how an estimated candidate answers its anchors: greedy answers scored by the task (0/1), "
-        "or the teacher-forced probability of the reference answer (graded, one forward pass; generative tasks)",
+        "the teacher-forced probability of the reference answer, or its tokens' race against their strongest "
+        "rivals (graded, one forward pass; generative tasks)",
     )
 
 

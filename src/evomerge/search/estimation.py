@@ -34,7 +34,7 @@ class Estimate:
     scores: dict[str, float]
     examples: int
     estimator: str
-    answers: str  # how the anchors were answered: `generated` or `likelihood`
+    answers: str  # how the anchors were answered: `generated`, `likelihood` or `margin`
 
     def to_dict(self) -> dict[str, Any]:
         return {"fitness": self.fitness, "scores": self.scores, "examples": self.examples,
@@ -58,18 +58,24 @@ class FitnessEstimator:
         self.seed = seed
         self._anchors: dict[str, list[int]] | None = None
         self._fits: dict[str, tuple[int, IrtFit, float, float]] = {}  # task -> (rows fitted, fit, prior mean, prior sd)
-        if settings.anchor_answers == "likelihood":
+        if self.graded:
             for task in objectives.tasks:
                 if not (isinstance(task, Task) and isinstance(task.scorer, GenerativeScorer)):
                     raise ConfigError(
-                        f"fitness.anchor_answers 'likelihood' needs generative task files, and objective "
-                        f"'{task.name}' is not one; use 'generated'"
+                        f"fitness.anchor_answers '{settings.anchor_answers}' needs generative task files, and "
+                        f"objective '{task.name}' is not one; use 'generated'"
                     )
 
     @property
-    def likelihood(self) -> bool:
-        """Whether anchors are answered with reference-answer probabilities (`answer_probabilities`)."""
-        return self.settings.anchor_answers == "likelihood"
+    def graded(self) -> bool:
+        """Whether anchors are answered by one teacher-forced pass (`likelihood` or `margin`,
+        `Session.answer_probabilities`) rather than by generation."""
+        return self.settings.anchor_answers != "generated"
+
+    @property
+    def against_rival(self) -> bool:
+        """Whether graded answers race each reference token against its strongest rival (`margin`)."""
+        return self.settings.anchor_answers == "margin"
 
     # --- what the fit learns from ---------------------------------------------------------------
     def _rows(self) -> tuple[list[dict[str, list[float]]], int]:
@@ -122,7 +128,7 @@ class FitnessEstimator:
 
     def estimate(self, scores: Mapping[str, TaskScore]) -> Estimate:
         """The predicted full-split fitness from the anchor answers among `scores` (a full score has them too;
-        with `likelihood`, `scores` are the anchors' reference-answer probabilities)."""
+        graded answers are the anchors' `answer_probabilities`)."""
         rows, parents = self._rows() if self.settings.estimator == "irt" else ([], 0)
         predicted: dict[str, float] = {}
         for task, anchor in self.anchors.items():
@@ -135,7 +141,7 @@ class FitnessEstimator:
             items = np.array(anchor, dtype=int)
             theta = estimate_ability(fit, items, answers, prior_mean=prior_mean, prior_sd=prior_sd)
             # Probabilities are no 0/1 answers to keep as observed: the model's prediction everywhere.
-            predicted[task] = (float(fit.probabilities(theta).mean()) if self.likelihood
+            predicted[task] = (float(fit.probabilities(theta).mean()) if self.graded
                                else predicted_accuracy(fit, items, answers, theta))
         return Estimate(self.objectives.fitness(predicted), predicted, self.examples, self.settings.estimator,
                         self.settings.anchor_answers)

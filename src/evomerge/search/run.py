@@ -255,8 +255,10 @@ class SearchRun:
             anchors = self.estimator.anchors
             # A fully scored candidate gets the estimate from its anchor answers too (free, or one forward
             # pass over the anchors): the report's estimate error. Its own values join the fit once stored.
-            if self.estimator.likelihood:
-                anchor_scores = self.session.answer_probabilities("search", anchors).scores
+            if self.estimator.graded:
+                anchor_scores = self.session.answer_probabilities(
+                    "search", anchors, against_rival=self.estimator.against_rival
+                ).scores
                 scores = dict(self.session.evaluate("search").scores) if full else dict(anchor_scores)
             else:
                 scores = dict(self.session.evaluate("search", None if full else anchors).scores)
@@ -289,8 +291,8 @@ class SearchRun:
         if not math.isfinite(fitness):  # e.g. weights that overflow in the forward pass: a failed candidate
             raise ValueError(f"the candidate's fitness is {fitness} (non-finite scores: {plain})")
         examples = sum(s.n for s in scores.values())
-        likelihood = self.estimator is not None and self.estimator.likelihood
-        if likelihood and status == runs.COMPLETE:
+        graded = self.estimator is not None and self.estimator.graded
+        if graded and status == runs.COMPLETE:
             examples += self.estimator.examples  # the anchors' forward pass beside the full scores
         # Full scores keep per-example values when an estimator learns from them.
         table = score_table(scores, per_example=self.estimator is not None and status == runs.COMPLETE)
@@ -302,10 +304,10 @@ class SearchRun:
             tokens=sum(s.tokens for s in scores.values()), peak_memory_bytes=peak_memory_bytes(self.session.device),
             device=str(self.session.device),
         )
-        # Graded (likelihood) estimates are biased low, so then every candidate, a fully scored one too, is
-        # told its estimate: the optimizer compares like with like. The champion is still chosen on `fitness`.
-        if status == runs.ESTIMATED or likelihood:
-            values: tuple[float, ...] = (estimate.fitness if likelihood else fitness,)
+        # Graded estimates are biased low, so then every candidate, a fully scored one too, is told its
+        # estimate: the optimizer compares like with like. The champion is still chosen on `fitness`.
+        if status == runs.ESTIMATED or graded:
+            values: tuple[float, ...] = (estimate.fitness if graded else fitness,)
         else:
             values = objectives.values(plain)
         if status == runs.RACED_OUT:

@@ -104,7 +104,9 @@ class Session(Protocol):
 
     def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport: ...
 
-    def answer_probabilities(self, split: str, indices: Mapping[str, Sequence[int]]) -> EvalReport: ...
+    def answer_probabilities(
+        self, split: str, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False
+    ) -> EvalReport: ...
 
     def decode(self, genes: Mapping[str, float]) -> Any: ...
 
@@ -173,10 +175,12 @@ class SessionBase:
             )
         return self._evaluators[split]
 
-    def answer_probabilities(self, split: str, indices: Mapping[str, Sequence[int]]) -> EvalReport:
-        """The live model's teacher-forced probability of each chosen example's reference answer
-        (`Evaluator.answer_probabilities`); task files only."""
-        return self.evaluator(split).answer_probabilities(self.model, indices)
+    def answer_probabilities(
+        self, split: str, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False
+    ) -> EvalReport:
+        """The live model's teacher-forced probability of each chosen example's reference answer, or its
+        race against the strongest rival token (`Evaluator.answer_probabilities`); task files only."""
+        return self.evaluator(split).answer_probabilities(self.model, indices, against_rival=against_rival)
 
     def sizes(self) -> dict[str, int]:
         """Search-split size per task."""
