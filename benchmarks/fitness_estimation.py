@@ -19,7 +19,8 @@ splits, and the target's own search split, an even mix as the target is), so tha
 share of the split as on real benchmarks. Nothing is retrained.
 
     python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
-        [--estimator irt] [--anchor-answers likelihood] [--large] [--jobs 2] [--out results.json]
+        [--estimator irt] [--anchor-answers margin] [--redraw-anchors] [--large] [--control] [--jobs 2]
+        [--out results.json]
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--estimator", choices=["irt", "subset"], default="irt")
     parser.add_argument("--anchors", choices=["clustered", "stratified"], default="stratified")
     parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--redraw-anchors", action="store_true", help="fresh anchors every generation")
     parser.add_argument("--audit-top-k", type=int, default=3)
     parser.add_argument("--anchor-answers", choices=["generated", "likelihood", "margin"], default="generated")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
@@ -179,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--control drops one example of the --large split; pass --large")
     zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
     estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
-                 "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers}
+                 "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers,
+                 "redraw_anchors": args.redraw_anchors}
     results = []
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None
