@@ -19,7 +19,7 @@ splits, and the target's own search split, an even mix as the target is), so tha
 share of the split as on real benchmarks. Nothing is retrained.
 
     python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
-        [--estimator irt] [--anchor-answers margin] [--redraw-anchors] [--large] [--control] [--jobs 2]
+        [--estimator irt] [--anchor-answers margin] [--large] [--control] [--jobs 2]
         [--out results.json]
 """
 
@@ -69,8 +69,28 @@ def large_target(zoo: Zoo, out: Path, *, drop: int | None = None) -> Path:
     return out / "target.yaml"
 
 
+class NoisilyTold(SearchRun):
+    """A search whose optimizer is told each fitness plus seeded Gaussian noise of sd `told_noise` (the
+    noise control: how much a told value that ranks candidates imperfectly costs the search)."""
+
+    told_noise = 0.0
+
+    def attach(self, study):
+        study = super().attach(study)
+        rng, tell = np.random.default_rng(self.config.seed), study.tell
+
+        def noisy_tell(trial, values=None, **kwargs):
+            if values is not None:
+                values = [value + rng.normal(0.0, self.told_noise) for value in values]
+            return tell(trial, values, **kwargs)
+
+        study.tell = noisy_tell
+        return study
+
+
 def run_search(
-    zoo: Zoo, run_dir: Path, *, seed: int, candidates: int, fitness: dict, task: Path | None = None
+    zoo: Zoo, run_dir: Path, *, seed: int, candidates: int, fitness: dict, task: Path | None = None,
+    told_noise: float = 0.0,
 ) -> SearchRun:
     """One closed-loop search on the demo problem, racing off so that `full` means the whole split."""
     data = demo_config(zoo, candidates=candidates, seed=seed)
@@ -79,7 +99,8 @@ def run_search(
         data["objectives"] = [{"task": str(task)}]
     config, root = parse_evolve_config(data, source="benchmark config", root=run_dir)
     prepare_run_dir(config, run_dir)
-    run = SearchRun(config, root, run_dir)
+    run = NoisilyTold(config, root, run_dir) if told_noise else SearchRun(config, root, run_dir)
+    run.told_noise = told_noise
     run.run()
     return run
 
@@ -107,7 +128,7 @@ def champion_test_values(run: SearchRun) -> list[float]:
 
 
 def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, task: Path | None,
-             control: bool) -> dict:
+             control: bool, control_noise: float) -> dict:
     full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates, fitness={"estimator": "full"},
                       task=task)
     estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task)
@@ -123,9 +144,10 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
     if control:
         # A second full-fitness search whose split lacks one of its 1,800 examples: it is told practically
         # the same fitness, so how far its champion lands from the full search's is the search's own spread.
+        # With `control_noise` it is told that fitness plus noise: what imprecise ranking alone costs.
         dropped = large_target(zoo, work / f"control-task-{seed}", drop=seed)
         twin = run_search(zoo, work / f"control-{seed}", seed=seed, candidates=candidates,
-                          fitness={"estimator": "full"}, task=dropped)
+                          fitness={"estimator": "full"}, task=dropped, told_noise=control_noise)
         c = champion_test_values(twin)
         extra = {"control": {"champion_test": statistics.fmean(c), "values": c,
                              "paired_vs_full": paired_comparison(c, b, seed=seed).to_dict(),
@@ -168,27 +190,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--estimator", choices=["irt", "subset"], default="irt")
     parser.add_argument("--anchors", choices=["clustered", "stratified"], default="stratified")
     parser.add_argument("--warmup", type=int, default=0)
-    parser.add_argument("--redraw-anchors", action="store_true", help="fresh anchors every generation")
     parser.add_argument("--audit-top-k", type=int, default=3)
     parser.add_argument("--anchor-answers", choices=["generated", "likelihood", "margin"], default="generated")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     parser.add_argument("--large", action="store_true", help="the 1,800-example search split (module docstring)")
     parser.add_argument("--control", action="store_true",
                         help="also a full search on the large split less one example (the search's own spread)")
+    parser.add_argument("--control-noise", type=float, default=0.0,
+                        help="the control search is told its fitness plus Gaussian noise of this sd")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.control and not args.large:
         parser.error("--control drops one example of the --large split; pass --large")
+    if args.control_noise and not args.control:
+        parser.error("--control-noise adds noise to the control search; pass --control")
     zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
     estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
-                 "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers,
-                 "redraw_anchors": args.redraw_anchors}
+                 "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers}
     results = []
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None
         # Seeds are independent searches (one CPU thread each): `--jobs` runs them side by side.
-        futures = [pool.submit(one_seed, zoo, Path(tmp), seed, args.candidates, estimator, task, args.control)
-                   for seed in args.seeds]
+        futures = [pool.submit(one_seed, zoo, Path(tmp), seed, args.candidates, estimator, task, args.control,
+                               args.control_noise) for seed in args.seeds]
         for seed, future in zip(args.seeds, futures, strict=True):
             result = future.result()
             results.append(result)
@@ -198,8 +222,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"{result['champion_test']['estimated']:.3f} vs {result['champion_test']['full']:.3f} "
                   f"(paired p {result['paired']['p_value']:.3g})", flush=True)
             if args.control:
-                print(f"seed {seed} control: full search on the split less one example, champion test "
-                      f"{result['control']['champion_test']:.3f}", flush=True)
+                print(f"seed {seed} control: full search on the split less one example (told noise sd "
+                      f"{args.control_noise}), champion test {result['control']['champion_test']:.3f}", flush=True)
     summary = pooled(results)
     if args.control:
         twins = [v for r in results for v in r["control"]["values"]]

@@ -41,8 +41,8 @@ def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp
     run.run()
     records = run.store.counted_trials()
     audits = run.store.audits
-    anchors = run.estimator.anchors_for(0)
-    assert sum(map(len, anchors.values())) == 24 and run.estimator.anchors_for(1) == anchors  # drawn once
+    anchors = run.estimator.anchors
+    assert sum(map(len, anchors.values())) == 24
     warm = [r for r in records if r.number < 2]
     assert all(r.status == COMPLETE and r.examples == 300 for r in warm)
     estimated = [r for r in records if r.number >= 2 and r.number not in audits]
@@ -101,7 +101,7 @@ def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, 
     # The anchors' graded answers, recomputed by the engine for the first estimated candidate, give its estimate.
     first = estimated[0]
     run.session.activate_candidate(run.session.candidate_of(first))
-    anchors = run.estimator.anchors_for(first.generation)
+    anchors = run.estimator.anchors
     probabilities = run.session.answer_probabilities(
         "search", anchors, against_rival=answers == "margin"
     ).scores["target"].values
@@ -117,42 +117,23 @@ def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, 
     assert champion.fully_evaluated and champion.scores["target"]["n"] == 300
 
 
-def test_redrawn_anchors_change_every_generation_and_resume_alike(tmp_path, zoo):
-    """`redraw_anchors`: each generation's candidates are estimated from that generation's own seeded draw,
-    and a resumed run (after the final audit added full rows) draws the same anchors again."""
+def test_a_resumed_run_draws_the_same_anchors_after_audits_added_full_rows(tmp_path, zoo):
+    """Anchors come from the parents' and untuned merges' answers alone: a resumed run, whose store now
+    holds audited candidates' full rows too (which the IRT fit does use), still draws the same anchors."""
     data = demo_config(zoo, candidates=8, seed=2) | {
         "racing": {"enabled": False},
         "budget": {"candidates": 8, "population": 4},
-        "fitness": {"estimator": "irt", "examples": 20, "redraw_anchors": True, "audit_top_k": 1},
+        "fitness": {"estimator": "irt", "examples": 20, "audit_every": 4, "audit_top_k": 2},
     }
     config, root = parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
     prepare_run_dir(config, tmp_path / "run")
     run = SearchRun(config, root, tmp_path / "run")
     run.run()
-    first, second = run.estimator.anchors_for(0), run.estimator.anchors_for(1)
-    assert first != second and len(first["target"]) == len(second["target"]) == 20
+    assert run.store.audits
     resumed = SearchRun(config, root, tmp_path / "run")
     resumed.start()
-    assert run.store.audits and resumed.estimator.anchors_for(1) == second
-    # The last candidate's estimate, recomputed from its generation's anchors and the baselines' fit (no
-    # warm-up, audits only at the end), matches; generation 0's anchors would give another.
-    last = next(r for r in reversed(run.store.counted_trials()) if r.status == ESTIMATED)
-    assert last.generation == 1
-    baselines = run.store.baselines.values()
-    rows = [b["search"]["target"]["values"] for b in baselines if b["kind"] == "parent"]
-    parents = len(rows)
-    rows += [b["search"]["target"]["values"] for b in baselines if b["kind"] != "parent" and b["search"]]
-    fit = fit_2pl(np.array(rows))
-    run.session.activate_candidate(run.session.candidate_of(last))
-    predictions = []
-    for anchors in (second, first):
-        items = np.array(anchors["target"])
-        answers = np.array(run.session.evaluate("search", {"target": list(items)}).scores["target"].values)
-        theta = estimate_ability(fit, items, answers, prior_mean=float(fit.theta[:parents].mean()),
-                                 prior_sd=max(1.0, float(fit.theta.std())))
-        predictions.append(predicted_accuracy(fit, items, answers, theta))
-    assert last.estimate["fitness"] == pytest.approx(predictions[0], abs=1e-9)
-    assert last.estimate["fitness"] != pytest.approx(predictions[1], abs=1e-6)
+    assert resumed.store.fully_evaluated()  # the audited candidates' full rows
+    assert resumed.estimator.anchors == run.estimator.anchors
 
 
 def test_likelihood_anchors_need_generative_tasks(tmp_path, zoo):

@@ -164,13 +164,6 @@ class Fitness(BaseModel):
     anchors: Literal["stratified", "clustered"] = Field(
         "stratified", description="pick anchors by difficulty strata, or by k-means on the baselines' answers"
     )
-    # A search told the estimate from one fixed set of anchors can climb on that set's quirks: its estimates
-    # drift above its full fitness as it goes (benchmarks/RESULTS.md, fitness estimation). Fresh anchors
-    # each generation keep every generation's candidates compared on shared anchors (CMA-ES ranks within
-    # a generation) while no quirk persists; the IRT puts estimates from different anchors on one scale.
-    redraw_anchors: bool = Field(
-        False, description="draw fresh anchors (seeded) for every generation instead of once per run"
-    )
     warmup: int = Field(0, ge=0, description="first candidates scored on the whole split (they join the IRT fit)")
     audit_every: PositiveInt | None = Field(
         None, description="every this many candidates, score the best estimated ones fully; default: only at the end"

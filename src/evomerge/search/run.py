@@ -252,7 +252,7 @@ class SearchRun:
         estimate = None
         if self.estimator is not None:
             full = self.estimator.wants_full()
-            anchors = self.estimator.anchors_for(generation)
+            anchors = self.estimator.anchors
             # A fully scored candidate gets the estimate from its anchor answers too (free, or one forward
             # pass over the anchors): the report's estimate error. Its own values join the fit once stored.
             if self.estimator.graded:
@@ -263,7 +263,7 @@ class SearchRun:
             else:
                 scores = dict(self.session.evaluate("search", None if full else anchors).scores)
                 anchor_scores = scores
-            estimate = self.estimator.estimate(anchor_scores, anchors)
+            estimate = self.estimator.estimate(anchor_scores)
             status = runs.COMPLETE if full else runs.ESTIMATED
         elif racing:
             scores: dict[str, TaskScore] = {}
