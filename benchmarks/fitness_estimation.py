@@ -90,11 +90,14 @@ class NoisilyTold(SearchRun):
 
 def run_search(
     zoo: Zoo, run_dir: Path, *, seed: int, candidates: int, fitness: dict, task: Path | None = None,
-    told_noise: float = 0.0,
+    told_noise: float = 0.0, population: int | None = None,
 ) -> SearchRun:
-    """One closed-loop search on the demo problem, racing off so that `full` means the whole split."""
+    """One closed-loop search on the demo problem, racing off so that `full` means the whole split;
+    `population`: CMA-ES's population instead of its default."""
     data = demo_config(zoo, candidates=candidates, seed=seed)
     data.update(racing={"enabled": False}, fitness=fitness, name=f"estimation-{fitness['estimator']}")
+    if population is not None:
+        data["budget"] = {"candidates": candidates, "population": population}
     if task is not None:
         data["objectives"] = [{"task": str(task)}]
     config, root = parse_evolve_config(data, source="benchmark config", root=run_dir)
@@ -128,10 +131,11 @@ def champion_test_values(run: SearchRun) -> list[float]:
 
 
 def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, task: Path | None,
-             control: bool, control_noise: float) -> dict:
+             control: bool, control_noise: float, population: int | None) -> dict:
     full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates, fitness={"estimator": "full"},
-                      task=task)
-    estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task)
+                      task=task, population=population)
+    estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task,
+                           population=population)
     told, truth = [], []
     for record in estimated.store.counted_trials():
         if record.estimate is not None:  # failed candidates have none
@@ -147,7 +151,8 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
         # With `control_noise` it is told that fitness plus noise: what imprecise ranking alone costs.
         dropped = large_target(zoo, work / f"control-task-{seed}", drop=seed)
         twin = run_search(zoo, work / f"control-{seed}", seed=seed, candidates=candidates,
-                          fitness={"estimator": "full"}, task=dropped, told_noise=control_noise)
+                          fitness={"estimator": "full"}, task=dropped, told_noise=control_noise,
+                          population=population)
         c = champion_test_values(twin)
         extra = {"control": {"champion_test": statistics.fmean(c), "values": c,
                              "paired_vs_full": paired_comparison(c, b, seed=seed).to_dict(),
@@ -198,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="also a full search on the large split less one example (the search's own spread)")
     parser.add_argument("--control-noise", type=float, default=0.0,
                         help="the control search is told its fitness plus Gaussian noise of this sd")
+    parser.add_argument("--population", type=int, default=None, help="CMA-ES population of every search")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.control and not args.large:
@@ -212,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None
         # Seeds are independent searches (one CPU thread each): `--jobs` runs them side by side.
         futures = [pool.submit(one_seed, zoo, Path(tmp), seed, args.candidates, estimator, task, args.control,
-                               args.control_noise) for seed in args.seeds]
+                               args.control_noise, args.population) for seed in args.seeds]
         for seed, future in zip(args.seeds, futures, strict=True):
             result = future.result()
             results.append(result)
