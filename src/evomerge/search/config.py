@@ -143,9 +143,10 @@ class Fitness(BaseModel):
     answers' 0/1 scores (benchmarks/RESULTS.md; on a 300-example split they did not), and cost one
     teacher-forced forward pass instead of a generation: `likelihood`, the probability the candidate
     gives the reference answer; `margin`, the product over the answer's tokens of p(token) / (p(token) +
-    p(strongest other token)), a graded version of whether greedy decoding writes the reference. A search told `likelihood` estimates learns to raise the
-    reference's probability, which is not the accuracy it is judged on; `margin` tracks greedy accuracy
-    much more closely (benchmarks/RESULTS.md, fitness estimation). Both are biased low in absolute terms.
+    p(strongest other token)), a graded version of whether greedy decoding writes the reference. A search
+    told `likelihood` estimates learns to raise the reference's probability, which is not the accuracy it
+    is judged on; `margin` tracks greedy accuracy much more closely (benchmarks/RESULTS.md, fitness
+    estimation). Both are biased low in absolute terms.
 
     `subset`: the accuracy on the anchors. `irt`: a 2PL item-response model fitted on every fully
     evaluated model (parents, untuned merges, the first `warmup` candidates, audited candidates) predicts
