@@ -27,17 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from fitness_estimation import large_target, run_search
+from fitness_estimation import in_order, large_target, run_search
 from scipy.stats import spearmanr
 
 from evomerge.search.irt import estimate_ability, fit_2pl, select_anchors
 from evomerge.zoo import build_zoo, default_zoo_dir
 
 FIT_ROWS = 9  # the parents and untuned merges of the demo problem: 4 parents + 5 baselines
-
-
-def in_order(score) -> list[float]:
-    return [v for _, v in sorted(zip(score.indices, score.values, strict=True))]
 
 
 def answers(run, records) -> dict[str, np.ndarray]:

@@ -8,8 +8,8 @@ the estimate from K anchor examples (with its final audit of the top estimates).
   scored once by both, are not) and the saving factor full / estimated;
 - Spearman rank correlation between the estimate each candidate was told and its full search-split
   fitness (every estimated candidate is scored on the whole split afterwards for this, outside the count);
-  `--estimator subset` measures the plain anchor mean the same way, and `--anchor-answers likelihood`
-  answers the anchors with reference-answer probabilities instead of greedy 0/1 scores;
+  `--estimator subset` measures the plain anchor mean the same way, and `--anchor-answers likelihood` or
+  `margin` answers the anchors with graded teacher-forced values instead of greedy 0/1 scores;
 - the champion's test score against the full-fitness search's champion: per seed and pooled over seeds,
   a paired comparison (`evomerge.evaluate.stats.paired_comparison`) on the same test examples.
 
@@ -102,8 +102,11 @@ def run_search(
         data["objectives"] = [{"task": str(task)}]
     config, root = parse_evolve_config(data, source="benchmark config", root=run_dir)
     prepare_run_dir(config, run_dir)
-    run = NoisilyTold(config, root, run_dir) if told_noise else SearchRun(config, root, run_dir)
-    run.told_noise = told_noise
+    if told_noise:
+        run = NoisilyTold(config, root, run_dir)
+        run.told_noise = told_noise
+    else:
+        run = SearchRun(config, root, run_dir)
     run.run()
     return run
 
@@ -127,6 +130,11 @@ def champion_test_values(run: SearchRun) -> list[float]:
     record = next(r for r in run.store.trials() if r.number == run.store.champion())
     run.session.activate_candidate(run.session.candidate_of(record))
     (score,) = run.session.evaluate("test").scores.values()
+    return in_order(score)
+
+
+def in_order(score) -> list[float]:
+    """A task score's per-example values in example order (an evaluation may return them sorted by length)."""
     return [value for _, value in sorted(zip(score.indices, score.values, strict=True))]
 
 
