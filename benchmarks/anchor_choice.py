@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from fitness_estimation import in_order, large_target, run_search
+from fitness_estimation import large_target, run_search
 from scipy.stats import spearmanr
 
 from evomerge.search.irt import estimate_ability, fit_2pl, select_anchors
@@ -43,12 +43,12 @@ def answers(run, records) -> dict[str, np.ndarray]:
     for record in records:
         run.session.activate_candidate(run.session.candidate_of(record))
         (score,) = run.session.evaluate("search").scores.values()
-        tables["generated"].append(in_order(score))
+        tables["generated"].append(score.values_in_example_order())
         for kind in ("likelihood", "margin"):
             (graded,) = run.session.answer_probabilities(
                 "search", everything, against_rival=kind == "margin"
             ).scores.values()
-            tables[kind].append(in_order(graded))
+            tables[kind].append(graded.values_in_example_order())
     return {kind: np.array(rows) for kind, rows in tables.items()}
 
 

@@ -130,12 +130,7 @@ def champion_test_values(run: SearchRun) -> list[float]:
     record = next(r for r in run.store.trials() if r.number == run.store.champion())
     run.session.activate_candidate(run.session.candidate_of(record))
     (score,) = run.session.evaluate("test").scores.values()
-    return in_order(score)
-
-
-def in_order(score) -> list[float]:
-    """A task score's per-example values in example order (an evaluation may return them sorted by length)."""
-    return [value for _, value in sorted(zip(score.indices, score.values, strict=True))]
+    return score.values_in_example_order()
 
 
 def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, task: Path | None,

@@ -51,7 +51,7 @@ def champion(run: SearchRun):
 def test_values(run: SearchRun, record) -> list[float]:
     run.session.activate_candidate(run.session.candidate_of(record))
     (score,) = run.session.evaluate("test").scores.values()
-    return [value for _, value in sorted(zip(score.indices, score.values, strict=True))]
+    return score.values_in_example_order()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from evomerge.evaluate.report import TaskScore
 from evomerge.evaluate.stats import exact_mcnemar_p, paired_comparison
 
 
@@ -73,3 +74,12 @@ def test_swapping_the_models_negates_the_difference_and_keeps_the_p_value(pairs)
     assert forward.p_value == pytest.approx(backward.p_value)
     assert 0.0 < forward.p_value <= 1.0
     assert forward.ci95[0] <= forward.ci95[1]
+
+
+@given(st.permutations(list(range(12))))
+def test_values_in_example_order_pair_two_scores_of_one_split_example_by_example(order):
+    # An engine may score examples sorted by length; the value of example i must land at position i.
+    values = [index / 10 for index in order]
+    score = TaskScore(task="t", score=0.0, stderr=0.0, n=12, values=values, indices=list(order),
+                      prompt_tokens=0, generated_tokens=0, seconds=0.0)
+    assert score.values_in_example_order() == [index / 10 for index in range(12)]

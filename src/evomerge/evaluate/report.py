@@ -32,6 +32,11 @@ class TaskScore:
         """Prompt plus generated tokens processed for this task."""
         return self.prompt_tokens + self.generated_tokens
 
+    def values_in_example_order(self) -> list[float]:
+        """`values` sorted by example index (an evaluation may score examples sorted by length), so that two
+        scores of the same split pair up example by example."""
+        return [value for _, value in sorted(zip(self.indices, self.values, strict=True))]
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite stderr becomes None)."""
         data = asdict(self)

@@ -81,6 +81,6 @@ def score_table(scores: Mapping[str, TaskScore], *, per_example: bool = False) -
             "score": s.score, "stderr": s.stderr if math.isfinite(s.stderr) else None, "n": s.n, "tokens": s.tokens
         }
         if per_example:
-            row["values"] = [value for _, value in sorted(zip(s.indices, s.values, strict=True))]
+            row["values"] = s.values_in_example_order()
         table[name] = row
     return table
