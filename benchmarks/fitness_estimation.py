@@ -174,19 +174,25 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
 
 
 def pooled(results: Sequence[dict]) -> dict:
-    """Over seeds: total saving, mean Spearman, and one paired comparison over every (seed, test example)."""
+    """Over seeds: total saving, mean Spearman, and one paired comparison over every (seed, test example);
+    with control searches, theirs against the full and the estimated searches' too."""
     a = [v for r in results for v in r["values"]["estimated"]]
     b = [v for r in results for v in r["values"]["full"]]
     comparison = paired_comparison(a, b)
     differences = np.asarray(a) - np.asarray(b)
     per_seed = [r["champion_test"]["estimated"] - r["champion_test"]["full"] for r in results]
-    return {
+    summary = {
         "saving": statistics.fmean(r["saving"] for r in results),
         "spearman": statistics.fmean(r["spearman"] for r in results),
         "delta": comparison.difference, "p": comparison.p_value,
         "stderr_paired": float(differences.std(ddof=1) / math.sqrt(len(differences))),
         "stderr_over_seeds": statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else None,
     }
+    if all("control" in r for r in results):
+        twins = [v for r in results for v in r["control"]["values"]]
+        summary["control"] = {"vs_full": paired_comparison(twins, b).to_dict(),
+                              "estimated_vs_control": paired_comparison(a, twins).to_dict()}
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -235,11 +241,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                       f"{args.control_noise}), champion test {result['control']['champion_test']:.3f}", flush=True)
     summary = pooled(results)
     if args.control:
-        twins = [v for r in results for v in r["control"]["values"]]
-        fulls = [v for r in results for v in r["values"]["full"]]
-        estimates = [v for r in results for v in r["values"]["estimated"]]
-        summary["control"] = {"vs_full": paired_comparison(twins, fulls).to_dict(),
-                              "estimated_vs_control": paired_comparison(estimates, twins).to_dict()}
         for name, label in (("vs_full", "control vs full"), ("estimated_vs_control", "estimated vs control")):
             c = summary["control"][name]
             print(f"pooled {label}: champion test delta {c['difference']:+.3f} (paired p {c['p_value']:.2g})")
