@@ -20,7 +20,11 @@ share of the split as on real benchmarks. Nothing is retrained.
 
     python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
         [--estimator irt] [--anchor-answers margin] [--large] [--control] [--jobs 2]
-        [--out results.json]
+        [--full-from EARLIER.json ...] [--no-spearman] [--out results.json]
+
+`--full-from` reuses the full searches of earlier `--out` files (the expensive half) to compare other
+estimator settings against them; each seed first reruns that file's estimated search and stops unless it
+is told exactly the same estimates, so a file from another zoo build or CPU is refused.
 """
 
 from __future__ import annotations
@@ -133,19 +137,50 @@ def champion_test_values(run: SearchRun) -> list[float]:
     return score.values_in_example_order()
 
 
+def told_estimates(run: SearchRun) -> list[float]:
+    """The estimate each estimated candidate was told, in candidate order (failed candidates have none)."""
+    return [r.estimate["fitness"] for r in run.store.counted_trials() if r.estimate is not None]
+
+
+def reuse_full_search(zoo: Zoo, work: Path, seed: int, stored: dict, task: Path | None,
+                      population: int | None) -> None:
+    """Check that an earlier run's full search can stand in for this build's (`--full-from`): its estimated
+    search, rerun here with its settings, must be told exactly the estimates it was told then, which holds
+    only on the same zoo weights and kernels (trained weights differ between CPUs)."""
+    settings, result = stored["settings"], stored["seed"]
+    rerun = run_search(zoo, work / f"check-{seed}", seed=seed, candidates=result["candidates"], fitness=settings,
+                       task=task, population=population)
+    if told_estimates(rerun) != result["told"]:
+        raise SystemExit(f"--full-from: seed {seed}'s estimated search does not reproduce {stored['file']} here "
+                         "(another zoo build or CPU); run the full searches instead")
+
+
 def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, task: Path | None,
-             control: bool, control_noise: float, population: int | None) -> dict:
-    full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates, fitness={"estimator": "full"},
-                      task=task, population=population)
+             control: bool, control_noise: float, population: int | None, stored: dict | None = None,
+             spearman: bool = True) -> dict:
+    """Both searches of one seed; `stored`: the full search comes from an earlier run's results (checked by
+    `reuse_full_search`); `spearman`: also score every estimated candidate on the whole split."""
+    if stored is None:
+        full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates,
+                          fitness={"estimator": "full"}, task=task, population=population)
+        b = champion_test_values(full)
+        full_examples = search_examples(full)
+        full_best = max(r.fitness for r in full.store.fully_evaluated())
+    else:
+        reuse_full_search(zoo, work, seed, stored, task, population)
+        b = stored["seed"]["values"]["full"]
+        full_examples = stored["seed"]["examples_per_candidate"]["full"] * candidates
+        full_best = stored["seed"]["best_full_fitness"]["full_search"]
     estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task,
                            population=population)
     told, truth = [], []
-    for record in estimated.store.counted_trials():
-        if record.estimate is not None:  # failed candidates have none
-            told.append(record.estimate["fitness"])
-            truth.append(full_fitness(estimated, record))
-    full_examples, est_examples = search_examples(full), search_examples(estimated)
-    a, b = champion_test_values(estimated), champion_test_values(full)
+    if spearman:
+        for record in estimated.store.counted_trials():
+            if record.estimate is not None:  # failed candidates have none
+                told.append(record.estimate["fitness"])
+                truth.append(full_fitness(estimated, record))
+    est_examples = search_examples(estimated)
+    a = champion_test_values(estimated)
     comparison = paired_comparison(a, b, seed=seed)
     extra = {}
     if control:
@@ -164,12 +199,14 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
         "seed": seed, "candidates": candidates,
         "examples_per_candidate": {"full": full_examples / candidates, "estimated": est_examples / candidates},
         "saving": full_examples / est_examples,
-        "spearman": float(spearmanr(told, truth).statistic),
-        "estimate_rmse": math.sqrt(statistics.fmean((t - f) ** 2 for t, f in zip(told, truth, strict=True))),
+        "spearman": float(spearmanr(told, truth).statistic) if spearman else None,
+        "estimate_rmse": (math.sqrt(statistics.fmean((t - f) ** 2 for t, f in zip(told, truth, strict=True)))
+                          if spearman else None),
         "champion_test": {"estimated": statistics.fmean(a), "full": statistics.fmean(b)},
         "paired": comparison.to_dict(), "values": {"estimated": a, "full": b},
-        "audited": sorted(estimated.store.audits), "told": told, "full_fitness": truth,
-        "best_full_fitness": {"estimated_search": max(truth), "full_search": max(r.fitness for r in full.store.fully_evaluated())},
+        "audited": sorted(estimated.store.audits), "told": told_estimates(estimated),
+        "full_fitness": truth,
+        "best_full_fitness": {"estimated_search": max(truth, default=None), "full_search": full_best},
     }
 
 
@@ -183,7 +220,7 @@ def pooled(results: Sequence[dict]) -> dict:
     per_seed = [r["champion_test"]["estimated"] - r["champion_test"]["full"] for r in results]
     summary = {
         "saving": statistics.fmean(r["saving"] for r in results),
-        "spearman": statistics.fmean(r["spearman"] for r in results),
+        "spearman": None if results[0]["spearman"] is None else statistics.fmean(r["spearman"] for r in results),
         "delta": comparison.difference, "p": comparison.p_value,
         "stderr_paired": float(differences.std(ddof=1) / math.sqrt(len(differences))),
         "stderr_over_seeds": statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else None,
@@ -193,6 +230,11 @@ def pooled(results: Sequence[dict]) -> dict:
         summary["control"] = {"vs_full": paired_comparison(twins, b).to_dict(),
                               "estimated_vs_control": paired_comparison(a, twins).to_dict()}
     return summary
+
+
+def fmt(value: float | None) -> str:
+    """Three decimals, or `n/a` for what `--no-spearman` did not measure."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -213,12 +255,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--control-noise", type=float, default=0.0,
                         help="the control search is told its fitness plus Gaussian noise of this sd")
     parser.add_argument("--population", type=int, default=None, help="CMA-ES population of every search")
+    parser.add_argument("--full-from", type=Path, nargs="+", default=[],
+                        help="take the full searches from these earlier --out files instead of running them "
+                             "(checked: their estimated searches must reproduce here)")
+    parser.add_argument("--no-spearman", action="store_true",
+                        help="skip scoring every estimated candidate on the whole split (the Spearman measurement)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.control and not args.large:
         parser.error("--control drops one example of the --large split; pass --large")
     if args.control_noise and not args.control:
         parser.error("--control-noise adds noise to the control search; pass --control")
+    stored = {}
+    for path in args.full_from:
+        earlier = json.loads(path.read_text())
+        if earlier["large"] == args.large:
+            stored |= {r["seed"]: {"settings": earlier["settings"], "seed": r, "file": str(path)}
+                       for r in earlier["seeds"] if r["candidates"] == args.candidates}
+    if args.full_from and any(seed not in stored for seed in args.seeds):
+        parser.error(f"--full-from has no full search of every seed with --candidates {args.candidates}"
+                     f"{' and --large' if args.large else ' without --large'}")
     zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
     estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
                  "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers}
@@ -227,13 +283,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None
         # Seeds are independent searches (one CPU thread each): `--jobs` runs them side by side.
         futures = [pool.submit(one_seed, zoo, Path(tmp), seed, args.candidates, estimator, task, args.control,
-                               args.control_noise, args.population) for seed in args.seeds]
+                               args.control_noise, args.population, stored.get(seed), not args.no_spearman)
+                   for seed in args.seeds]
         for seed, future in zip(args.seeds, futures, strict=True):
             result = future.result()
             results.append(result)
             print(f"seed {seed}: examples/candidate {result['examples_per_candidate']['estimated']:.1f} "
                   f"(full {result['examples_per_candidate']['full']:.0f}), saving {result['saving']:.1f}x, "
-                  f"spearman {result['spearman']:.3f}, estimate rmse {result['estimate_rmse']:.3f}, champion test "
+                  f"spearman {fmt(result['spearman'])}, estimate rmse {fmt(result['estimate_rmse'])}, champion test "
                   f"{result['champion_test']['estimated']:.3f} vs {result['champion_test']['full']:.3f} "
                   f"(paired p {result['paired']['p_value']:.3g})", flush=True)
             if args.control:
@@ -250,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         ))
     print(f"pooled over {len(results)} seeds: champion test delta stderr {summary['stderr_paired']:.3f} (paired, "
           f"per example), {summary['stderr_over_seeds'] or float('nan'):.3f} (over seeds)")
-    print(f"estimation: saving {summary['saving']:.1f}x at spearman {summary['spearman']:.3f}, "
+    print(f"estimation: saving {summary['saving']:.1f}x at spearman {fmt(summary['spearman'])}, "
           f"champion test delta {summary['delta']:+.3f} (paired p {summary['p']:.2g})")
 
 
