@@ -153,6 +153,11 @@ class Fitness(BaseModel):
     the full-split accuracy from the anchor answers (`search.irt`). Estimated candidates are told to the
     optimizer with their estimate; the champion is chosen only among fully evaluated ones, so the top
     estimated candidates are audited (scored on the whole split) every `audit_every` candidates and at the end.
+
+    The optimizer only uses how estimates rank, and for that `subset` on `margin` answers steered the search
+    best (benchmarks/RESULTS.md, 300 candidates on a 1,800-example split): the IRT ability weights each
+    anchor by its discrimination, which differs between the split's skills, and a search told it lost most
+    on the skills weighted least.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
