@@ -142,15 +142,11 @@ def told_estimates(run: SearchRun) -> list[float]:
     return [r.estimate["fitness"] for r in run.store.counted_trials() if r.estimate is not None]
 
 
-def reuse_full_search(zoo: Zoo, work: Path, seed: int, stored: dict, task: Path | None,
-                      population: int | None) -> None:
-    """Check that an earlier run's full search can stand in for this build's (`--full-from`): its estimated
-    search, rerun here with its settings, must be told exactly the estimates it was told then, which holds
-    only on the same zoo weights and kernels (trained weights differ between CPUs)."""
-    settings, result = stored["settings"], stored["seed"]
-    rerun = run_search(zoo, work / f"check-{seed}", seed=seed, candidates=result["candidates"], fitness=settings,
-                       task=task, population=population)
-    if told_estimates(rerun) != result["told"]:
+def check_reproduces(stored: dict, rerun: SearchRun, seed: int) -> None:
+    """Check that an earlier run's full search can stand in for this build's (`--full-from`): `rerun`, its
+    estimated search run again here with its settings, must be told exactly the estimates it was told
+    then, which holds only on the same zoo weights and kernels (trained weights differ between CPUs)."""
+    if told_estimates(rerun) != stored["seed"]["told"]:
         raise SystemExit(f"--full-from: seed {seed}'s estimated search does not reproduce {stored['file']} here "
                          "(another zoo build or CPU); run the full searches instead")
 
@@ -159,7 +155,9 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
              control: bool, control_noise: float, population: int | None, stored: dict | None = None,
              spearman: bool = True) -> dict:
     """Both searches of one seed; `stored`: the full search comes from an earlier run's results (checked by
-    `reuse_full_search`); `spearman`: also score every estimated candidate on the whole split."""
+    `check_reproduces`); `spearman`: also score every estimated candidate on the whole split."""
+    estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task,
+                           population=population)
     if stored is None:
         full = run_search(zoo, work / f"full-{seed}", seed=seed, candidates=candidates,
                           fitness={"estimator": "full"}, task=task, population=population)
@@ -167,18 +165,18 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
         full_examples = search_examples(full)
         full_best = max(r.fitness for r in full.store.fully_evaluated())
     else:
-        reuse_full_search(zoo, work, seed, stored, task, population)
+        # With the file's own settings the estimated search above is the rerun; otherwise run it.
+        rerun = estimated if estimator == stored["settings"] else run_search(
+            zoo, work / f"check-{seed}", seed=seed, candidates=candidates, fitness=stored["settings"], task=task,
+            population=population)
+        check_reproduces(stored, rerun, seed)
         b = stored["seed"]["values"]["full"]
         full_examples = stored["seed"]["examples_per_candidate"]["full"] * candidates
         full_best = stored["seed"]["best_full_fitness"]["full_search"]
-    estimated = run_search(zoo, work / f"est-{seed}", seed=seed, candidates=candidates, fitness=estimator, task=task,
-                           population=population)
-    told, truth = [], []
-    if spearman:
-        for record in estimated.store.counted_trials():
-            if record.estimate is not None:  # failed candidates have none
-                told.append(record.estimate["fitness"])
-                truth.append(full_fitness(estimated, record))
+    told = told_estimates(estimated)
+    # `told_estimates` keeps exactly these records (failed candidates have no estimate), so the lists pair up.
+    truth = [full_fitness(estimated, r) for r in estimated.store.counted_trials()
+             if r.estimate is not None] if spearman else []
     est_examples = search_examples(estimated)
     a = champion_test_values(estimated)
     comparison = paired_comparison(a, b, seed=seed)
@@ -204,8 +202,7 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
                           if spearman else None),
         "champion_test": {"estimated": statistics.fmean(a), "full": statistics.fmean(b)},
         "paired": comparison.to_dict(), "values": {"estimated": a, "full": b},
-        "audited": sorted(estimated.store.audits), "told": told_estimates(estimated),
-        "full_fitness": truth,
+        "audited": sorted(estimated.store.audits), "told": told, "full_fitness": truth,
         "best_full_fitness": {"estimated_search": max(truth, default=None), "full_search": full_best},
     }
 
