@@ -41,7 +41,7 @@ def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp
     run.run()
     records = run.store.counted_trials()
     audits = run.store.audits
-    anchors = run.estimator.anchors
+    anchors = run.estimator.anchors()
     assert sum(map(len, anchors.values())) == 24
     warm = [r for r in records if r.number < 2]
     assert all(r.status == COMPLETE and r.examples == 300 for r in warm)
@@ -101,7 +101,7 @@ def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, 
     # The anchors' graded answers, recomputed by the engine for the first estimated candidate, give its estimate.
     first = estimated[0]
     run.session.activate_candidate(run.session.candidate_of(first))
-    anchors = run.estimator.anchors
+    anchors = run.estimator.anchors()
     probabilities = run.session.answer_probabilities(
         "search", anchors, against_rival=answers == "margin"
     ).scores["target"].values
@@ -133,7 +133,7 @@ def test_a_resumed_run_draws_the_same_anchors_after_audits_added_full_rows(tmp_p
     resumed = SearchRun(config, root, tmp_path / "run")
     resumed.start()
     assert resumed.store.fully_evaluated()  # the audited candidates' full rows
-    assert resumed.estimator.anchors == run.estimator.anchors
+    assert resumed.estimator.anchors() == run.estimator.anchors()
 
 
 def test_likelihood_anchors_need_generative_tasks(tmp_path, zoo):

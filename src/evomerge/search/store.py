@@ -158,6 +158,13 @@ class RunStore:
         records = (TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False, states=states))
         return [r.with_audit(audits[r.number]) if r.number in audits else r for r in records if r.kind is None]
 
+    def sampler_generation(self, number: int) -> int | None:
+        """The generation the study's sampler assigned trial `number` to (Optuna's CMA-ES and NSGA-II record
+        one as a `...:generation` system attribute once they sample it; a first, independently sampled
+        trial has none), or None."""
+        trial = next(t for t in reversed(self.study.get_trials(deepcopy=False)) if t.number == number)
+        return next((int(v) for k, v in trial.system_attrs.items() if k.endswith(":generation")), None)
+
     def references(self) -> list[TrialRecord]:
         """The parents' and untuned baselines' fixed trials (`add_reference`), in number order."""
         records = (TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False))
