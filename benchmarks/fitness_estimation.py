@@ -19,7 +19,7 @@ splits, and the target's own search split, an even mix as the target is), so tha
 share of the split as on real benchmarks. Nothing is retrained.
 
     python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
-        [--estimator irt] [--anchor-answers margin] [--anchor-draw per_generation] [--large] [--control] [--jobs 2]
+        [--estimator irt] [--anchor-answers margin] [--large] [--control] [--jobs 2]
         [--full-from EARLIER.json ...] [--no-spearman] [--out results.json]
 
 `--full-from` reuses the full searches of earlier `--out` files (the expensive half) to compare other
@@ -245,7 +245,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--audit-top-k", type=int, default=3)
     parser.add_argument("--anchor-answers", choices=["generated", "likelihood", "margin"], default="generated")
-    parser.add_argument("--anchor-draw", choices=["once", "per_generation"], default="once")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     parser.add_argument("--large", action="store_true", help="the 1,800-example search split (module docstring)")
     parser.add_argument("--control", action="store_true",
@@ -275,8 +274,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      f"{' and --large' if args.large else ' without --large'}")
     zoo = build_zoo(args.zoo or default_zoo_dir("tiny", 0))
     estimator = {"estimator": args.estimator, "examples": args.examples, "anchors": args.anchors,
-                 "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers,
-                 "anchor_draw": args.anchor_draw}
+                 "warmup": args.warmup, "audit_top_k": args.audit_top_k, "anchor_answers": args.anchor_answers}
     results = []
     with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         task = large_target(zoo, Path(tmp) / "large") if args.large else None

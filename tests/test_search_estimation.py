@@ -41,7 +41,7 @@ def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp
     run.run()
     records = run.store.counted_trials()
     audits = run.store.audits
-    anchors = run.estimator.anchors()
+    anchors = run.estimator.anchors
     assert sum(map(len, anchors.values())) == 24
     warm = [r for r in records if r.number < 2]
     assert all(r.status == COMPLETE and r.examples == 300 for r in warm)
@@ -101,7 +101,7 @@ def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, 
     # The anchors' graded answers, recomputed by the engine for the first estimated candidate, give its estimate.
     first = estimated[0]
     run.session.activate_candidate(run.session.candidate_of(first))
-    anchors = run.estimator.anchors()
+    anchors = run.estimator.anchors
     probabilities = run.session.answer_probabilities(
         "search", anchors, against_rival=answers == "margin"
     ).scores["target"].values
@@ -133,36 +133,7 @@ def test_a_resumed_run_draws_the_same_anchors_after_audits_added_full_rows(tmp_p
     resumed = SearchRun(config, root, tmp_path / "run")
     resumed.start()
     assert resumed.store.fully_evaluated()  # the audited candidates' full rows
-    assert resumed.estimator.anchors() == run.estimator.anchors()
-
-
-def test_anchors_drawn_per_generation_are_shared_within_it_and_fresh_across(tmp_path, zoo):
-    """`anchor_draw: per_generation`: the candidates of one CMA-ES generation (Optuna's own record of it;
-    its first trial is sampled independently and belongs to generation 0) are told the mean of their answers
-    on that generation's anchors, and the next generation gets a fresh draw of as many."""
-    data = demo_config(zoo, candidates=9, seed=3) | {
-        "racing": {"enabled": False},
-        "budget": {"candidates": 9, "population": 4},
-        "fitness": {"estimator": "subset", "examples": 20, "anchor_draw": "per_generation", "audit_top_k": 1},
-    }
-    config, root = parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
-    prepare_run_dir(config, tmp_path / "run")
-    run = SearchRun(config, root, tmp_path / "run")
-    run.run()
-    optuna_generation = {t.number: t.system_attrs.get("cma:generation", 0) for t in run.study.trials}
-    records = run.store.counted_trials()
-    assert [r.generation for r in records] == [optuna_generation[r.number] for r in records]
-    assert [r.generation for r in records] == [0, 0, 0, 0, 0, 1, 1, 1, 1]
-    first, second = run.estimator.anchors(0), run.estimator.anchors(1)
-    assert len(first["target"]) == len(second["target"]) == 20 and first != second
-    for record in (records[0], records[4], records[5], records[8]):
-        anchors = run.estimator.anchors(record.generation)
-        run.session.activate_candidate(run.session.candidate_of(record))
-        answers = run.session.evaluate("search", anchors).scores["target"].values
-        assert record.estimate["fitness"] == pytest.approx(np.mean(answers), abs=1e-12)
-    resumed = SearchRun(config, root, tmp_path / "run")
-    resumed.start()
-    assert resumed.estimator.anchors(1) == second
+    assert resumed.estimator.anchors == run.estimator.anchors
 
 
 def test_likelihood_anchors_need_generative_tasks(tmp_path, zoo):

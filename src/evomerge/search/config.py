@@ -178,12 +178,6 @@ class Fitness(BaseModel):
     audit_top_k: PositiveInt = Field(
         3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
     )
-    # A fixed set of anchors lets the search climb on those few examples: the estimates of later
-    # candidates rise above their full fitness (benchmarks/RESULTS.md, fitness estimation).
-    anchor_draw: Literal["once", "per_generation"] = Field(
-        "once", description="draw the anchors once per run, or afresh (seeded) for each generation of the "
-        "optimizer, whose candidates share them so that they are still compared on the same examples"
-    )
     anchor_answers: Literal["generated", "likelihood", "margin"] = Field(
         "generated",
         description="how an estimated candidate answers its anchors: greedy answers scored by the task (0/1), "

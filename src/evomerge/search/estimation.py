@@ -2,8 +2,7 @@
 
 Everything the estimator learns from is read back from the run store — the baselines' and fully evaluated
 trials' per-example search-split values — so a resumed run (or a worker) rebuilds the same anchors and
-fit. Anchors are chosen once per run (or per generation) from the parents' and untuned merges' answers alone
-(seeded); the IRT
+fit. Anchors are chosen once per run from the parents' and untuned merges' answers alone (seeded); the IRT
 model is refitted whenever more fully evaluated models have arrived. See `config.Fitness`.
 """
 
@@ -57,7 +56,7 @@ class FitnessEstimator:
         self.sizes = dict(sizes)
         self.store = store
         self.seed = seed
-        self._anchors: dict[int, dict[str, list[int]]] = {}  # draw -> task -> anchor examples
+        self._anchors: dict[str, list[int]] | None = None
         self._fits: dict[str, tuple[int, IrtFit, float, float]] = {}  # task -> (rows fitted, fit, prior mean, prior sd)
         if self.graded:
             for task in objectives.tasks:
@@ -90,17 +89,13 @@ class FitnessEstimator:
                 if all("values" in row.get(task, {}) for task in self.sizes)]
         return rows, len(parents)
 
-    def anchors(self, generation: int | None = None) -> dict[str, list[int]]:
-        """The anchor examples per task of a candidate in `generation` of the optimizer, chosen (seeded) from
-        the parents' and baselines' answers alone, so that a resumed run or a worker chooses the same after
-        audits have added full rows: the run's one draw, or with `anchor_draw: per_generation` that
-        generation's own (a candidate without a generation gets the run's first draw)."""
-        draw = generation if self.settings.anchor_draw == "per_generation" and generation is not None else 0
-        if draw not in self._anchors:
+    @property
+    def anchors(self) -> dict[str, list[int]]:
+        """The anchor examples per task, chosen (seeded, once) from the parents' and baselines' answers
+        alone, so that a resumed run or a worker chooses the same after audits have added full rows."""
+        if self._anchors is None:
             rows, _ = self._rows(baselines_only=True)
             counts = split_examples(self.settings.examples, self.sizes)
-            # Draw 0 keeps the run seed, so `once` runs choose the anchors they always chose.
-            seed = self.seed if draw == 0 else int(np.random.SeedSequence([self.seed, draw]).generate_state(1)[0])
             anchors = {}
             for task, k in counts.items():
                 matrix = np.array([row[task] for row in rows], dtype=np.float64)
@@ -108,14 +103,14 @@ class FitnessEstimator:
                     raise ConfigError(
                         f"fitness.estimator 'irt' needs tasks scored 0/1, and task '{task}' is not; use 'subset'"
                     )
-                anchors[task] = select_anchors(matrix, k, seed=seed, method=self.settings.anchors).tolist()
-            self._anchors[draw] = anchors
-        return self._anchors[draw]
+                anchors[task] = select_anchors(matrix, k, seed=self.seed, method=self.settings.anchors).tolist()
+            self._anchors = anchors
+        return self._anchors
 
     @property
     def examples(self) -> int:
-        """Anchor examples scored per estimated candidate (every draw has as many)."""
-        return sum(len(indices) for indices in self.anchors().values())
+        """Anchor examples scored per estimated candidate."""
+        return sum(len(indices) for indices in self.anchors.values())
 
     def wants_full(self) -> bool:
         """True while the first `warmup` candidates are still to be scored on the whole split."""
@@ -133,12 +128,12 @@ class FitnessEstimator:
         self._fits[task] = (len(rows), fit, prior_mean, prior_sd)
         return fit, prior_mean, prior_sd
 
-    def estimate(self, scores: Mapping[str, TaskScore], anchors: Mapping[str, Sequence[int]]) -> Estimate:
-        """The predicted full-split fitness from the answers to `anchors` (the candidate's `anchors(generation)`)
-        among `scores` (a full score has them too; graded answers are the anchors' `answer_probabilities`)."""
+    def estimate(self, scores: Mapping[str, TaskScore]) -> Estimate:
+        """The predicted full-split fitness from the anchor answers among `scores` (a full score has them too;
+        graded answers are the anchors' `answer_probabilities`)."""
         rows, parents = self._rows() if self.settings.estimator == "irt" else ([], 0)
         predicted: dict[str, float] = {}
-        for task, anchor in anchors.items():
+        for task, anchor in self.anchors.items():
             by_index = dict(zip(scores[task].indices, scores[task].values, strict=True))
             answers = np.array([by_index[i] for i in anchor], dtype=np.float64)
             if self.settings.estimator == "subset":

@@ -207,10 +207,7 @@ class SearchRun:
     def step(self) -> CandidateResult:
         """Ask for one candidate, evaluate it (with racing) and tell the study."""
         trial = self.ask()
-        # The sampler's own generation where it keeps one (CMA-ES samples the first trial independently).
-        generation = self.store.sampler_generation(trial.number)
-        if generation is None:
-            generation = trial.number // self.popsize
+        generation = self.store.generation_of(trial.number, self.popsize)
         genes = {name: trial.params[name] for name in self.genome.names}
         candidate = self.session.decode(genes)
         key, record = self.session.describe(genes, candidate)
@@ -255,7 +252,7 @@ class SearchRun:
         estimate = None
         if self.estimator is not None:
             full = self.estimator.wants_full()
-            anchors = self.estimator.anchors(generation)
+            anchors = self.estimator.anchors
             # A fully scored candidate gets the estimate from its anchor answers too (free, or one forward
             # pass over the anchors): the report's estimate error. Its own values join the fit once stored.
             if self.estimator.graded:
@@ -266,7 +263,7 @@ class SearchRun:
             else:
                 scores = dict(self.session.evaluate("search", None if full else anchors).scores)
                 anchor_scores = scores
-            estimate = self.estimator.estimate(anchor_scores, anchors)
+            estimate = self.estimator.estimate(anchor_scores)
             status = runs.COMPLETE if full else runs.ESTIMATED
         elif racing:
             scores: dict[str, TaskScore] = {}

@@ -158,12 +158,17 @@ class RunStore:
         records = (TrialRecord.of(t) for t in self.study.get_trials(deepcopy=False, states=states))
         return [r.with_audit(audits[r.number]) if r.number in audits else r for r in records if r.kind is None]
 
-    def sampler_generation(self, number: int) -> int | None:
-        """The generation the study's sampler assigned trial `number` to (Optuna's CMA-ES and NSGA-II record
-        one as a `...:generation` system attribute once they sample it; a first, independently sampled
-        trial has none), or None."""
-        trial = next(t for t in reversed(self.study.get_trials(deepcopy=False)) if t.number == number)
-        return next((int(v) for k, v in trial.system_attrs.items() if k.endswith(":generation")), None)
+    def generation_of(self, number: int, population: int) -> int:
+        """The generation of candidate trial `number`: the one the study's sampler put it in where it keeps
+        one (Optuna's CMA-ES and NSGA-II record a `...:generation` system attribute when they sample a
+        trial), else its place among the candidates (reference trials come first) in steps of `population`."""
+        trials = self.study.get_trials(deepcopy=False)
+        trial = next(t for t in reversed(trials) if t.number == number)
+        recorded = [int(v) for k, v in trial.system_attrs.items() if k.endswith(":generation")]
+        if recorded:
+            return recorded[0]
+        earlier = sum(t.number < number and "kind" not in t.user_attrs for t in trials)
+        return earlier // population
 
     def references(self) -> list[TrialRecord]:
         """The parents' and untuned baselines' fixed trials (`add_reference`), in number order."""
