@@ -21,10 +21,13 @@ share of the split as on real benchmarks. Nothing is retrained.
     python benchmarks/fitness_estimation.py [--zoo DIR] [--candidates 60] [--seeds 0 1 2] [--examples 30]
         [--estimator irt] [--anchor-answers margin] [--large] [--control] [--jobs 2]
         [--full-from EARLIER.json ...] [--no-spearman] [--out results.json]
+    python benchmarks/fitness_estimation.py --combine RUN.json ... [--out pooled.json]
 
 `--full-from` reuses the full searches of earlier `--out` files (the expensive half) to compare other
 estimator settings against them; each seed first reruns that file's estimated search and stops unless it
-is told exactly the same estimates, so a file from another zoo build or CPU is refused.
+is told exactly the same estimates, so a file from another zoo build or CPU is refused. `--combine` pools
+the seeds of several runs of one setting (say seeds 0-9 and 10-19) into one summary and final line; the
+mean Spearman is then over the seeds that measured it.
 """
 
 from __future__ import annotations
@@ -217,7 +220,10 @@ def pooled(results: Sequence[dict]) -> dict:
     per_seed = [r["champion_test"]["estimated"] - r["champion_test"]["full"] for r in results]
     summary = {
         "saving": statistics.fmean(r["saving"] for r in results),
-        "spearman": None if results[0]["spearman"] is None else statistics.fmean(r["spearman"] for r in results),
+        # Over the seeds that measured it (`--combine` may pool runs with and without `--no-spearman`).
+        "spearman": statistics.fmean(rhos) if (rhos := [r["spearman"] for r in results if r["spearman"] is not None])
+        else None,
+        "spearman_seeds": len(rhos),
         "delta": comparison.difference, "p": comparison.p_value,
         "stderr_paired": float(differences.std(ddof=1) / math.sqrt(len(differences))),
         "stderr_over_seeds": statistics.stdev(per_seed) / math.sqrt(len(per_seed)) if len(per_seed) > 1 else None,
@@ -257,8 +263,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "(checked: their estimated searches must reproduce here)")
     parser.add_argument("--no-spearman", action="store_true",
                         help="skip scoring every estimated candidate on the whole split (the Spearman measurement)")
+    parser.add_argument("--combine", type=Path, nargs="+", default=[],
+                        help="run nothing: pool the seeds of these earlier --out files of one setting")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.combine:
+        settings, large, results = combined(args.combine)
+        report(results, settings, large, args.out)
+        return
     if args.control and not args.large:
         parser.error("--control drops one example of the --large split; pass --large")
     if args.control_noise and not args.control:
@@ -293,17 +305,38 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.control:
                 print(f"seed {seed} control: full search on the split less one example (told noise sd "
                       f"{args.control_noise}), champion test {result['control']['champion_test']:.3f}", flush=True)
+    report(results, estimator, args.large, args.out, control=args.control)
+
+
+def combined(paths: Sequence[Path]) -> tuple[dict, bool, list[dict]]:
+    """The settings, split and per-seed results of earlier --out files, which must share one estimator
+    setting and split and hold each seed once."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    first = runs[0]
+    by_seed: dict[int, dict] = {}
+    for path, run in zip(paths, runs, strict=True):
+        if Fitness(**run["settings"]) != Fitness(**first["settings"]) or run["large"] != first["large"]:
+            raise SystemExit(f"--combine: {path} has other settings than {paths[0]}; pool one setting at a time")
+        for result in run["seeds"]:
+            if result["seed"] in by_seed or result["candidates"] != first["seeds"][0]["candidates"]:
+                raise SystemExit(f"--combine: seed {result['seed']} of {path} is already pooled, or has "
+                                 "another number of candidates")
+            by_seed[result["seed"]] = result
+    return first["settings"], first["large"], [by_seed[seed] for seed in sorted(by_seed)]
+
+
+def report(results: list[dict], settings: dict, large: bool, out: Path | None, *, control: bool = False) -> None:
+    """The pooled summary over `results`, printed (the last line is the benchmark's) and written to `out`."""
     summary = pooled(results)
-    if args.control:
+    if control:
         for name, label in (("vs_full", "control vs full"), ("estimated_vs_control", "estimated vs control")):
             c = summary["control"][name]
             print(f"pooled {label}: champion test delta {c['difference']:+.3f} (paired p {c['p_value']:.2g})")
-    if args.out:
-        args.out.write_text(json.dumps(
-            {"settings": estimator, "large": args.large, "seeds": results, "pooled": summary}, indent=1
-        ))
+    if out:
+        out.write_text(json.dumps({"settings": settings, "large": large, "seeds": results, "pooled": summary}, indent=1))
     print(f"pooled over {len(results)} seeds: champion test delta stderr {summary['stderr_paired']:.3f} (paired, "
-          f"per example), {summary['stderr_over_seeds'] or float('nan'):.3f} (over seeds)")
+          f"per example), {summary['stderr_over_seeds'] or float('nan'):.3f} (over seeds); spearman measured on "
+          f"{summary['spearman_seeds']} of them")
     print(f"estimation: saving {summary['saving']:.1f}x at spearman {fmt(summary['spearman'])}, "
           f"champion test delta {summary['delta']:+.3f} (paired p {summary['p']:.2g})")
 
