@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--examples", type=int, default=30)
     parser.add_argument("--estimator", choices=["irt", "subset"], default="irt")
-    parser.add_argument("--anchors", choices=["clustered", "stratified", "patterns"], default="stratified")
+    parser.add_argument("--anchors", choices=["clustered", "stratified"], default="stratified")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--audit-top-k", type=int, default=3)
     parser.add_argument("--anchor-answers", choices=["generated", "likelihood", "margin"], default="generated")

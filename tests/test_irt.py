@@ -39,7 +39,7 @@ def test_fit_skips_missing_answers():
     assert np.corrcoef(fit_2pl(holey).b, b)[0, 1] > 0.9
 
 
-@pytest.mark.parametrize("method", ["stratified", "patterns", "clustered"])
+@pytest.mark.parametrize("method", ["stratified", "clustered"])
 def test_anchor_estimate_beats_the_plain_subset_mean(method):
     """A new model's full accuracy from 30 of 300 answers: IRT's error is smaller than the subset mean's."""
     answers, a, b, _ = simulate(200, 300, seed=5)
@@ -64,7 +64,7 @@ def test_ability_is_shrunk_to_the_prior_without_evidence():
     assert estimate_ability(fit, np.array([], dtype=int), np.array([]), prior_mean=0.7, prior_sd=1.0) == 0.7
 
 
-@pytest.mark.parametrize("method", ["stratified", "patterns", "clustered"])
+@pytest.mark.parametrize("method", ["stratified", "clustered"])
 def test_anchors_are_distinct_seeded_and_in_range(method):
     answers, *_ = simulate(12, 100, seed=8)
     first = select_anchors(answers, 15, seed=1, method=method)
@@ -74,28 +74,12 @@ def test_anchors_are_distinct_seeded_and_in_range(method):
 
 @settings(max_examples=25, deadline=None)
 @given(st.integers(2, 8), st.integers(1, 40), st.integers(1, 45), st.integers(0, 2**16),
-       st.sampled_from(["stratified", "patterns", "clustered"]))
+       st.sampled_from(["stratified", "clustered"]))
 def test_anchor_count_invariant(models, items, k, seed, method):
     """Exactly min(k, items) distinct anchors, whatever the (possibly degenerate, duplicated) answers."""
     answers = (np.random.default_rng(seed).random((models, items)) < 0.5).astype(float)
     anchors = select_anchors(answers, k, seed=seed, method=method)
     assert len(anchors) == len(set(anchors.tolist())) == min(k, items)
-
-
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 60), st.integers(1, 60), st.integers(1, 60), st.integers(2, 40), st.integers(0, 2**16))
-def test_pattern_anchors_give_every_answer_pattern_its_share(solved_by_first, solved_by_second, unsolved, k, seed):
-    """Examples of equal difficulty solved by different models (two skills' specialists) get anchors in
-    proportion to their numbers, to within one, whatever the draw; unsolved ones too."""
-    columns = [(1.0, 0.0)] * solved_by_first + [(0.0, 1.0)] * solved_by_second + [(0.0, 0.0)] * unsolved
-    order = np.random.default_rng(seed).permutation(len(columns))
-    answers = np.array(columns, dtype=float)[order].T
-    anchors = select_anchors(answers, k, seed=seed, method="patterns")
-    n = answers.shape[1]
-    k = min(k, n)
-    for pattern, size in (((1.0, 0.0), solved_by_first), ((0.0, 1.0), solved_by_second), ((0.0, 0.0), unsolved)):
-        chosen = sum(tuple(answers[:, i]) == pattern for i in anchors)
-        assert abs(chosen - k * size / n) < 1.0 + 1e-9
 
 
 @settings(max_examples=40, deadline=None)

@@ -167,9 +167,8 @@ class Fitness(BaseModel):
     # answers, k-means centres land on rare answer patterns and the anchors stop representing the split
     # (benchmarks/anchor_choice.py, 90 of 1,800 examples: IRT Spearman 0.79 clustered, 0.91 stratified; with
     # 30 of 300 clustered ranked better, 0.73 against 0.67).
-    anchors: Literal["stratified", "patterns", "clustered"] = Field(
-        "stratified", description="pick anchors by difficulty strata, by difficulty and answer-pattern strata, "
-        "or by k-means on the baselines' answers"
+    anchors: Literal["stratified", "clustered"] = Field(
+        "stratified", description="pick anchors by difficulty strata, or by k-means on the baselines' answers"
     )
     warmup: int = Field(0, ge=0, description="first candidates scored on the whole split (they join the IRT fit)")
     audit_every: PositiveInt | None = Field(

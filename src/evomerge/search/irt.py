@@ -123,12 +123,8 @@ def select_anchors(responses: np.ndarray, k: int, *, seed: int, method: str) -> 
     """``k`` representative example indices of a (models x examples) 0/1 matrix, sorted.
 
     ``stratified``: examples ordered by how many models solve them (ties in a seeded order), one drawn
-    from each of ``k`` equal strata. ``patterns``: examples ordered by difficulty and, within equal
-    difficulty, grouped by which models solve them, then sampled systematically, so that every answer
-    pattern (on a mixed split, roughly every skill) gets its share of the anchors to within one, rather
-    than a share that varies with the draw. ``clustered``: seeded k-means
-    on the examples' answer vectors, the example nearest each centre (duplicates filled with seeded draws
-    of the rest).
+    from each of ``k`` equal strata. ``clustered``: seeded k-means on the examples' answer vectors, the
+    example nearest each centre (duplicates filled with seeded draws of the rest).
     """
     y = np.asarray(responses, dtype=np.float64)
     n = y.shape[1]
@@ -140,14 +136,6 @@ def select_anchors(responses: np.ndarray, k: int, *, seed: int, method: str) -> 
         order = np.lexsort((tiebreak, y.mean(0)))
         strata = np.array_split(order, k)
         return np.sort([int(rng.choice(stratum)) for stratum in strata])
-    if method == "patterns":
-        tiebreak = rng.permutation(n)
-        _, pattern = np.unique(y.T, axis=0, return_inverse=True)
-        order = np.lexsort((tiebreak, pattern.ravel(), y.mean(0)))
-        # Systematic sampling (one random start, then every n/k-th example in that order): any run of m
-        # examples there, such as one answer pattern, gets m * k / n anchors to within one.
-        positions = np.floor((np.arange(k) + rng.random()) * n / k).astype(int)
-        return np.sort(order[positions])
     if method == "clustered":
         points = y.T
         centres = _kmeans(points, k, rng)
