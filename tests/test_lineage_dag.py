@@ -37,8 +37,8 @@ def test_evidence_matches_the_parents_and_tasks_on_disk(lineage_runs):
     assert suite["fingerprint"] == task.fingerprint() and suite["n"] == {"search": 8, "test": 8}
     assert evidence["intended_use"] == "test model run_a"
     assert evidence["sessions"][0]["trials_before"] == 0
-    # A random-sampler run (no generations of its own) counts generations in candidates, population 2,
-    # from its first candidate: the parents' and baselines' reference trials before it do not count.
+    # A random-sampler run (no generations of its own) counts generations in candidates, population 2;
+    # the parents' and baselines' reference trials are no candidates and do not count.
     assert len(RunStore(study).references()) > 0
     assert [record.generation for record in RunStore(study).counted_trials()] == [0, 0, 1, 1]
     # Every scored trial used exactly the recorded suite's search split.

@@ -14,7 +14,8 @@ from conftest import evolve_tiny_run, write_sum_task
 from evomerge.errors import ConfigError
 from evomerge.pipelines import evolve
 from evomerge.search import load_run
-from evomerge.search.store import STUDY_FILE, exclusive_run
+from evomerge.search.coordination import exclusive_run
+from evomerge.search.store import STUDY_FILE
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_a_second_coordinator_is_refused_naming_the_first(finished):
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from pathlib import Path
-            from evomerge.search.store import exclusive_run
+            from evomerge.search.coordination import exclusive_run
             with exclusive_run(Path({str(finished)!r})):
                 print("holding", flush=True)
                 time.sleep(60)

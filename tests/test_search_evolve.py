@@ -54,7 +54,7 @@ def test_history_records_every_candidate(finished_run):
     done = [t for t in study.trials if t.state.is_finished() and "kind" not in t.user_attrs]
     assert len(done) == BUDGET == outcome.candidates
     # CMA-ES samples the first candidate independently (it has no generation of its own and counts in the
-    # first), then asks in generations of the population; the reference trials before them shift nothing.
+    # first), then asks in generations of the population.
     assert "cma:generation" not in done[0].system_attrs
     generations = [t.user_attrs["generation"] for t in done]
     assert generations == [0] + [t.system_attrs["cma:generation"] for t in done[1:]] == [0] * 5 + [1] * 3

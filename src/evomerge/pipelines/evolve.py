@@ -19,6 +19,7 @@ from evomerge.models import LINEAGE_FILE
 from evomerge.search import store as runs
 from evomerge.search.baselines import record_reference_trials
 from evomerge.search.config import EvolveConfig, load_evolve_config, parse_evolve_config, resolve_path
+from evomerge.search.coordination import exclusive_run
 from evomerge.search.external import ObjectiveFunction
 from evomerge.search.integrity import parent_refs, verify_parents_unchanged
 from evomerge.search.results import Selection, evaluate_on_test, select
@@ -80,7 +81,7 @@ def evolve(
     run_dir = Path(run_dir)
     fresh = not run_dir.exists()
     runs.prepare_run_dir(config, run_dir)
-    with runs.exclusive_run(run_dir):
+    with exclusive_run(run_dir):
         return _evolve(config, root, run_dir, fresh, on_candidate, on_status, workers, accept_changed_parents,
                        objective)
 

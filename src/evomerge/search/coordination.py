@@ -1,4 +1,5 @@
-"""Coordination of many workers on one study: heartbeats, genome claims and budget slots.
+"""Coordination of many workers on one study: heartbeats, genome claims and budget slots; and the lock that
+keeps a run directory to one coordinating process.
 
 A worker opens the study through Optuna's `RDBStorage` with heartbeats. Optuna only records heartbeats
 inside `Study.optimize`; with ask/tell the worker records them itself, from a background thread, for the
@@ -21,18 +22,25 @@ Only Optuna's public storage API is used (study and trial ids come from the stor
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 
+from evomerge.errors import ConfigError
+
 HEARTBEAT_SECONDS = 5
 # Generous: on a loaded machine a live worker's beat can be late, and failing a live trial wastes its work.
 GRACE_SECONDS = 60
+LOCK_FILE = ".evomerge.lock"
 MAX_RETRIES = 3  # a genome that kills its worker three times is left failed rather than retried forever
 
 
@@ -225,3 +233,29 @@ class BudgetSlots:
             trial_number=trial_number)
         with self.engine.begin() as connection:
             connection.execute(update)
+
+
+@contextmanager
+def exclusive_run(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one coordinating process (workers attach through the study instead).
+
+    An advisory `flock` dies with its process, so a killed coordinator never leaves a stale lock behind.
+    """
+    handle = (run_dir / LOCK_FILE).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"run directory {run_dir} is in use by evomerge process {holder}; wait for it to finish or stop "
+                "it (to add workers to a running search, use `evomerge worker`)"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()

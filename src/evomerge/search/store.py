@@ -12,13 +12,10 @@ through `RunStore`, never as bare strings.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -161,7 +158,8 @@ class RunStore:
     def generation_of(self, number: int, population: int) -> int:
         """The generation of candidate trial `number`: the one the study's sampler put it in where it keeps
         one (Optuna's CMA-ES and NSGA-II record a `...:generation` system attribute when they sample a
-        trial), else its place among the candidates (reference trials come first) in steps of `population`."""
+        trial; CMA-ES samples its first candidate independently), else its place among the candidates (not
+        the reference trials) in steps of `population`."""
         trials = self.study.get_trials(deepcopy=False)
         trial = next(t for t in reversed(trials) if t.number == number)
         recorded = [int(v) for k, v in trial.system_attrs.items() if k.endswith(":generation")]
@@ -309,7 +307,6 @@ class RunStore:
 
 # --- the run directory ----------------------------------------------------------------------------
 STUDY_FILE = "study.db"
-LOCK_FILE = ".evomerge.lock"
 
 
 def storage_url(config: EvolveConfig, run_dir: Path) -> str:
@@ -358,32 +355,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise ConfigError(f"{path} cannot be read as YAML; the run directory is damaged") from None
-
-
-@contextmanager
-def exclusive_run(run_dir: Path) -> Iterator[None]:
-    """Hold the run directory for one coordinating process (workers attach through the study instead).
-
-    An advisory `flock` dies with its process, so a killed coordinator never leaves a stale lock behind.
-    """
-    handle = (run_dir / LOCK_FILE).open("a+")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise ConfigError(
-                f"run directory {run_dir} is in use by evomerge process {holder}; wait for it to finish or stop "
-                "it (to add workers to a running search, use `evomerge worker`)"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-    finally:
-        handle.close()
 
 
 def is_run_dir(path: Path) -> bool:
