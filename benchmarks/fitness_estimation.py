@@ -140,9 +140,14 @@ def champion_test_values(run: SearchRun) -> list[float]:
     return score.values_in_example_order()
 
 
+def estimated_records(run: SearchRun) -> list:
+    """The candidates told an estimate, in candidate order (failed candidates have none)."""
+    return [r for r in run.store.counted_trials() if r.estimate is not None]
+
+
 def told_estimates(run: SearchRun) -> list[float]:
-    """The estimate each estimated candidate was told, in candidate order (failed candidates have none)."""
-    return [r.estimate["fitness"] for r in run.store.counted_trials() if r.estimate is not None]
+    """The estimate each estimated candidate was told, in candidate order."""
+    return [r.estimate["fitness"] for r in estimated_records(run)]
 
 
 def check_reproduces(stored: dict, rerun: SearchRun, seed: int) -> None:
@@ -177,9 +182,7 @@ def one_seed(zoo: Zoo, work: Path, seed: int, candidates: int, estimator: dict, 
         full_examples = stored["seed"]["examples_per_candidate"]["full"] * candidates
         full_best = stored["seed"]["best_full_fitness"]["full_search"]
     told = told_estimates(estimated)
-    # `told_estimates` keeps exactly these records (failed candidates have no estimate), so the lists pair up.
-    truth = [full_fitness(estimated, r) for r in estimated.store.counted_trials()
-             if r.estimate is not None] if spearman else []
+    truth = [full_fitness(estimated, r) for r in estimated_records(estimated)] if spearman else []
     est_examples = search_examples(estimated)
     a = champion_test_values(estimated)
     comparison = paired_comparison(a, b, seed=seed)

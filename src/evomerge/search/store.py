@@ -160,13 +160,11 @@ class RunStore:
         one (Optuna's CMA-ES and NSGA-II record a `...:generation` system attribute when they sample a
         trial; CMA-ES samples its first candidate independently), else its place among the candidates (not
         the reference trials) in steps of `population`."""
-        trials = self.study.get_trials(deepcopy=False)
-        trial = next(t for t in reversed(trials) if t.number == number)
+        trial = next(t for t in reversed(self.study.get_trials(deepcopy=False)) if t.number == number)
         recorded = [int(v) for k, v in trial.system_attrs.items() if k.endswith(":generation")]
         if recorded:
             return recorded[0]
-        earlier = sum(t.number < number and "kind" not in t.user_attrs for t in trials)
-        return earlier // population
+        return sum(r.number < number for r in self.trials()) // population
 
     def references(self) -> list[TrialRecord]:
         """The parents' and untuned baselines' fixed trials (`add_reference`), in number order."""
