@@ -108,7 +108,7 @@ def test_figure_data_lists_each_step() -> None:
     ]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     layers=st.lists(st.integers(1, 4), min_size=1, max_size=3),
     repeats=st.integers(1, 3),

@@ -43,7 +43,7 @@ documents = st.recursive(
     max_leaves=25,
 )
 top_level = st.one_of(documents, st.dictionaries(st.sampled_from(KNOWN_KEYS), documents, min_size=1, max_size=8))
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ
@@ -85,7 +85,7 @@ def test_load_task_raises_only_evomerge_errors(tmp_path_factory, data):
 
 # FUZZ_EXAMPLES raises the count for a long local hunt; the default keeps each test to a few seconds.
 MODEL_FUZZ = settings(
-    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "100")), deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "100")), suppress_health_check=list(HealthCheck)
 )
 json_values = st.recursive(
     st.one_of(

@@ -18,7 +18,7 @@ from evomerge.report.data import load_run_data
 from evomerge.search import load_run
 from evomerge.search.integrity import verify_parents_unchanged
 
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=25, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.text(max_size=10)),

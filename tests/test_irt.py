@@ -72,7 +72,7 @@ def test_anchors_are_distinct_seeded_and_in_range(method):
     assert np.array_equal(first, select_anchors(answers, 15, seed=1, method=method))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25)
 @given(st.integers(2, 8), st.integers(1, 40), st.integers(1, 45), st.integers(0, 2**16),
        st.sampled_from(["stratified", "clustered"]))
 def test_anchor_count_invariant(models, items, k, seed, method):
@@ -82,7 +82,7 @@ def test_anchor_count_invariant(models, items, k, seed, method):
     assert len(anchors) == len(set(anchors.tolist())) == min(k, items)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12), st.integers(0, 2**16), st.floats(-1.0, 1.0))
 def test_graded_answers_give_the_root_of_the_quasi_likelihood_score(answers, seed, prior_mean):
     """With answers in [0, 1] (answer probabilities), the ability is where the penalised Bernoulli

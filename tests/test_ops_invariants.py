@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from evomerge.merge.ops.sparsify import magnitude_keep_count, trim_magnitude
 from evomerge.merge.registry import get_operator
 
-FAST = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=25)
 shapes = st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple)
 seeds = st.integers(0, 2**31 - 1)
 

@@ -65,7 +65,7 @@ def test_unpaired_inputs_are_refused():
         paired_comparison([], [])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 1)), min_size=1, max_size=60))
 def test_swapping_the_models_negates_the_difference_and_keeps_the_p_value(pairs):
     a, b = [x for x, _ in pairs], [y for _, y in pairs]
