@@ -36,6 +36,13 @@ def sharpened_margin(margins: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-SHARPENED_MARGIN_SLOPE * (np.asarray(margins, dtype=np.float64) - 0.5)))
 
 
+def softened_margin(margins: np.ndarray) -> np.ndarray:
+    """`anchor_answers: softened_margin` (experiment): the square root of each margin answer, the product
+    of its tokens' races with every factor's log halved: flatter than `margin` where `sharpened_margin` is
+    steeper."""
+    return np.sqrt(np.asarray(margins, dtype=np.float64))
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A candidate's predicted full-split scores and fitness, and how many anchor examples they rest on."""
@@ -86,7 +93,7 @@ class FitnessEstimator:
     def against_rival(self) -> bool:
         """Whether graded answers race each reference token against its strongest rival (`margin`,
         `sharpened_margin`)."""
-        return self.settings.anchor_answers in ("margin", "sharpened_margin")
+        return self.settings.anchor_answers in ("margin", "sharpened_margin", "softened_margin")
 
     # --- what the fit learns from ---------------------------------------------------------------
     def _rows(self, *, baselines_only: bool = False) -> tuple[list[dict[str, list[float]]], int]:
@@ -149,6 +156,8 @@ class FitnessEstimator:
             answers = np.array([by_index[i] for i in anchor], dtype=np.float64)
             if self.settings.anchor_answers == "sharpened_margin":
                 answers = sharpened_margin(answers)
+            elif self.settings.anchor_answers == "softened_margin":
+                answers = softened_margin(answers)
             if self.settings.estimator == "subset":
                 predicted[task] = float(answers.mean())
                 continue
