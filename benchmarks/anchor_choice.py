@@ -4,10 +4,9 @@ One closed-loop full-fitness search (the demo problem, racing off; `--large`: th
 split of `fitness_estimation.py`) gives candidates along a real CMA-ES trajectory. Every candidate is then
 scored on every search example three ways: its greedy answers (0/1, the task's scorer), the probability
 it gives the reference answer (`likelihood`) and the product of its reference tokens' races against their
-strongest rivals (`margin`; both `Evaluator.answer_probabilities`), and that margin through
-`sharpened_margin`'s logistic. First, how well each graded answer's whole-split mean ranks candidates by
-accuracy (over all candidates and over the better half): what a search told that answer optimises instead
-of accuracy. Then, offline, over `--repeats` draws of nine
+strongest rivals (`margin`; both `Evaluator.answer_probabilities`). First, how well each graded answer's
+whole-split mean ranks candidates by accuracy (over all candidates and over the better half): what a
+search told that answer optimises instead of accuracy. Then, offline, over `--repeats` draws of nine
 candidates standing in for the parents and untuned merges the estimator fits on:
 
 - Spearman between full fitness and each estimate of the other candidates: the anchor mean (`subset`) and
@@ -31,7 +30,6 @@ import numpy as np
 from fitness_estimation import large_target, run_search
 from scipy.stats import spearmanr
 
-from evomerge.search.estimation import sharpened_margin
 from evomerge.search.irt import estimate_ability, fit_2pl, select_anchors
 from evomerge.zoo import build_zoo, default_zoo_dir
 
@@ -39,8 +37,7 @@ FIT_ROWS = 9  # the parents and untuned merges of the demo problem: 4 parents + 
 
 
 def answers(run, records) -> dict[str, np.ndarray]:
-    """(candidates x examples) answers on the search split: greedy 0/1, `likelihood`, `margin` and
-    `sharpened_margin`."""
+    """(candidates x examples) answers on the search split: greedy 0/1, `likelihood` and `margin`."""
     tables: dict[str, list[list[float]]] = {"generated": [], "likelihood": [], "margin": []}
     everything = {name: list(range(size)) for name, size in run.session.sizes().items()}
     for record in records:
@@ -52,9 +49,7 @@ def answers(run, records) -> dict[str, np.ndarray]:
                 "search", everything, against_rival=kind == "margin"
             ).scores.values()
             tables[kind].append(graded.values_in_example_order())
-    arrays = {kind: np.array(rows) for kind, rows in tables.items()}
-    arrays["sharpened_margin"] = sharpened_margin(arrays["margin"])  # the same pass, through the logistic
-    return arrays
+    return {kind: np.array(rows) for kind, rows in tables.items()}
 
 
 def reliability(greedy: np.ndarray, rng: np.random.Generator, draws: int = 200) -> float:
@@ -92,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"split-half reliability {rel:.3f} (an estimate that knew each candidate's expected accuracy would "
           f"rank at about {np.sqrt(rel):.3f} against full fitness)")
     better = np.argsort(full)[len(full) // 2 :]
-    for kind in ("likelihood", "margin", "sharpened_margin"):
+    for kind in ("likelihood", "margin"):
         whole = tables[kind].mean(1)
         print(f"{kind} on the whole split ranks candidates by accuracy at Spearman "
               f"{spearmanr(whole, full).statistic:.3f} (better half: {spearmanr(whole[better], full[better]).statistic:.3f})")
@@ -120,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     gaps.append(full[rest].max() - full[audited].max())
     print(f"Spearman against full fitness, {args.examples} anchors, mean over {args.repeats} draws:")
     for name, values in rho.items():
-        print(f"  {name:36s} {np.mean(values):.3f}")
+        print(f"  {name:32s} {np.mean(values):.3f}")
     print(f"irt stratified margin: the best of the {args.audit} best estimates is {np.mean(gaps):.4f} below the "
           f"best candidate on the search split on average (0 in {np.mean(np.array(gaps) == 0):.0%} of draws)")
 

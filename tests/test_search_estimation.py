@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -12,7 +10,7 @@ from evomerge.errors import ConfigError
 from evomerge.pipelines.demo import demo_config
 from evomerge.report.extras import extra_sections
 from evomerge.search.config import parse_evolve_config
-from evomerge.search.estimation import sharpened_margin, split_examples
+from evomerge.search.estimation import split_examples
 from evomerge.search.irt import estimate_ability, fit_2pl, predicted_accuracy
 from evomerge.search.run import SearchRun
 from evomerge.search.store import COMPLETE, ESTIMATED, prepare_run_dir
@@ -80,12 +78,12 @@ def test_irt_search_estimates_audits_and_chooses_the_champion_on_full_scores(tmp
     assert first.estimate["fitness"] == pytest.approx(predicted_accuracy(fit, items, answers, theta), abs=1e-9)
 
 
-@pytest.mark.parametrize("answers", ["likelihood", "margin", "sharpened_margin"])
+@pytest.mark.parametrize("answers", ["likelihood", "margin"])
 def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, answers):
     """Graded anchor answers (`likelihood`: reference-answer probabilities; `margin`: each reference token's
-    race against its strongest rival; `sharpened_margin`: the same race, stored as is, estimated through a
-    logistic): one forward pass, no generation; warm-up candidates add that pass to their full scores, the
-    optimizer is told the estimate for every candidate, and the champion is still chosen on full scores."""
+    race against its strongest rival): one forward pass, no generation; warm-up candidates add that pass to
+    their full scores, the optimizer is told the estimate for every candidate, and the champion is still
+    chosen on full scores."""
     data = demo_config(zoo, candidates=8, seed=1) | {
         "racing": {"enabled": False},
         "fitness": {"estimator": "irt", "examples": 20, "warmup": 2, "anchor_answers": answers},
@@ -105,11 +103,11 @@ def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, 
     run.session.activate_candidate(run.session.candidate_of(first))
     anchors = run.estimator.anchors
     probabilities = run.session.answer_probabilities(
-        "search", anchors, against_rival=answers != "likelihood"
+        "search", anchors, against_rival=answers == "margin"
     ).scores["target"].values
     assert all(0.0 <= p <= 1.0 for p in probabilities) and not set(probabilities) <= {0.0, 1.0}
     assert first.scores["target"]["score"] == pytest.approx(np.mean(probabilities), abs=1e-9)
-    if answers != "likelihood":
+    if answers == "margin":
         # Above 1/2, every reference token beats its rival, so greedy decoding writes the reference (an
         # exact-match task); one generated answer per anchor checks it.
         greedy = run.session.evaluate("search", anchors).scores["target"].values
@@ -117,33 +115,6 @@ def test_graded_anchors_tell_every_candidate_its_graded_estimate(tmp_path, zoo, 
         assert all(correct == 1.0 for p, correct in zip(probabilities, greedy, strict=True) if p > 0.5)
     champion = next(r for r in run.store.trials() if r.number == run.store.champion())
     assert champion.fully_evaluated and champion.scores["target"]["n"] == 300
-
-
-def test_sharpened_margin_subset_estimate_is_the_mean_logistic_of_the_stored_margins(tmp_path, zoo):
-    """`subset` on `sharpened_margin`: each estimate is the mean over the anchors of 1 / (1 + exp(-8 (m -
-    1/2))) of the candidate's stored margin answers m, recomputed here by hand; a margin of exactly 1/2 (a
-    tie with the rival on a one-token answer) stays 1/2, and sharpening keeps the margins' order."""
-    data = demo_config(zoo, candidates=5, seed=3) | {
-        "racing": {"enabled": False},
-        "fitness": {"estimator": "subset", "examples": 30, "anchor_answers": "sharpened_margin"},
-    }
-    config, root = parse_evolve_config(data, source="evolve.yaml", root=tmp_path)
-    prepare_run_dir(config, tmp_path / "run")
-    run = SearchRun(config, root, tmp_path / "run")
-    run.run()
-    anchors = run.estimator.anchors["target"]
-    estimated = [r for r in run.store.counted_trials() if r.status == ESTIMATED]  # audited ones: full scores
-    assert estimated and all(r.estimate["answers"] == "sharpened_margin" for r in estimated)
-    for record in estimated:
-        run.session.activate_candidate(run.session.candidate_of(record))
-        margins = run.session.answer_probabilities("search", {"target": anchors}, against_rival=True).scores["target"]
-        assert record.scores["target"]["score"] == pytest.approx(margins.score, abs=1e-12)  # stored as is
-        margins = margins.values
-        expected = np.mean([1.0 / (1.0 + math.exp(-8.0 * (m - 0.5))) for m in margins])
-        assert record.estimate["fitness"] == pytest.approx(expected, abs=1e-12)
-        assert record.estimate["fitness"] != pytest.approx(np.mean(margins), abs=1e-6)
-    assert sharpened_margin(np.array([0.5]))[0] == 0.5
-    assert np.all(np.diff(sharpened_margin(np.linspace(0.0, 1.0, 101))) > 0)
 
 
 def test_a_resumed_run_draws_the_same_anchors_after_audits_added_full_rows(tmp_path, zoo):

@@ -146,9 +146,7 @@ class Fitness(BaseModel):
     p(strongest other token)), a graded version of whether greedy decoding writes the reference. A search
     told `likelihood` estimates learns to raise the reference's probability, which is not the accuracy it
     is judged on; `margin` tracks greedy accuracy much more closely (benchmarks/RESULTS.md, fitness
-    estimation). Both are biased low in absolute terms. `sharpened_margin`: 1 / (1 + exp(-8 (m - 1/2)))
-    of each anchor's margin m, nearer the 0/1 step at 1/2 (above it greedy decoding writes the reference),
-    so that what the search climbs is nearer greedy accuracy, while near-misses still count a little.
+    estimation). Both are biased low in absolute terms.
 
     `subset`: the accuracy on the anchors. `irt`: a 2PL item-response model fitted on every fully
     evaluated model (parents, untuned merges, the first `warmup` candidates, audited candidates) predicts
@@ -179,12 +177,11 @@ class Fitness(BaseModel):
     audit_top_k: PositiveInt = Field(
         3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
     )
-    anchor_answers: Literal["generated", "likelihood", "margin", "sharpened_margin", "softened_margin"] = Field(
+    anchor_answers: Literal["generated", "likelihood", "margin"] = Field(
         "generated",
         description="how an estimated candidate answers its anchors: greedy answers scored by the task (0/1), "
-        "the teacher-forced probability of the reference answer, its tokens' race against their strongest "
-        "rivals, or that race put through a steep logistic around 1/2 (graded, one forward pass; generative "
-        "tasks)",
+        "the teacher-forced probability of the reference answer, or its tokens' race against their strongest "
+        "rivals (graded, one forward pass; generative tasks)",
     )
 
 

@@ -24,23 +24,6 @@ from evomerge.search.store import COMPLETE, ESTIMATED, RunStore, TrialRecord
 
 #: Smallest prior standard deviation of a candidate's ability: a merge may lie well outside its parents.
 MIN_PRIOR_SD = 1.0
-#: Slope of `sharpened_margin`'s logistic: steep enough that a whole-split mean ranks a generation by greedy
-#: accuracy almost as well as the 0/1 answers themselves, shallow enough to keep near-misses graded
-#: (benchmarks/RESULTS.md, offline study of dumped searches).
-SHARPENED_MARGIN_SLOPE = 8.0
-
-
-def sharpened_margin(margins: np.ndarray) -> np.ndarray:
-    """`anchor_answers: sharpened_margin`: a logistic step of slope `SHARPENED_MARGIN_SLOPE` at 1/2 of each
-    margin answer (`decoding.continuation_logprobs(against_rival=True)`); monotone, 1/2 stays 1/2."""
-    return 1.0 / (1.0 + np.exp(-SHARPENED_MARGIN_SLOPE * (np.asarray(margins, dtype=np.float64) - 0.5)))
-
-
-def softened_margin(margins: np.ndarray) -> np.ndarray:
-    """`anchor_answers: softened_margin` (experiment): the square root of each margin answer, the product
-    of its tokens' races with every factor's log halved: flatter than `margin` where `sharpened_margin` is
-    steeper."""
-    return np.sqrt(np.asarray(margins, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -51,7 +34,7 @@ class Estimate:
     scores: dict[str, float]
     examples: int
     estimator: str
-    answers: str  # how the anchors were answered: `generated`, `likelihood`, `margin` or `sharpened_margin`
+    answers: str  # how the anchors were answered: `generated`, `likelihood` or `margin`
 
     def to_dict(self) -> dict[str, Any]:
         return {"fitness": self.fitness, "scores": self.scores, "examples": self.examples,
@@ -91,9 +74,8 @@ class FitnessEstimator:
 
     @property
     def against_rival(self) -> bool:
-        """Whether graded answers race each reference token against its strongest rival (`margin`,
-        `sharpened_margin`)."""
-        return self.settings.anchor_answers in ("margin", "sharpened_margin", "softened_margin")
+        """Whether graded answers race each reference token against its strongest rival (`margin`)."""
+        return self.settings.anchor_answers == "margin"
 
     # --- what the fit learns from ---------------------------------------------------------------
     def _rows(self, *, baselines_only: bool = False) -> tuple[list[dict[str, list[float]]], int]:
@@ -154,10 +136,6 @@ class FitnessEstimator:
         for task, anchor in self.anchors.items():
             by_index = dict(zip(scores[task].indices, scores[task].values, strict=True))
             answers = np.array([by_index[i] for i in anchor], dtype=np.float64)
-            if self.settings.anchor_answers == "sharpened_margin":
-                answers = sharpened_margin(answers)
-            elif self.settings.anchor_answers == "softened_margin":
-                answers = softened_margin(answers)
             if self.settings.estimator == "subset":
                 predicted[task] = float(answers.mean())
                 continue
