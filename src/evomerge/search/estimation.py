@@ -43,6 +43,12 @@ def softened_margin(margins: np.ndarray) -> np.ndarray:
     return np.sqrt(np.asarray(margins, dtype=np.float64))
 
 
+def capped_margin(margins: np.ndarray) -> np.ndarray:
+    """`anchor_answers: capped_margin` (experiment): min(2 m, 1). Above 1/2 greedy decoding surely writes the
+    reference, so more confidence earns nothing (as with greedy accuracy); below it, near-misses stay graded."""
+    return np.minimum(2.0 * np.asarray(margins, dtype=np.float64), 1.0)
+
+
 @dataclass(frozen=True)
 class Estimate:
     """A candidate's predicted full-split scores and fitness, and how many anchor examples they rest on."""
@@ -93,7 +99,7 @@ class FitnessEstimator:
     def against_rival(self) -> bool:
         """Whether graded answers race each reference token against its strongest rival (`margin`,
         `sharpened_margin`)."""
-        return self.settings.anchor_answers in ("margin", "sharpened_margin", "softened_margin")
+        return self.settings.anchor_answers in ("margin", "sharpened_margin", "softened_margin", "capped_margin")
 
     # --- what the fit learns from ---------------------------------------------------------------
     def _rows(self, *, baselines_only: bool = False) -> tuple[list[dict[str, list[float]]], int]:
@@ -158,6 +164,8 @@ class FitnessEstimator:
                 answers = sharpened_margin(answers)
             elif self.settings.anchor_answers == "softened_margin":
                 answers = softened_margin(answers)
+            elif self.settings.anchor_answers == "capped_margin":
+                answers = capped_margin(answers)
             if self.settings.estimator == "subset":
                 predicted[task] = float(answers.mean())
                 continue
