@@ -179,7 +179,7 @@ class Fitness(BaseModel):
     audit_top_k: PositiveInt = Field(
         3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
     )
-    anchor_answers: Literal["generated", "likelihood", "margin", "sharpened_margin", "softened_margin", "capped_margin"] = Field(
+    anchor_answers: Literal["generated", "likelihood", "margin", "sharpened_margin", "softened_margin", "capped_margin", "squared_margin"] = Field(
         "generated",
         description="how an estimated candidate answers its anchors: greedy answers scored by the task (0/1), "
         "the teacher-forced probability of the reference answer, its tokens' race against their strongest "

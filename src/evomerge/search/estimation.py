@@ -99,7 +99,7 @@ class FitnessEstimator:
     def against_rival(self) -> bool:
         """Whether graded answers race each reference token against its strongest rival (`margin`,
         `sharpened_margin`)."""
-        return self.settings.anchor_answers in ("margin", "sharpened_margin", "softened_margin", "capped_margin")
+        return self.settings.anchor_answers in ("margin", "sharpened_margin", "softened_margin", "capped_margin", "squared_margin")
 
     # --- what the fit learns from ---------------------------------------------------------------
     def _rows(self, *, baselines_only: bool = False) -> tuple[list[dict[str, list[float]]], int]:
@@ -166,6 +166,8 @@ class FitnessEstimator:
                 answers = softened_margin(answers)
             elif self.settings.anchor_answers == "capped_margin":
                 answers = capped_margin(answers)
+            elif self.settings.anchor_answers == "squared_margin":
+                answers = answers**2
             if self.settings.estimator == "subset":
                 predicted[task] = float(answers.mean())
                 continue
