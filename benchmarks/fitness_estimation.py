@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--anchors", choices=["clustered", "stratified"], default="stratified")
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--audit-top-k", type=int, default=3)
-    parser.add_argument("--anchor-answers", choices=["generated", "likelihood", "margin"], default="generated")
+    parser.add_argument("--anchor-answers", choices=["generated", "likelihood", "margin", "margin_if_right"], default="generated")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in this many processes at once")
     parser.add_argument("--large", action="store_true", help="the 1,800-example search split (module docstring)")
     parser.add_argument("--control", action="store_true",

@@ -131,6 +131,7 @@ def continuation_logprobs(
     pad_id: int,
     pixel_values: torch.Tensor | None = None,
     against_rival: bool = False,
+    zero_if_lost: bool = False,
 ) -> list[float]:
     """Sum of log p(continuation | context) for each (context_ids, continuation_ids) pair, one batch.
     `pixel_values` holds one image per pair for image models (its placeholder tokens are in the context).
@@ -163,7 +164,11 @@ def continuation_logprobs(
         chosen = logprobs.gather(-1, target)[:, 0]
         if against_rival:
             rival = logprobs.scatter(-1, target, float("-inf")).max(-1).values
+            lost = bool((chosen <= rival).any())
             chosen = torch.nn.functional.logsigmoid(chosen - rival)  # log(p / (p + p_rival))
+            if zero_if_lost and lost:
+                totals.append(float('-inf'))
+                continue
         totals.append(float(chosen.sum()))
     return totals
 

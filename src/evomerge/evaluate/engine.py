@@ -209,7 +209,8 @@ class Evaluator:
         return EvalReport(self.split, scores, time.perf_counter() - started)
 
     def answer_probabilities(
-        self, model: PreTrainedModel, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False
+        self, model: PreTrainedModel, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False,
+        zero_if_lost: bool = False,
     ) -> EvalReport:
         """Per chosen example of each generative task, the probability that the model writes the reference
         answer and then stops (at the task's first stop string, or EOS), teacher-forced: one forward pass,
@@ -234,7 +235,7 @@ class Evaluator:
             for batch in self._batches(chosen, [len(ctx) + len(cont) for ctx, cont in pairs]):
                 logprob.update(zip(batch, continuation_logprobs(
                     model, [pairs[i] for i in batch], pad_id=self._pad_id, pixel_values=prepared.pixels(batch),
-                    against_rival=against_rival,
+                    against_rival=against_rival, zero_if_lost=zero_if_lost,
                 ), strict=True))
             values = [math.exp(logprob[i]) for i in chosen]
             score, stderr = mean_and_stderr(values)

@@ -177,7 +177,7 @@ class Fitness(BaseModel):
     audit_top_k: PositiveInt = Field(
         3, description="each audit scores those of the best this many estimates not yet scored on the whole split"
     )
-    anchor_answers: Literal["generated", "likelihood", "margin"] = Field(
+    anchor_answers: Literal["generated", "likelihood", "margin", "margin_if_right"] = Field(
         "generated",
         description="how an estimated candidate answers its anchors: greedy answers scored by the task (0/1), "
         "the teacher-forced probability of the reference answer, or its tokens' race against their strongest "

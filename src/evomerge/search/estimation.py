@@ -75,7 +75,12 @@ class FitnessEstimator:
     @property
     def against_rival(self) -> bool:
         """Whether graded answers race each reference token against its strongest rival (`margin`)."""
-        return self.settings.anchor_answers == "margin"
+        return self.settings.anchor_answers in ("margin", "margin_if_right")
+
+    @property
+    def zero_if_lost(self) -> bool:
+        """Whether an anchor greedy decoding gets wrong counts 0 (`margin_if_right`): no partial credit."""
+        return self.settings.anchor_answers == "margin_if_right"
 
     # --- what the fit learns from ---------------------------------------------------------------
     def _rows(self, *, baselines_only: bool = False) -> tuple[list[dict[str, list[float]]], int]:

@@ -257,7 +257,8 @@ class SearchRun:
             # pass over the anchors): the report's estimate error. Its own values join the fit once stored.
             if self.estimator.graded:
                 anchor_scores = self.session.answer_probabilities(
-                    "search", anchors, against_rival=self.estimator.against_rival
+                    "search", anchors, against_rival=self.estimator.against_rival,
+                    zero_if_lost=self.estimator.zero_if_lost
                 ).scores
                 scores = dict(self.session.evaluate("search").scores) if full else dict(anchor_scores)
             else:

@@ -105,7 +105,8 @@ class Session(Protocol):
     def evaluate(self, split: str = "search", indices: Mapping[str, Sequence[int]] | None = None) -> EvalReport: ...
 
     def answer_probabilities(
-        self, split: str, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False
+        self, split: str, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False,
+        zero_if_lost: bool = False,
     ) -> EvalReport: ...
 
     def decode(self, genes: Mapping[str, float]) -> Any: ...
@@ -176,11 +177,13 @@ class SessionBase:
         return self._evaluators[split]
 
     def answer_probabilities(
-        self, split: str, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False
+        self, split: str, indices: Mapping[str, Sequence[int]], *, against_rival: bool = False,
+        zero_if_lost: bool = False,
     ) -> EvalReport:
         """The live model's teacher-forced probability of each chosen example's reference answer, or its
         race against the strongest rival token (`Evaluator.answer_probabilities`); task files only."""
-        return self.evaluator(split).answer_probabilities(self.model, indices, against_rival=against_rival)
+        return self.evaluator(split).answer_probabilities(self.model, indices, against_rival=against_rival,
+                                                                 zero_if_lost=zero_if_lost)
 
     def sizes(self) -> dict[str, int]:
         """Search-split size per task."""
